@@ -1,0 +1,131 @@
+//! How file bytes are cut into chunks.
+//!
+//! Fixed-size chunking (the default, 1 MiB) cuts at multiples of the chunk size,
+//! so a byte's chunk is found by division and a page fault maps to one chunk.
+//! Content-defined chunking (FastCDC 2020) cuts where the content says, so an
+//! insertion early in a file does not shift every later chunk; use it for data
+//! whose bytes move between versions. Chunks that are all zeros are recorded as
+//! holes, never stored. Files smaller than [`Chunking::pack_threshold`] are packed
+//! together, in tree order, into shared chunks (see the client's push).
+
+/// Smallest allowed chunk size, 64 KiB.
+pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
+/// Largest allowed chunk size, 16 MiB.
+pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+
+/// How file bytes are cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkingMode {
+    Fixed,
+    Cdc,
+}
+
+/// Chunking parameters, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunking {
+    pub mode: ChunkingMode,
+    chunk_size: u32,
+}
+
+impl Chunking {
+    /// `chunk_size` must be a power of two from 64 KiB to 16 MiB.
+    pub fn new(mode: ChunkingMode, chunk_size: u32) -> Result<Self, String> {
+        if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+            return Err(format!(
+                "chunk size {chunk_size} must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}"
+            ));
+        }
+        Ok(Chunking { mode, chunk_size })
+    }
+
+    /// The nominal chunk size (the exact size of every full fixed chunk).
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    /// Files strictly smaller than this are packed with their neighbours:
+    /// an eighth of the chunk size (128 KiB for 1 MiB chunks).
+    pub fn pack_threshold(&self) -> u64 {
+        u64::from(self.chunk_size / 8)
+    }
+
+    /// FastCDC bounds (min, average, max) used for `ChunkingMode::Cdc`: the
+    /// average is the chunk size capped at 4 MiB (FastCDC's limit), the minimum a
+    /// quarter of it, the maximum four times it capped at 16 MiB.
+    pub fn cdc_bounds(&self) -> (u32, u32, u32) {
+        let avg = self.chunk_size.min(4 << 20);
+        (avg / 4, avg, (avg * 4).min(MAX_CHUNK_SIZE))
+    }
+}
+
+impl Default for Chunking {
+    fn default() -> Self {
+        Chunking { mode: ChunkingMode::Fixed, chunk_size: 1 << 20 }
+    }
+}
+
+/// Content-defined cut points of `data` as `(offset, len)` pairs covering it.
+pub fn cdc_chunks(data: &[u8], chunking: &Chunking) -> Vec<(usize, usize)> {
+    if data.is_empty() {
+        return Vec::new();
+    }
+    let (min, avg, max) = chunking.cdc_bounds();
+    fastcdc::v2020::FastCDC::new(data, min, avg, max)
+        .map(|c| (c.offset, c.length))
+        .collect()
+}
+
+/// Whether every byte is zero.
+pub fn is_zero(data: &[u8]) -> bool {
+    let words = data.len() / 8 * 8;
+    data[..words].chunks_exact(8).all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
+        && data[words..].iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_validated() {
+        assert!(Chunking::new(ChunkingMode::Fixed, 1 << 20).is_ok());
+        assert!(Chunking::new(ChunkingMode::Fixed, 64 << 10).is_ok());
+        assert!(Chunking::new(ChunkingMode::Fixed, 16 << 20).is_ok());
+        assert!(Chunking::new(ChunkingMode::Fixed, 32 << 10).is_err());
+        assert!(Chunking::new(ChunkingMode::Fixed, 32 << 20).is_err());
+        assert!(Chunking::new(ChunkingMode::Fixed, 3 << 20).is_err());
+    }
+
+    #[test]
+    fn cdc_covers_and_resyncs() {
+        let c = Chunking::new(ChunkingMode::Cdc, 64 << 10).unwrap();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut data: Vec<u8> = (0..2_000_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let a = cdc_chunks(&data, &c);
+        assert_eq!(a.iter().map(|x| x.1).sum::<usize>(), data.len());
+        data.insert(1000, 42);
+        let b = cdc_chunks(&data, &c);
+        let tail_a: Vec<usize> = a.iter().rev().take(3).map(|x| x.1).collect();
+        let tail_b: Vec<usize> = b.iter().rev().take(3).map(|x| x.1).collect();
+        assert_eq!(tail_a, tail_b, "an insertion must not move later cut points");
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 1001]));
+        let mut v = vec![0u8; 1001];
+        v[1000] = 1;
+        assert!(!is_zero(&v));
+        v[1000] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+    }
+}

@@ -1,0 +1,166 @@
+//! Chunk frames: how a chunk travels and rests.
+//!
+//! ```text
+//! 0  magic             4 bytes  "THCK"
+//! 4  version           u8       1
+//! 5  flags             u8       bit 0: payload is zstd; other bits must be 0
+//! 6  reserved          u16      0
+//! 8  uncompressed len  u32 LE   at most MAX_CHUNK_LEN
+//! 12 payload
+//! ```
+//! A chunk that does not shrink under zstd is stored raw. Decoding bounds the
+//! uncompressed length before it allocates and checks that the payload inflates
+//! to exactly that length; [`decode_verified`] also checks the BLAKE3 digest.
+
+use crate::Digest;
+
+/// Frame magic.
+pub const FRAME_MAGIC: [u8; 4] = *b"THCK";
+/// Frame version written and read by this crate.
+pub const FRAME_VERSION: u8 = 1;
+/// Length of the frame header.
+pub const FRAME_HEADER_LEN: usize = 12;
+/// The largest chunk a frame may hold (uncompressed), 16 MiB.
+pub const MAX_CHUNK_LEN: usize = 16 << 20;
+const FLAG_ZSTD: u8 = 1;
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("chunk frame too short ({0} bytes)")]
+    Truncated(usize),
+    #[error("not a chunk frame (bad magic)")]
+    BadMagic,
+    #[error("unsupported chunk frame version {0}")]
+    UnsupportedVersion(u8),
+    #[error("unknown chunk frame flags {0:#x}")]
+    UnknownFlags(u8),
+    #[error("chunk of {0} bytes exceeds the {MAX_CHUNK_LEN}-byte limit")]
+    TooLarge(usize),
+    #[error("chunk payload does not decode to its declared {expected} bytes")]
+    LengthMismatch { expected: usize },
+    #[error("chunk digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+}
+
+/// Encodes `data` as a frame, zstd-compressed at `level` when that makes it smaller.
+///
+/// # Panics
+/// If `data` is longer than [`MAX_CHUNK_LEN`]: chunkers never produce such chunks.
+pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
+    assert!(data.len() <= MAX_CHUNK_LEN, "chunk larger than MAX_CHUNK_LEN");
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + data.len() / 2);
+    out.extend_from_slice(&FRAME_MAGIC);
+    out.push(FRAME_VERSION);
+    out.push(FLAG_ZSTD);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    let compressed = zstd::bulk::compress(data, level).unwrap_or_default();
+    if !compressed.is_empty() && compressed.len() < data.len() {
+        out.extend_from_slice(&compressed);
+    } else {
+        out[5] = 0;
+        out.extend_from_slice(data);
+    }
+    out
+}
+
+/// The uncompressed length a frame declares, after checking its header.
+pub fn declared_len(frame: &[u8]) -> Result<usize, FrameError> {
+    if frame.len() < FRAME_HEADER_LEN {
+        return Err(FrameError::Truncated(frame.len()));
+    }
+    if frame[0..4] != FRAME_MAGIC {
+        return Err(FrameError::BadMagic);
+    }
+    if frame[4] != FRAME_VERSION {
+        return Err(FrameError::UnsupportedVersion(frame[4]));
+    }
+    if frame[5] & !FLAG_ZSTD != 0 || frame[6] != 0 || frame[7] != 0 {
+        return Err(FrameError::UnknownFlags(frame[5]));
+    }
+    let len = u32::from_le_bytes(frame[8..12].try_into().expect("4 bytes")) as usize;
+    if len > MAX_CHUNK_LEN {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decodes a frame into the chunk's bytes. Does not check the digest.
+pub fn decode(frame: &[u8]) -> Result<Vec<u8>, FrameError> {
+    let len = declared_len(frame)?;
+    let payload = &frame[FRAME_HEADER_LEN..];
+    if frame[5] & FLAG_ZSTD == 0 {
+        if payload.len() != len {
+            return Err(FrameError::LengthMismatch { expected: len });
+        }
+        return Ok(payload.to_vec());
+    }
+    // `decompress` never writes more than `len` bytes: the bound is the capacity.
+    let out = zstd::bulk::decompress(payload, len)
+        .map_err(|_| FrameError::LengthMismatch { expected: len })?;
+    if out.len() != len {
+        return Err(FrameError::LengthMismatch { expected: len });
+    }
+    Ok(out)
+}
+
+/// Decodes a frame and checks that its bytes hash to `id`.
+pub fn decode_verified(frame: &[u8], id: &Digest) -> Result<Vec<u8>, FrameError> {
+    let data = decode(frame)?;
+    let actual = Digest::of(&data);
+    if actual != *id {
+        return Err(FrameError::DigestMismatch { expected: *id, actual });
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn golden_frame_bytes() {
+        // format changed: bump FRAME_VERSION if this test has to change.
+        let f = encode(b"abc", 3);
+        assert_eq!(f, [b'T', b'H', b'C', b'K', 1, 0, 0, 0, 3, 0, 0, 0, b'a', b'b', b'c']);
+        let z = encode(&[7u8; 4096], 3);
+        assert_eq!(&z[..12], &[b'T', b'H', b'C', b'K', 1, 1, 0, 0, 0, 16, 0, 0]);
+        assert!(z.len() < 100);
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        let good = encode(&[1u8; 10_000], 3);
+        assert!(matches!(decode(&good[..5]), Err(FrameError::Truncated(5))));
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(matches!(decode(&bad), Err(FrameError::BadMagic)));
+        let mut bad = good.clone();
+        bad[4] = 9;
+        assert!(matches!(decode(&bad), Err(FrameError::UnsupportedVersion(9))));
+        let mut bad = good.clone();
+        bad[5] = 0x81;
+        assert!(matches!(decode(&bad), Err(FrameError::UnknownFlags(_))));
+        let mut bad = good.clone();
+        bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode(&bad), Err(FrameError::TooLarge(_))));
+        let mut bad = good.clone();
+        bad[8..12].copy_from_slice(&9_999u32.to_le_bytes());
+        assert!(matches!(decode(&bad), Err(FrameError::LengthMismatch { .. })));
+        let other = Digest::of(b"other");
+        assert!(matches!(decode_verified(&good, &other), Err(FrameError::DigestMismatch { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn frame_round_trip(data in proptest::collection::vec(any::<u8>(), 0..20_000), level in 1i32..6, zeros in 0usize..50_000) {
+            let mut data = data;
+            data.extend(std::iter::repeat_n(0u8, zeros));
+            let id = Digest::of(&data);
+            let f = encode(&data, level);
+            prop_assert_eq!(decode_verified(&f, &id).unwrap(), data);
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The manifest: an image's tree and where every byte of every file lives.
+//!
+//! Nodes are laid out breadth-first with node 0 the root, so the children of a
+//! directory are one contiguous run of nodes, sorted by name: a lookup is a
+//! binary search and a readdir a slice, with no index to build at mount. Files
+//! point at a run of [`Extent`]s, each a byte range of one chunk or a hole.
+//! Every record is fixed-size (see `docs/format.md`), so decoding 100k files is
+//! a single linear pass.
+//!
+//! [`Manifest::validate`] is the one place that checks the invariants; decoding
+//! always runs it, so a decoded manifest never needs bounds checks downstream.
+
+mod codec;
+
+use crate::frame::MAX_CHUNK_LEN;
+use crate::Digest;
+use std::ops::Range;
+
+pub use codec::{MANIFEST_MAGIC, MANIFEST_VERSION};
+
+/// Index of the root directory.
+pub const ROOT: u32 = 0;
+
+/// A chunk the manifest refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRef {
+    pub id: Digest,
+    /// Uncompressed length.
+    pub len: u32,
+    /// Length of the stored frame (what a fetch transfers).
+    pub stored_len: u32,
+}
+
+/// A byte range of a file: `len` bytes from `chunk` at `offset`, or a hole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Index into [`Manifest::chunks`]; `None` for a hole (zeros).
+    pub chunk: Option<u32>,
+    pub offset: u32,
+    pub len: u64,
+}
+
+/// An extended attribute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Xattr {
+    pub name: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// What a node is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeKind {
+    /// Children are `nodes[children]`, sorted by name.
+    Dir { children: Range<u32> },
+    /// Contents are `extents[extents]`, in file order.
+    File { extents: Range<u32> },
+    Symlink { target: Vec<u8> },
+    /// Another name for the regular file `nodes[target]`.
+    Hardlink { target: u32 },
+    CharDev { rdev: u64 },
+    BlockDev { rdev: u64 },
+    Fifo,
+    Socket,
+}
+
+/// One entry of the tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub parent: u32,
+    /// The entry's name in its parent (empty for the root).
+    pub name: Vec<u8>,
+    pub kind: NodeKind,
+    /// Full `st_mode`, file type bits included.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    /// Logical size: file length, symlink target length, 0 otherwise.
+    pub size: u64,
+    /// Indices into [`Manifest::xattrs`].
+    pub xattrs: Range<u32>,
+}
+
+/// A whole image.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Manifest {
+    /// Nominal chunk size the image was cut with.
+    pub chunk_size: u32,
+    pub chunks: Vec<ChunkRef>,
+    pub nodes: Vec<Node>,
+    pub extents: Vec<Extent>,
+    pub xattrs: Vec<Xattr>,
+}
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("not a thaw manifest (bad magic)")]
+    BadMagic,
+    #[error("unsupported manifest version {0}: upgrade thaw")]
+    UnsupportedVersion(u16),
+    #[error("unknown manifest flags {0:#x}")]
+    UnknownFlags(u16),
+    #[error("manifest truncated: {0}")]
+    Truncated(&'static str),
+    #[error("manifest has {0} trailing bytes")]
+    TrailingBytes(usize),
+    #[error("manifest is invalid: {0}")]
+    Invalid(String),
+    #[error("manifest digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+}
+
+fn invalid(msg: String) -> ManifestError {
+    ManifestError::Invalid(msg)
+}
+
+/// Directory entry names: non-empty, no `/` or NUL, not `.` or `..`.
+pub(crate) fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty() && name != b"." && name != b".." && !name.iter().any(|&b| b == b'/' || b == 0)
+}
+
+impl Node {
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, NodeKind::Dir { .. })
+    }
+}
+
+impl Manifest {
+    /// The digest that names this manifest: BLAKE3 of its encoding.
+    pub fn digest(&self) -> Digest {
+        Digest::of(&self.encode())
+    }
+
+    /// The children of directory `dir` (empty for a non-directory).
+    pub fn children(&self, dir: u32) -> &[Node] {
+        match &self.nodes[dir as usize].kind {
+            NodeKind::Dir { children } => &self.nodes[children.start as usize..children.end as usize],
+            _ => &[],
+        }
+    }
+
+    /// The node index of `name` in directory `dir`.
+    pub fn lookup(&self, dir: u32, name: &[u8]) -> Option<u32> {
+        let NodeKind::Dir { children } = &self.nodes[dir as usize].kind else {
+            return None;
+        };
+        let slice = &self.nodes[children.start as usize..children.end as usize];
+        slice
+            .binary_search_by(|n| n.name.as_slice().cmp(name))
+            .ok()
+            .map(|i| children.start + i as u32)
+    }
+
+    /// The node a hardlink resolves to (the node itself otherwise).
+    pub fn resolve(&self, index: u32) -> u32 {
+        match self.nodes[index as usize].kind {
+            NodeKind::Hardlink { target } => target,
+            _ => index,
+        }
+    }
+
+    /// The extents of file `index` (after resolving hardlinks).
+    pub fn file_extents(&self, index: u32) -> &[Extent] {
+        match &self.nodes[self.resolve(index) as usize].kind {
+            NodeKind::File { extents } => &self.extents[extents.start as usize..extents.end as usize],
+            _ => &[],
+        }
+    }
+
+    /// The path of node `index`, relative to the root, `/`-separated.
+    pub fn path(&self, mut index: u32) -> Vec<u8> {
+        let mut parts = Vec::new();
+        while index != ROOT {
+            let n = &self.nodes[index as usize];
+            parts.push(n.name.as_slice());
+            index = n.parent;
+        }
+        parts.reverse();
+        parts.join(&b'/')
+    }
+
+    /// Sum of regular file sizes (each hardlinked file once).
+    pub fn logical_bytes(&self) -> u64 {
+        self.nodes.iter().filter(|n| matches!(n.kind, NodeKind::File { .. })).map(|n| n.size).sum()
+    }
+
+    /// Checks every invariant that readers rely on. Decoding always calls this.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let n = self.nodes.len();
+        if n == 0 || !self.nodes[0].is_dir() || self.nodes[0].parent != ROOT || !self.nodes[0].name.is_empty() {
+            return Err(invalid("node 0 must be the root directory".into()));
+        }
+        if n > u32::MAX as usize - 1 || self.chunks.len() >= u32::MAX as usize {
+            return Err(invalid("too many entries".into()));
+        }
+        if !self.chunk_size.is_power_of_two() || self.chunk_size as usize > MAX_CHUNK_LEN {
+            return Err(invalid(format!("bad chunk size {}", self.chunk_size)));
+        }
+        for (i, c) in self.chunks.iter().enumerate() {
+            if c.len as usize > MAX_CHUNK_LEN || c.len == 0 {
+                return Err(invalid(format!("chunk {i} has bad length {}", c.len)));
+            }
+        }
+        // Breadth-first layout: the child runs of directories, taken in node
+        // order, tile 1..n exactly. This also rules out cycles and orphans.
+        let mut next = 1u32;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let i = i as u32;
+            let ctx = |m: &str| invalid(format!("node {i}: {m}"));
+            if i != ROOT && !valid_name(&node.name) {
+                return Err(ctx("invalid name"));
+            }
+            if node.xattrs.start > node.xattrs.end || node.xattrs.end as usize > self.xattrs.len() {
+                return Err(ctx("xattr range out of bounds"));
+            }
+            match &node.kind {
+                NodeKind::Dir { children } => {
+                    if children.start != next || children.end < children.start || children.end as usize > n {
+                        return Err(ctx("children are not laid out breadth-first"));
+                    }
+                    next = children.end;
+                    let kids = &self.nodes[children.start as usize..children.end as usize];
+                    if kids.iter().any(|k| k.parent != i) {
+                        return Err(ctx("child with wrong parent"));
+                    }
+                    if kids.windows(2).any(|w| w[0].name >= w[1].name) {
+                        return Err(ctx("children not sorted or duplicated"));
+                    }
+                }
+                NodeKind::File { extents } => {
+                    if extents.start > extents.end || extents.end as usize > self.extents.len() {
+                        return Err(ctx("extent range out of bounds"));
+                    }
+                    let mut total = 0u64;
+                    for e in &self.extents[extents.start as usize..extents.end as usize] {
+                        if let Some(c) = e.chunk {
+                            let c = self.chunks.get(c as usize).ok_or_else(|| ctx("extent names a missing chunk"))?;
+                            if u64::from(e.offset) + e.len > u64::from(c.len) {
+                                return Err(ctx("extent overruns its chunk"));
+                            }
+                        } else if e.offset != 0 {
+                            return Err(ctx("hole with an offset"));
+                        }
+                        total = total.checked_add(e.len).ok_or_else(|| ctx("size overflow"))?;
+                    }
+                    if total != node.size {
+                        return Err(ctx("extents do not add up to the size"));
+                    }
+                }
+                NodeKind::Symlink { target } => {
+                    if target.is_empty() || target.contains(&0) || node.size != target.len() as u64 {
+                        return Err(ctx("bad symlink target"));
+                    }
+                }
+                NodeKind::Hardlink { target } => match self.nodes.get(*target as usize) {
+                    Some(t) if matches!(t.kind, NodeKind::File { .. }) && t.size == node.size => {}
+                    _ => return Err(ctx("hardlink must name a regular file of the same size")),
+                },
+                NodeKind::CharDev { .. } | NodeKind::BlockDev { .. } | NodeKind::Fifo | NodeKind::Socket => {}
+            }
+            if i != ROOT && !self.nodes[node.parent as usize].is_dir() {
+                return Err(ctx("parent is not a directory"));
+            }
+        }
+        if next as usize != n {
+            return Err(invalid("nodes outside any directory".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
