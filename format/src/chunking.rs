@@ -30,7 +30,8 @@ pub struct Chunking {
 impl Chunking {
     /// `chunk_size` must be a power of two from 64 KiB to 16 MiB.
     pub fn new(mode: ChunkingMode, chunk_size: u32) -> Result<Self, String> {
-        if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
+        {
             return Err(format!(
                 "chunk size {chunk_size} must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}"
             ));
@@ -60,7 +61,10 @@ impl Chunking {
 
 impl Default for Chunking {
     fn default() -> Self {
-        Chunking { mode: ChunkingMode::Fixed, chunk_size: 1 << 20 }
+        Chunking {
+            mode: ChunkingMode::Fixed,
+            chunk_size: 1 << 20,
+        }
     }
 }
 
@@ -75,10 +79,26 @@ pub fn cdc_chunks(data: &[u8], chunking: &Chunking) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// Content-defined chunks of a stream, as `(offset, bytes)`, read incrementally
+/// so a large file never has to be in memory at once.
+pub fn cdc_stream<R: std::io::Read>(
+    reader: R,
+    chunking: &Chunking,
+) -> impl Iterator<Item = std::io::Result<(u64, Vec<u8>)>> {
+    let (min, avg, max) = chunking.cdc_bounds();
+    fastcdc::v2020::StreamCDC::new(reader, min, avg, max).map(|r| match r {
+        Ok(c) => Ok((c.offset, c.data)),
+        Err(fastcdc::v2020::Error::IoError(e)) => Err(e),
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    })
+}
+
 /// Whether every byte is zero.
 pub fn is_zero(data: &[u8]) -> bool {
     let words = data.len() / 8 * 8;
-    data[..words].chunks_exact(8).all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
+    data[..words]
+        .chunks_exact(8)
+        .all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
         && data[words..].iter().all(|&b| b == 0)
 }
 
@@ -114,7 +134,14 @@ mod tests {
         let b = cdc_chunks(&data, &c);
         let tail_a: Vec<usize> = a.iter().rev().take(3).map(|x| x.1).collect();
         let tail_b: Vec<usize> = b.iter().rev().take(3).map(|x| x.1).collect();
-        assert_eq!(tail_a, tail_b, "an insertion must not move later cut points");
+        assert_eq!(
+            tail_a, tail_b,
+            "an insertion must not move later cut points"
+        );
+        let streamed: Vec<usize> = cdc_stream(&data[..], &c)
+            .map(|r| r.unwrap().1.len())
+            .collect();
+        assert_eq!(streamed, b.iter().map(|x| x.1).collect::<Vec<_>>());
     }
 
     #[test]

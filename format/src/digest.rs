@@ -22,7 +22,11 @@ impl Digest {
 
     /// Parses 64 hex digits without the prefix.
     pub fn from_hex(s: &str) -> Result<Self, ParseDigestError> {
-        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if s.len() != 64
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(ParseDigestError(s.chars().take(80).collect()));
         }
         let mut out = [0u8; 32];
@@ -91,9 +95,17 @@ mod tests {
 
     #[test]
     fn rejects_bad_strings() {
-        for bad in ["", "blake3:", "sha256:00", "blake3:zz", &format!("blake3:{}", "A".repeat(64))] {
+        for bad in [
+            "",
+            "blake3:",
+            "sha256:00",
+            "blake3:zz",
+            &format!("blake3:{}", "A".repeat(64)),
+        ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad}");
         }
-        assert!(format!("blake3:{}", "0".repeat(63)).parse::<Digest>().is_err());
+        assert!(format!("blake3:{}", "0".repeat(63))
+            .parse::<Digest>()
+            .is_err());
     }
 }

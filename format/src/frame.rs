@@ -48,7 +48,10 @@ pub enum FrameError {
 /// # Panics
 /// If `data` is longer than [`MAX_CHUNK_LEN`]: chunkers never produce such chunks.
 pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
-    assert!(data.len() <= MAX_CHUNK_LEN, "chunk larger than MAX_CHUNK_LEN");
+    assert!(
+        data.len() <= MAX_CHUNK_LEN,
+        "chunk larger than MAX_CHUNK_LEN"
+    );
     let mut out = Vec::with_capacity(FRAME_HEADER_LEN + data.len() / 2);
     out.extend_from_slice(&FRAME_MAGIC);
     out.push(FRAME_VERSION);
@@ -110,7 +113,10 @@ pub fn decode_verified(frame: &[u8], id: &Digest) -> Result<Vec<u8>, FrameError>
     let data = decode(frame)?;
     let actual = Digest::of(&data);
     if actual != *id {
-        return Err(FrameError::DigestMismatch { expected: *id, actual });
+        return Err(FrameError::DigestMismatch {
+            expected: *id,
+            actual,
+        });
     }
     Ok(data)
 }
@@ -124,7 +130,10 @@ mod tests {
     fn golden_frame_bytes() {
         // format changed: bump FRAME_VERSION if this test has to change.
         let f = encode(b"abc", 3);
-        assert_eq!(f, [b'T', b'H', b'C', b'K', 1, 0, 0, 0, 3, 0, 0, 0, b'a', b'b', b'c']);
+        assert_eq!(
+            f,
+            [b'T', b'H', b'C', b'K', 1, 0, 0, 0, 3, 0, 0, 0, b'a', b'b', b'c']
+        );
         let z = encode(&[7u8; 4096], 3);
         assert_eq!(&z[..12], &[b'T', b'H', b'C', b'K', 1, 1, 0, 0, 0, 16, 0, 0]);
         assert!(z.len() < 100);
@@ -139,7 +148,10 @@ mod tests {
         assert!(matches!(decode(&bad), Err(FrameError::BadMagic)));
         let mut bad = good.clone();
         bad[4] = 9;
-        assert!(matches!(decode(&bad), Err(FrameError::UnsupportedVersion(9))));
+        assert!(matches!(
+            decode(&bad),
+            Err(FrameError::UnsupportedVersion(9))
+        ));
         let mut bad = good.clone();
         bad[5] = 0x81;
         assert!(matches!(decode(&bad), Err(FrameError::UnknownFlags(_))));
@@ -148,9 +160,15 @@ mod tests {
         assert!(matches!(decode(&bad), Err(FrameError::TooLarge(_))));
         let mut bad = good.clone();
         bad[8..12].copy_from_slice(&9_999u32.to_le_bytes());
-        assert!(matches!(decode(&bad), Err(FrameError::LengthMismatch { .. })));
+        assert!(matches!(
+            decode(&bad),
+            Err(FrameError::LengthMismatch { .. })
+        ));
         let other = Digest::of(b"other");
-        assert!(matches!(decode_verified(&good, &other), Err(FrameError::DigestMismatch { .. })));
+        assert!(matches!(
+            decode_verified(&good, &other),
+            Err(FrameError::DigestMismatch { .. })
+        ));
     }
 
     proptest! {

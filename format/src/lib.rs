@@ -17,7 +17,9 @@ mod digest;
 pub mod frame;
 mod manifest;
 
-pub use chunking::{cdc_chunks, is_zero, Chunking, ChunkingMode, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+pub use chunking::{
+    cdc_chunks, cdc_stream, is_zero, Chunking, ChunkingMode, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+};
 pub use digest::{Digest, ParseDigestError};
 pub use frame::{FrameError, FRAME_HEADER_LEN, MAX_CHUNK_LEN};
 pub use manifest::{

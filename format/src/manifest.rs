@@ -27,8 +27,6 @@ pub struct ChunkRef {
     pub id: Digest,
     /// Uncompressed length.
     pub len: u32,
-    /// Length of the stored frame (what a fetch transfers).
-    pub stored_len: u32,
 }
 
 /// A byte range of a file: `len` bytes from `chunk` at `offset`, or a hole.
@@ -51,14 +49,26 @@ pub struct Xattr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeKind {
     /// Children are `nodes[children]`, sorted by name.
-    Dir { children: Range<u32> },
+    Dir {
+        children: Range<u32>,
+    },
     /// Contents are `extents[extents]`, in file order.
-    File { extents: Range<u32> },
-    Symlink { target: Vec<u8> },
+    File {
+        extents: Range<u32>,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
     /// Another name for the regular file `nodes[target]`.
-    Hardlink { target: u32 },
-    CharDev { rdev: u64 },
-    BlockDev { rdev: u64 },
+    Hardlink {
+        target: u32,
+    },
+    CharDev {
+        rdev: u64,
+    },
+    BlockDev {
+        rdev: u64,
+    },
     Fifo,
     Socket,
 }
@@ -135,7 +145,9 @@ impl Manifest {
     /// The children of directory `dir` (empty for a non-directory).
     pub fn children(&self, dir: u32) -> &[Node] {
         match &self.nodes[dir as usize].kind {
-            NodeKind::Dir { children } => &self.nodes[children.start as usize..children.end as usize],
+            NodeKind::Dir { children } => {
+                &self.nodes[children.start as usize..children.end as usize]
+            }
             _ => &[],
         }
     }
@@ -163,7 +175,9 @@ impl Manifest {
     /// The extents of file `index` (after resolving hardlinks).
     pub fn file_extents(&self, index: u32) -> &[Extent] {
         match &self.nodes[self.resolve(index) as usize].kind {
-            NodeKind::File { extents } => &self.extents[extents.start as usize..extents.end as usize],
+            NodeKind::File { extents } => {
+                &self.extents[extents.start as usize..extents.end as usize]
+            }
             _ => &[],
         }
     }
@@ -182,13 +196,21 @@ impl Manifest {
 
     /// Sum of regular file sizes (each hardlinked file once).
     pub fn logical_bytes(&self) -> u64 {
-        self.nodes.iter().filter(|n| matches!(n.kind, NodeKind::File { .. })).map(|n| n.size).sum()
+        self.nodes
+            .iter()
+            .filter(|n| matches!(n.kind, NodeKind::File { .. }))
+            .map(|n| n.size)
+            .sum()
     }
 
     /// Checks every invariant that readers rely on. Decoding always calls this.
     pub fn validate(&self) -> Result<(), ManifestError> {
         let n = self.nodes.len();
-        if n == 0 || !self.nodes[0].is_dir() || self.nodes[0].parent != ROOT || !self.nodes[0].name.is_empty() {
+        if n == 0
+            || !self.nodes[0].is_dir()
+            || self.nodes[0].parent != ROOT
+            || !self.nodes[0].name.is_empty()
+        {
             return Err(invalid("node 0 must be the root directory".into()));
         }
         if n > u32::MAX as usize - 1 || self.chunks.len() >= u32::MAX as usize {
@@ -216,7 +238,10 @@ impl Manifest {
             }
             match &node.kind {
                 NodeKind::Dir { children } => {
-                    if children.start != next || children.end < children.start || children.end as usize > n {
+                    if children.start != next
+                        || children.end < children.start
+                        || children.end as usize > n
+                    {
                         return Err(ctx("children are not laid out breadth-first"));
                     }
                     next = children.end;
@@ -235,21 +260,27 @@ impl Manifest {
                     let mut total = 0u64;
                     for e in &self.extents[extents.start as usize..extents.end as usize] {
                         if let Some(c) = e.chunk {
-                            let c = self.chunks.get(c as usize).ok_or_else(|| ctx("extent names a missing chunk"))?;
+                            let c = self
+                                .chunks
+                                .get(c as usize)
+                                .ok_or_else(|| ctx("extent names a missing chunk"))?;
                             if u64::from(e.offset) + e.len > u64::from(c.len) {
                                 return Err(ctx("extent overruns its chunk"));
                             }
                         } else if e.offset != 0 {
                             return Err(ctx("hole with an offset"));
                         }
-                        total = total.checked_add(e.len).ok_or_else(|| ctx("size overflow"))?;
+                        total = total
+                            .checked_add(e.len)
+                            .ok_or_else(|| ctx("size overflow"))?;
                     }
                     if total != node.size {
                         return Err(ctx("extents do not add up to the size"));
                     }
                 }
                 NodeKind::Symlink { target } => {
-                    if target.is_empty() || target.contains(&0) || node.size != target.len() as u64 {
+                    if target.is_empty() || target.contains(&0) || node.size != target.len() as u64
+                    {
                         return Err(ctx("bad symlink target"));
                     }
                 }
@@ -257,7 +288,10 @@ impl Manifest {
                     Some(t) if matches!(t.kind, NodeKind::File { .. }) && t.size == node.size => {}
                     _ => return Err(ctx("hardlink must name a regular file of the same size")),
                 },
-                NodeKind::CharDev { .. } | NodeKind::BlockDev { .. } | NodeKind::Fifo | NodeKind::Socket => {}
+                NodeKind::CharDev { .. }
+                | NodeKind::BlockDev { .. }
+                | NodeKind::Fifo
+                | NodeKind::Socket => {}
             }
             if i != ROOT && !self.nodes[node.parent as usize].is_dir() {
                 return Err(ctx("parent is not a directory"));

@@ -51,7 +51,10 @@ impl Manifest {
     pub fn encode(&self) -> Vec<u8> {
         let mut strings = Strings(Vec::new());
         let mut out = Vec::with_capacity(
-            HEADER_LEN + self.chunks.len() * CHUNK_REC + self.nodes.len() * (NODE_REC + 24) + self.extents.len() * EXTENT_REC,
+            HEADER_LEN
+                + self.chunks.len() * CHUNK_REC
+                + self.nodes.len() * (NODE_REC + 24)
+                + self.extents.len() * EXTENT_REC,
         );
         out.extend_from_slice(&MANIFEST_MAGIC);
         out.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
@@ -68,12 +71,16 @@ impl Manifest {
         for c in &self.chunks {
             out.extend_from_slice(&c.id.0);
             put32(&mut out, c.len);
-            put32(&mut out, c.stored_len);
+            put32(&mut out, 0); // reserved
         }
         for n in &self.nodes {
             let (kind, a, b, rdev) = match &n.kind {
-                NodeKind::Dir { children } => (KIND_DIR, children.start, children.end - children.start, 0),
-                NodeKind::File { extents } => (KIND_FILE, extents.start, extents.end - extents.start, 0),
+                NodeKind::Dir { children } => {
+                    (KIND_DIR, children.start, children.end - children.start, 0)
+                }
+                NodeKind::File { extents } => {
+                    (KIND_FILE, extents.start, extents.end - extents.start, 0)
+                }
                 NodeKind::Symlink { target } => {
                     let (o, l) = strings.add(target);
                     (KIND_SYMLINK, o, l, 0)
@@ -84,7 +91,11 @@ impl Manifest {
                 NodeKind::Fifo => (KIND_FIFO, 0, 0, 0),
                 NodeKind::Socket => (KIND_SOCKET, 0, 0, 0),
             };
-            let (a, b) = if rdev != 0 { (rdev as u32, (rdev >> 32) as u32) } else { (a, b) };
+            let (a, b) = if rdev != 0 {
+                (rdev as u32, (rdev >> 32) as u32)
+            } else {
+                (a, b)
+            };
             let (name_off, name_len) = strings.add(&n.name);
             put32(&mut out, n.parent);
             out.extend_from_slice(&[kind, 0, 0, 0]);
@@ -126,7 +137,10 @@ impl Manifest {
         if header[0..8] != MANIFEST_MAGIC {
             return Err(ManifestError::BadMagic);
         }
-        let h = Reader { bytes: header, pos: 8 };
+        let h = Reader {
+            bytes: header,
+            pos: 8,
+        };
         let version = u16::from_le_bytes([header[8], header[9]]);
         if version != MANIFEST_VERSION {
             return Err(ManifestError::UnsupportedVersion(version));
@@ -140,7 +154,9 @@ impl Manifest {
         let [n_chunks, n_nodes, n_extents, n_xattrs] = counts;
         let strings_len = h.u64_at(32);
         if header[40..].iter().any(|&b| b != 0) {
-            return Err(ManifestError::Invalid("reserved header bytes are not zero".into()));
+            return Err(ManifestError::Invalid(
+                "reserved header bytes are not zero".into(),
+            ));
         }
         // Bound every count by what the input can hold before allocating.
         let need = (n_chunks as u128) * CHUNK_REC as u128
@@ -163,40 +179,60 @@ impl Manifest {
         let string = |off: u32, len: u32| -> Result<Vec<u8>, ManifestError> {
             let (off, len) = (off as usize, len as usize);
             strings
-                .get(off..off.checked_add(len).ok_or(ManifestError::Truncated("string"))?)
+                .get(
+                    off..off
+                        .checked_add(len)
+                        .ok_or(ManifestError::Truncated("string"))?,
+                )
                 .map(<[u8]>::to_vec)
                 .ok_or(ManifestError::Truncated("string out of bounds"))
         };
 
-        let chunks = chunk_recs
-            .chunks_exact(CHUNK_REC)
-            .map(|c| {
-                let r = Reader { bytes: c, pos: 0 };
-                ChunkRef { id: Digest(c[..32].try_into().expect("32 bytes")), len: r.u32_at(32), stored_len: r.u32_at(36) }
-            })
-            .collect();
+        let mut chunks = Vec::with_capacity(n_chunks);
+        for (i, c) in chunk_recs.chunks_exact(CHUNK_REC).enumerate() {
+            let r = Reader { bytes: c, pos: 0 };
+            if r.u32_at(36) != 0 {
+                return Err(ManifestError::Invalid(format!(
+                    "chunk {i}: reserved bytes are not zero"
+                )));
+            }
+            chunks.push(ChunkRef {
+                id: Digest(c[..32].try_into().expect("32 bytes")),
+                len: r.u32_at(32),
+            });
+        }
         let mut nodes = Vec::with_capacity(n_nodes);
         for (i, rec) in node_recs.chunks_exact(NODE_REC).enumerate() {
             let r = Reader { bytes: rec, pos: 0 };
             let (a, b) = (r.u32_at(48), r.u32_at(52));
             let rdev = u64::from(a) | (u64::from(b) << 32);
             let range = || -> Result<std::ops::Range<u32>, ManifestError> {
-                let end = a.checked_add(b).ok_or_else(|| ManifestError::Invalid(format!("node {i}: range overflow")))?;
+                let end = a
+                    .checked_add(b)
+                    .ok_or_else(|| ManifestError::Invalid(format!("node {i}: range overflow")))?;
                 Ok(a..end)
             };
             let kind = match rec[4] {
                 KIND_DIR => NodeKind::Dir { children: range()? },
                 KIND_FILE => NodeKind::File { extents: range()? },
-                KIND_SYMLINK => NodeKind::Symlink { target: string(a, b)? },
+                KIND_SYMLINK => NodeKind::Symlink {
+                    target: string(a, b)?,
+                },
                 KIND_HARDLINK => NodeKind::Hardlink { target: a },
                 KIND_CHARDEV => NodeKind::CharDev { rdev },
                 KIND_BLOCKDEV => NodeKind::BlockDev { rdev },
                 KIND_FIFO => NodeKind::Fifo,
                 KIND_SOCKET => NodeKind::Socket,
-                k => return Err(ManifestError::Invalid(format!("node {i}: unknown kind {k}"))),
+                k => {
+                    return Err(ManifestError::Invalid(format!(
+                        "node {i}: unknown kind {k}"
+                    )))
+                }
             };
             if rec[5..8] != [0, 0, 0] || r.u32_at(60) != 0 {
-                return Err(ManifestError::Invalid(format!("node {i}: reserved bytes are not zero")));
+                return Err(ManifestError::Invalid(format!(
+                    "node {i}: reserved bytes are not zero"
+                )));
             }
             let xattr_start = r.u32_at(56);
             let xattr_end = xattr_start
@@ -219,17 +255,30 @@ impl Manifest {
             .map(|e| {
                 let r = Reader { bytes: e, pos: 0 };
                 let chunk = r.u32_at(0);
-                Extent { chunk: (chunk != HOLE).then_some(chunk), offset: r.u32_at(4), len: r.u64_at(8) }
+                Extent {
+                    chunk: (chunk != HOLE).then_some(chunk),
+                    offset: r.u32_at(4),
+                    len: r.u64_at(8),
+                }
             })
             .collect();
         let xattrs = xattr_recs
             .chunks_exact(XATTR_REC)
             .map(|x| {
                 let r = Reader { bytes: x, pos: 0 };
-                Ok(Xattr { name: string(r.u32_at(0), r.u32_at(4))?, value: string(r.u32_at(8), r.u32_at(12))? })
+                Ok(Xattr {
+                    name: string(r.u32_at(0), r.u32_at(4))?,
+                    value: string(r.u32_at(8), r.u32_at(12))?,
+                })
             })
             .collect::<Result<_, ManifestError>>()?;
-        let m = Manifest { chunk_size, chunks, nodes, extents, xattrs };
+        let m = Manifest {
+            chunk_size,
+            chunks,
+            nodes,
+            extents,
+            xattrs,
+        };
         m.validate()?;
         Ok(m)
     }
@@ -238,7 +287,10 @@ impl Manifest {
     pub fn decode_verified(bytes: &[u8], digest: &Digest) -> Result<Manifest, ManifestError> {
         let actual = Digest::of(bytes);
         if actual != *digest {
-            return Err(ManifestError::DigestMismatch { expected: *digest, actual });
+            return Err(ManifestError::DigestMismatch {
+                expected: *digest,
+                actual,
+            });
         }
         Manifest::decode(bytes)
     }
@@ -251,8 +303,14 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, len: usize, what: &'static str) -> Result<&'a [u8], ManifestError> {
-        let end = self.pos.checked_add(len).ok_or(ManifestError::Truncated(what))?;
-        let s = self.bytes.get(self.pos..end).ok_or(ManifestError::Truncated(what))?;
+        let end = self
+            .pos
+            .checked_add(len)
+            .ok_or(ManifestError::Truncated(what))?;
+        let s = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or(ManifestError::Truncated(what))?;
         self.pos = end;
         Ok(s)
     }

@@ -16,7 +16,12 @@ fn dir(parent: u32, name: &str, children: Range<u32>) -> Node {
 }
 
 fn node(parent: u32, name: &str, kind: NodeKind, size: u64) -> Node {
-    Node { kind, size, mode: 0o100644, ..dir(parent, name, 0..0) }
+    Node {
+        kind,
+        size,
+        mode: 0o100644,
+        ..dir(parent, name, 0..0)
+    }
 }
 
 /// root/{a (dir), b (file, 2 extents), c -> b (hardlink), d -> "b" (symlink)}, a/{x (fifo)}
@@ -24,17 +29,41 @@ fn sample() -> Manifest {
     let id = Digest::of(b"chunk");
     Manifest {
         chunk_size: 1 << 20,
-        chunks: vec![ChunkRef { id, len: 5, stored_len: 17 }],
+        chunks: vec![ChunkRef { id, len: 5 }],
         nodes: vec![
             dir(0, "", 1..5),
             dir(0, "a", 5..6),
-            Node { xattrs: 0..1, ..node(0, "b", NodeKind::File { extents: 0..2 }, 4096 + 3) },
+            Node {
+                xattrs: 0..1,
+                ..node(0, "b", NodeKind::File { extents: 0..2 }, 4096 + 3)
+            },
             node(0, "c", NodeKind::Hardlink { target: 2 }, 4099),
-            node(0, "d", NodeKind::Symlink { target: b"b".to_vec() }, 1),
+            node(
+                0,
+                "d",
+                NodeKind::Symlink {
+                    target: b"b".to_vec(),
+                },
+                1,
+            ),
             node(1, "x", NodeKind::Fifo, 0),
         ],
-        extents: vec![Extent { chunk: None, offset: 0, len: 4096 }, Extent { chunk: Some(0), offset: 1, len: 3 }],
-        xattrs: vec![Xattr { name: b"user.k".to_vec(), value: b"v".to_vec() }],
+        extents: vec![
+            Extent {
+                chunk: None,
+                offset: 0,
+                len: 4096,
+            },
+            Extent {
+                chunk: Some(0),
+                offset: 1,
+                len: 3,
+            },
+        ],
+        xattrs: vec![Xattr {
+            name: b"user.k".to_vec(),
+            value: b"v".to_vec(),
+        }],
     }
 }
 
@@ -51,7 +80,8 @@ fn golden_manifest_bytes() {
     );
 }
 
-const GOLDEN_DIGEST: &str = "blake3:157bccc37fe6def53ffee5e4214b3a62be9b1e1223d31569ceda2051c89d63cf";
+const GOLDEN_DIGEST: &str =
+    "blake3:8396138720b76ffda47da55c674ec81c7b5d193208369b6577bab8e46c30bb20";
 
 #[test]
 fn round_trip_and_queries() {
@@ -72,15 +102,30 @@ fn round_trip_and_queries() {
 #[test]
 fn rejects_invalid_trees() {
     let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
-        ("dotdot name", Box::new(|m| m.nodes[1].name = b"..".to_vec())),
-        ("slash name", Box::new(|m| m.nodes[1].name = b"a/b".to_vec())),
+        (
+            "dotdot name",
+            Box::new(|m| m.nodes[1].name = b"..".to_vec()),
+        ),
+        (
+            "slash name",
+            Box::new(|m| m.nodes[1].name = b"a/b".to_vec()),
+        ),
         ("unsorted", Box::new(|m| m.nodes.swap(3, 4))),
         ("size", Box::new(|m| m.nodes[2].size = 1)),
         ("overrun", Box::new(|m| m.extents[1].len = 9)),
         ("missing chunk", Box::new(|m| m.extents[1].chunk = Some(7))),
-        ("hardlink to dir", Box::new(|m| m.nodes[3].kind = NodeKind::Hardlink { target: 1 })),
-        ("cycle", Box::new(|m| m.nodes[1].kind = NodeKind::Dir { children: 0..1 })),
-        ("orphan", Box::new(|m| m.nodes[1].kind = NodeKind::Dir { children: 5..5 })),
+        (
+            "hardlink to dir",
+            Box::new(|m| m.nodes[3].kind = NodeKind::Hardlink { target: 1 }),
+        ),
+        (
+            "cycle",
+            Box::new(|m| m.nodes[1].kind = NodeKind::Dir { children: 0..1 }),
+        ),
+        (
+            "orphan",
+            Box::new(|m| m.nodes[1].kind = NodeKind::Dir { children: 5..5 }),
+        ),
         ("xattrs", Box::new(|m| m.nodes[2].xattrs = 0..9)),
         ("root kind", Box::new(|m| m.nodes[0].kind = NodeKind::Fifo)),
     ];
@@ -96,17 +141,29 @@ fn rejects_invalid_trees() {
 fn rejects_malformed_bytes() {
     let good = sample().encode();
     for cut in [0, 10, 63, 64, 100, good.len() - 1] {
-        assert!(Manifest::decode(&good[..cut]).is_err(), "truncated at {cut}");
+        assert!(
+            Manifest::decode(&good[..cut]).is_err(),
+            "truncated at {cut}"
+        );
     }
     let mut long = good.clone();
     long.push(0);
-    assert!(matches!(Manifest::decode(&long), Err(ManifestError::TrailingBytes(1))));
+    assert!(matches!(
+        Manifest::decode(&long),
+        Err(ManifestError::TrailingBytes(1))
+    ));
     let mut bad = good.clone();
     bad[8] = 2;
-    assert!(matches!(Manifest::decode(&bad), Err(ManifestError::UnsupportedVersion(2))));
+    assert!(matches!(
+        Manifest::decode(&bad),
+        Err(ManifestError::UnsupportedVersion(2))
+    ));
     let mut huge = good.clone();
     huge[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert!(matches!(Manifest::decode(&huge), Err(ManifestError::Truncated(_))));
+    assert!(matches!(
+        Manifest::decode(&huge),
+        Err(ManifestError::Truncated(_))
+    ));
     // Any single corrupted byte is refused or decodes to a valid manifest: never a panic.
     for i in 0..good.len() {
         let mut b = good.clone();
@@ -119,34 +176,71 @@ fn rejects_malformed_bytes() {
 
 /// A random flat tree: files with random extents, symlinks and hardlinks.
 fn arb_manifest() -> impl Strategy<Value = Manifest> {
-    let entry = (0u8..4, proptest::collection::vec((any::<bool>(), 1u32..5000), 0..4), "[a-z0-9 ._é-]{1,12}");
+    let entry = (
+        0u8..4,
+        proptest::collection::vec((any::<bool>(), 1u32..5000), 0..4),
+        "[a-z0-9 ._é-]{1,12}",
+    );
     (proptest::collection::vec(entry, 0..30), 1usize..4).prop_map(|(entries, n_chunks)| {
         let chunks: Vec<ChunkRef> = (0..n_chunks)
-            .map(|i| ChunkRef { id: Digest::of(&[i as u8]), len: 5000, stored_len: 100 })
+            .map(|i| ChunkRef {
+                id: Digest::of(&[i as u8]),
+                len: 5000,
+            })
             .collect();
         let mut names: Vec<_> = entries.into_iter().map(|(k, e, n)| (n, k, e)).collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));
         names.dedup_by(|a, b| a.0 == b.0);
         names.retain(|n| n.0 != "." && n.0 != "..");
         let count = names.len() as u32;
-        let mut m = Manifest { chunk_size: 1 << 16, chunks, nodes: vec![dir(0, "", 1..1 + count)], ..Default::default() };
+        let mut m = Manifest {
+            chunk_size: 1 << 16,
+            chunks,
+            nodes: vec![dir(0, "", 1..1 + count)],
+            ..Default::default()
+        };
         let mut first_file = None;
         for (name, kind, extents) in names {
             let i = m.nodes.len() as u32;
             let n = match (kind, first_file) {
-                (1, _) => node(0, &name, NodeKind::Symlink { target: name.clone().into_bytes() }, name.len() as u64),
+                (1, _) => node(
+                    0,
+                    &name,
+                    NodeKind::Symlink {
+                        target: name.clone().into_bytes(),
+                    },
+                    name.len() as u64,
+                ),
                 (2, Some((t, size))) => node(0, &name, NodeKind::Hardlink { target: t }, size),
-                (3, _) => node(0, &name, NodeKind::CharDev { rdev: u64::from(i) << 33 | 7 }, 0),
+                (3, _) => node(
+                    0,
+                    &name,
+                    NodeKind::CharDev {
+                        rdev: u64::from(i) << 33 | 7,
+                    },
+                    0,
+                ),
                 _ => {
                     let start = m.extents.len() as u32;
                     let mut size = 0;
                     for (hole, len) in extents {
                         let chunk = (!hole).then_some(len % n_chunks as u32);
-                        m.extents.push(Extent { chunk, offset: 0, len: u64::from(len) });
+                        m.extents.push(Extent {
+                            chunk,
+                            offset: 0,
+                            len: u64::from(len),
+                        });
                         size += u64::from(len);
                     }
                     first_file.get_or_insert((i, size));
-                    node(0, &name, NodeKind::File { extents: start..m.extents.len() as u32 }, size)
+                    node(
+                        0,
+                        &name,
+                        NodeKind::File {
+                            extents: start..m.extents.len() as u32,
+                        },
+                        size,
+                    )
                 }
             };
             m.nodes.push(n);

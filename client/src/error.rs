@@ -1,0 +1,62 @@
+//! The client's error type.
+
+use std::path::PathBuf;
+use thaw_format::{Digest, FrameError, ManifestError};
+
+/// Everything that can go wrong in push, export, inspect and mount.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid image reference {0:?}: expected [http://]HOST:PORT/NAME:TAG or HOST:PORT/NAME@blake3:<hex>")]
+    BadRef(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach the chunk server at {url}: is `thaw serve` running?")]
+    Unreachable { url: String, source: reqwest::Error },
+    #[error("chunk server answered {status} for {what}: {message}")]
+    Status {
+        status: u16,
+        what: String,
+        message: String,
+    },
+    #[error("{what} not found on the chunk server")]
+    NotFound { what: String },
+    #[error("chunk server refused the manifest: {} chunks are missing", missing.len())]
+    MissingChunks { missing: Vec<Digest> },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} changed while it was being pushed; push again once it is stable")]
+    Changed { path: PathBuf },
+    #[error("bad chunk {id}")]
+    Frame { id: Digest, source: FrameError },
+    #[error("bad manifest")]
+    Manifest(#[from] ManifestError),
+    #[error("gave up on {what} after {attempts} attempts")]
+    GaveUp {
+        what: String,
+        attempts: u32,
+        source: Box<ClientError>,
+    },
+}
+
+impl ClientError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        ClientError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Whether trying again may help (network trouble, server errors).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Status { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

@@ -1,0 +1,304 @@
+//! Cutting walked files into chunks: units of work, hashing, and assembling
+//! the chunk table and extents.
+//!
+//! A unit is what one worker reads and hashes at once: a fixed-size range of a
+//! large file, a whole large file under content-defined chunking, or a pack of
+//! small files that become one shared chunk. Units are hashed in parallel on
+//! all cores. Only digests are kept; the upload pass reads a chunk's bytes
+//! again (from the page cache, usually) and checks they still hash the same,
+//! which is also how a file changing under the push is caught.
+
+use super::walk::{Stamp, Walked};
+use crate::error::{ClientError, Result};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use thaw_format::{is_zero, ChunkRef, Chunking, ChunkingMode, Digest, Extent, NodeKind};
+
+/// One piece of work for a hashing worker.
+#[derive(Debug, Clone)]
+pub(crate) enum Unit {
+    Range {
+        file: u32,
+        offset: u64,
+        len: u64,
+    },
+    Cdc {
+        file: u32,
+    },
+    /// Small files packed back to back.
+    Pack {
+        files: Vec<(u32, u64)>,
+    },
+}
+
+/// A chunk found in a unit: `len` bytes at `offset` within the unit's data;
+/// `id` is `None` when they are all zeros (a hole).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Piece {
+    pub id: Option<Digest>,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// How a file's bytes map onto units.
+enum Part {
+    /// All pieces of a unit, in order.
+    Whole(usize),
+    /// `len` bytes at `offset` inside a pack unit.
+    InPack { unit: usize, offset: u64, len: u64 },
+}
+
+pub(crate) struct Plan {
+    pub units: Vec<Unit>,
+    files: Vec<(u32, Vec<Part>)>,
+}
+
+/// Splits the walked files into units.
+pub(crate) fn plan(w: &Walked, chunking: &Chunking) -> Plan {
+    let cs = u64::from(chunking.chunk_size());
+    let mut units = Vec::new();
+    let mut files = Vec::new();
+    let mut pack: Vec<(u32, u64)> = Vec::new();
+    let mut pack_len = 0u64;
+    let mut pack_parts: Vec<usize> = Vec::new(); // indices into `files` waiting for the pack's unit
+    for (i, node) in w.nodes.iter().enumerate() {
+        if !matches!(node.kind, NodeKind::File { .. }) {
+            continue;
+        }
+        let (i, size) = (i as u32, node.size);
+        if size == 0 {
+            files.push((i, Vec::new()));
+        } else if size < chunking.pack_threshold() {
+            if pack_len + size > cs {
+                flush_pack(
+                    &mut units,
+                    &mut files,
+                    &mut pack,
+                    &mut pack_len,
+                    &mut pack_parts,
+                );
+            }
+            pack_parts.push(files.len());
+            files.push((
+                i,
+                vec![Part::InPack {
+                    unit: usize::MAX,
+                    offset: pack_len,
+                    len: size,
+                }],
+            ));
+            pack.push((i, size));
+            pack_len += size;
+        } else if chunking.mode == ChunkingMode::Cdc {
+            files.push((i, vec![Part::Whole(units.len())]));
+            units.push(Unit::Cdc { file: i });
+        } else {
+            let mut parts = Vec::new();
+            for offset in (0..size).step_by(cs as usize) {
+                parts.push(Part::Whole(units.len()));
+                units.push(Unit::Range {
+                    file: i,
+                    offset,
+                    len: cs.min(size - offset),
+                });
+            }
+            files.push((i, parts));
+        }
+    }
+    flush_pack(
+        &mut units,
+        &mut files,
+        &mut pack,
+        &mut pack_len,
+        &mut pack_parts,
+    );
+    Plan { units, files }
+}
+
+fn flush_pack(
+    units: &mut Vec<Unit>,
+    files: &mut [(u32, Vec<Part>)],
+    pack: &mut Vec<(u32, u64)>,
+    pack_len: &mut u64,
+    waiting: &mut Vec<usize>,
+) {
+    if pack.is_empty() {
+        return;
+    }
+    for f in waiting.drain(..) {
+        if let Some(Part::InPack { unit, .. }) = files[f].1.first_mut() {
+            *unit = units.len();
+        }
+    }
+    units.push(Unit::Pack {
+        files: std::mem::take(pack),
+    });
+    *pack_len = 0;
+}
+
+fn open(w: &Walked, file: u32) -> Result<File> {
+    let path = &w.paths[file as usize];
+    File::open(path).map_err(|e| ClientError::io(path, e))
+}
+
+fn read_at(w: &Walked, f: &File, file: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+    f.read_exact_at(buf, offset).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ClientError::Changed {
+            path: w.paths[file as usize].clone(),
+        },
+        _ => ClientError::io(&w.paths[file as usize], e),
+    })
+}
+
+/// Reads `len` bytes at `offset` of a unit's data.
+pub(crate) fn read_unit(w: &Walked, unit: &Unit, offset: u64, len: u64) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    match unit {
+        Unit::Range {
+            file, offset: base, ..
+        } => read_at(w, &open(w, *file)?, *file, base + offset, &mut buf)?,
+        Unit::Cdc { file } => read_at(w, &open(w, *file)?, *file, offset, &mut buf)?,
+        Unit::Pack { files } => {
+            let mut at = 0usize;
+            for &(file, size) in files {
+                let end = at + size as usize;
+                read_at(w, &open(w, file)?, file, 0, &mut buf[at..end])?;
+                at = end;
+            }
+        }
+    }
+    Ok(buf)
+}
+
+fn piece(data: &[u8], offset: u64) -> Piece {
+    let id = (!is_zero(data)).then(|| Digest::of(data));
+    Piece {
+        id,
+        offset,
+        len: data.len() as u64,
+    }
+}
+
+/// Hashes one unit into its pieces.
+pub(crate) fn hash_unit(w: &Walked, unit: &Unit, chunking: &Chunking) -> Result<Vec<Piece>> {
+    match unit {
+        Unit::Range { len, .. } => Ok(vec![piece(&read_unit(w, unit, 0, *len)?, 0)]),
+        Unit::Pack { files } => {
+            let len = files.iter().map(|f| f.1).sum();
+            Ok(vec![piece(&read_unit(w, unit, 0, len)?, 0)])
+        }
+        Unit::Cdc { file } => {
+            let path = &w.paths[*file as usize];
+            let f = std::io::BufReader::with_capacity(1 << 20, open(w, *file)?);
+            let mut pieces = Vec::new();
+            let mut total = 0;
+            for c in thaw_format::cdc_stream(f, chunking) {
+                let (offset, data) = c.map_err(|e| ClientError::io(path, e))?;
+                total += data.len() as u64;
+                pieces.push(piece(&data, offset));
+            }
+            if total != w.nodes[*file as usize].size {
+                return Err(ClientError::Changed { path: path.clone() });
+            }
+            Ok(pieces)
+        }
+    }
+}
+
+/// Hashes every unit on all cores.
+pub(crate) fn hash_all(
+    w: &Walked,
+    plan: &Plan,
+    chunking: &Chunking,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<Vec<Piece>>> {
+    let pieces = plan
+        .units
+        .par_iter()
+        .map(|u| {
+            let p = hash_unit(w, u, chunking)?;
+            progress(p.iter().map(|p| p.len).sum());
+            Ok(p)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // A file that changed after it was walked would give torn data.
+    for (&file, stamp) in &w.stamps {
+        let path = &w.paths[file as usize];
+        let md = std::fs::symlink_metadata(path).map_err(|e| ClientError::io(path, e))?;
+        if Stamp::of(&md) != *stamp {
+            return Err(ClientError::Changed { path: path.clone() });
+        }
+    }
+    Ok(pieces)
+}
+
+/// The chunk table, with where to read each chunk again: (unit, piece).
+pub(crate) struct Assembled {
+    pub chunks: Vec<ChunkRef>,
+    pub sources: Vec<(usize, Piece)>,
+}
+
+/// Fills in file extents on the walked nodes and builds the deduplicated chunk table.
+pub(crate) fn assemble(
+    w: &mut Walked,
+    plan: &Plan,
+    pieces: &[Vec<Piece>],
+) -> (Assembled, Vec<Extent>) {
+    let mut out = Assembled {
+        chunks: Vec::new(),
+        sources: Vec::new(),
+    };
+    let mut index: HashMap<Digest, u32> = HashMap::new();
+    let mut chunk_of = |unit: usize, p: &Piece, out: &mut Assembled| -> Option<u32> {
+        let id = p.id?;
+        Some(*index.entry(id).or_insert_with(|| {
+            out.chunks.push(ChunkRef {
+                id,
+                len: p.len as u32,
+            });
+            out.sources.push((unit, *p));
+            out.chunks.len() as u32 - 1
+        }))
+    };
+    let mut extents: Vec<Extent> = Vec::new();
+    for (file, parts) in &plan.files {
+        let start = extents.len() as u32;
+        // Adjacent holes of one file merge into one extent.
+        let push = |e: Extent, extents: &mut Vec<Extent>| {
+            let mergeable = extents.len() as u32 > start && e.chunk.is_none();
+            match extents.last_mut() {
+                Some(last) if mergeable && last.chunk.is_none() => last.len += e.len,
+                _ => extents.push(e),
+            }
+        };
+        for part in parts {
+            match *part {
+                Part::Whole(unit) => {
+                    for p in &pieces[unit] {
+                        let chunk = chunk_of(unit, p, &mut out);
+                        push(
+                            Extent {
+                                chunk,
+                                offset: 0,
+                                len: p.len,
+                            },
+                            &mut extents,
+                        );
+                    }
+                }
+                Part::InPack { unit, offset, len } => {
+                    let p = &pieces[unit][0];
+                    let chunk = chunk_of(unit, p, &mut out);
+                    let offset = if chunk.is_some() { offset as u32 } else { 0 };
+                    push(Extent { chunk, offset, len }, &mut extents);
+                }
+            }
+        }
+        w.nodes[*file as usize].kind = NodeKind::File {
+            extents: start..extents.len() as u32,
+        };
+    }
+    (out, extents)
+}

@@ -1,0 +1,359 @@
+//! HTTP client for the chunk server API (`docs/api.md`).
+//!
+//! One `reqwest::Client` per [`Remote`] keeps HTTP/1.1 keep-alive connections
+//! pooled, so concurrent fetches reuse warm connections. Transient failures
+//! (connection refused, 5xx) are retried with exponential backoff until the
+//! [`RetryPolicy`]'s deadline; client errors (4xx) are returned at once.
+
+use crate::error::{ClientError, Result};
+use crate::reference::{ImageRef, Selector};
+use bytes::Bytes;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use thaw_format::{Digest, Manifest};
+
+/// How long and how often to retry transient failures.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    /// Give up once this much time has passed since the first attempt.
+    pub deadline: Duration,
+    pub first_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 6,
+            deadline: Duration::from_secs(30),
+            first_backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A chunk server.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+    pub retry: RetryPolicy,
+}
+
+/// Most ids one `missing` request carries.
+pub const MISSING_BATCH: usize = 10_000;
+/// Most ids one batch read carries.
+pub const READ_BATCH: usize = 1024;
+
+impl Remote {
+    pub fn new(base: &str, token: Option<String>) -> Result<Remote> {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(120))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| ClientError::Unreachable {
+                url: base.to_owned(),
+                source: e,
+            })?;
+        Ok(Remote {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            http,
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    pub fn for_ref(r: &ImageRef, token: Option<String>) -> Result<Remote> {
+        Remote::new(&r.server, token)
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.request(method, format!("{}{}", self.base, path));
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    /// Sends a request built by `build`, retrying transient failures.
+    async fn send(
+        &self,
+        what: &str,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response> {
+        self.retrying(what, || async {
+            let resp = build().send().await.map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                source: e,
+            })?;
+            check(resp, what).await
+        })
+        .await
+    }
+
+    /// Runs `op` until it succeeds, fails permanently, or the policy runs out.
+    pub async fn retrying<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let start = Instant::now();
+        let mut backoff = self.retry.first_backoff;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) if !e.is_transient() => return Err(e),
+                Err(e) => {
+                    if attempt >= self.retry.attempts
+                        || start.elapsed() + backoff > self.retry.deadline
+                    {
+                        if attempt == 1 {
+                            return Err(e);
+                        }
+                        return Err(ClientError::GaveUp {
+                            what: what.to_owned(),
+                            attempts: attempt,
+                            source: Box::new(e),
+                        });
+                    }
+                    tracing::debug!(what, attempt, error = %e, "retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Resolves a reference to a manifest digest.
+    pub async fn resolve(&self, r: &ImageRef) -> Result<Digest> {
+        match &r.selector {
+            Selector::Digest(d) => Ok(*d),
+            Selector::Tag(tag) => {
+                let what = format!("tag {}:{}", r.name, tag);
+                let path = format!("/v1/tags/{}/{}", r.name, tag);
+                let resp = self
+                    .send(&what, || self.req(reqwest::Method::GET, &path))
+                    .await?;
+                let text = resp.text().await.map_err(|e| ClientError::Unreachable {
+                    url: self.base.clone(),
+                    source: e,
+                })?;
+                text.trim().parse().map_err(|_| ClientError::Status {
+                    status: 200,
+                    what,
+                    message: format!(
+                        "not a digest: {:?}",
+                        text.chars().take(80).collect::<String>()
+                    ),
+                })
+            }
+        }
+    }
+
+    /// Fetches a manifest's bytes and checks them against `digest`.
+    pub async fn manifest(&self, digest: &Digest) -> Result<(Manifest, Bytes)> {
+        let path = format!("/v1/manifests/{digest}");
+        let what = format!("manifest {digest}");
+        let bytes = self.get_bytes(&what, &path).await?;
+        let m = Manifest::decode_verified(&bytes, digest)?;
+        Ok((m, bytes))
+    }
+
+    /// Resolves and fetches the image a reference names.
+    pub async fn image(&self, r: &ImageRef) -> Result<(Digest, Manifest, Bytes)> {
+        let digest = self.resolve(r).await?;
+        let (m, bytes) = self.manifest(&digest).await?;
+        Ok((digest, m, bytes))
+    }
+
+    async fn get_bytes(&self, what: &str, path: &str) -> Result<Bytes> {
+        self.retrying(what, || async {
+            let resp = self
+                .req(reqwest::Method::GET, path)
+                .send()
+                .await
+                .map_err(|e| ClientError::Unreachable {
+                    url: self.base.clone(),
+                    source: e,
+                })?;
+            let resp = check(resp, what).await?;
+            resp.bytes().await.map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                source: e,
+            })
+        })
+        .await
+    }
+
+    /// The frame of one chunk (not yet verified).
+    pub async fn chunk(&self, id: &Digest) -> Result<Bytes> {
+        self.get_bytes(&format!("chunk {id}"), &format!("/v1/chunks/{id}"))
+            .await
+    }
+
+    /// The stored frame length of one chunk, by HEAD.
+    pub async fn chunk_stored_len(&self, id: &Digest) -> Result<u64> {
+        let path = format!("/v1/chunks/{id}");
+        let resp = self
+            .send(&format!("chunk {id}"), || {
+                self.req(reqwest::Method::HEAD, &path)
+            })
+            .await?;
+        Ok(resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Frames of many chunks in one request; `None` for chunks the server lacks.
+    pub async fn chunks(&self, ids: &[Digest]) -> Result<Vec<(Digest, Option<Bytes>)>> {
+        let body = serde_json::json!({ "ids": ids });
+        let what = format!("batch of {} chunks", ids.len());
+        let bytes = self
+            .retrying(&what, || async {
+                let resp = self
+                    .req(reqwest::Method::POST, "/v1/chunks/batch")
+                    .json(&body)
+                    .send()
+                    .await
+                    .map_err(|e| ClientError::Unreachable {
+                        url: self.base.clone(),
+                        source: e,
+                    })?;
+                let resp = check(resp, &what).await?;
+                resp.bytes().await.map_err(|e| ClientError::Unreachable {
+                    url: self.base.clone(),
+                    source: e,
+                })
+            })
+            .await?;
+        parse_batch(bytes, ids.len()).ok_or_else(|| ClientError::Status {
+            status: 200,
+            what,
+            message: "malformed batch response".into(),
+        })
+    }
+
+    /// The ids among `ids` that the server does not store.
+    pub async fn missing(&self, ids: &[Digest]) -> Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        for batch in ids.chunks(MISSING_BATCH) {
+            let body = serde_json::json!({ "ids": batch });
+            let resp = self
+                .send("missing-chunk query", || {
+                    self.req(reqwest::Method::POST, "/v1/chunks/missing")
+                        .json(&body)
+                })
+                .await?;
+            #[derive(serde::Deserialize)]
+            struct Missing {
+                missing: Vec<Digest>,
+            }
+            let m: Missing = resp.json().await.map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                source: e,
+            })?;
+            out.extend(m.missing);
+        }
+        Ok(out)
+    }
+
+    /// Uploads one frame.
+    pub async fn put_chunk(&self, id: &Digest, frame: Bytes) -> Result<()> {
+        let path = format!("/v1/chunks/{id}");
+        self.send(&format!("upload of chunk {id}"), || {
+            self.req(reqwest::Method::PUT, &path).body(frame.clone())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Uploads a manifest; the server refuses it while chunks are missing.
+    pub async fn put_manifest(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
+        let path = format!("/v1/manifests/{digest}");
+        let what = format!("upload of manifest {digest}");
+        let resp = self
+            .req(reqwest::Method::PUT, &path)
+            .body(bytes.clone())
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                source: e,
+            })?;
+        if resp.status() == reqwest::StatusCode::CONFLICT {
+            #[derive(serde::Deserialize)]
+            struct Conflict {
+                #[serde(default)]
+                missing: Vec<Digest>,
+            }
+            let c: Conflict = resp.json().await.unwrap_or(Conflict {
+                missing: Vec::new(),
+            });
+            return Err(ClientError::MissingChunks { missing: c.missing });
+        }
+        check(resp, &what).await?;
+        Ok(())
+    }
+
+    /// Points `name:tag` at a manifest.
+    pub async fn put_tag(&self, name: &str, tag: &str, digest: &Digest) -> Result<()> {
+        let path = format!("/v1/tags/{name}/{tag}");
+        let body = digest.to_string();
+        self.send(&format!("tag {name}:{tag}"), || {
+            self.req(reqwest::Method::PUT, &path).body(body.clone())
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// Turns non-2xx answers into errors carrying the server's message.
+async fn check(resp: reqwest::Response, what: &str) -> Result<reqwest::Response> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    if status == reqwest::StatusCode::NOT_FOUND {
+        return Err(ClientError::NotFound {
+            what: what.to_owned(),
+        });
+    }
+    let body = resp.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| body.chars().take(200).collect());
+    Err(ClientError::Status {
+        status: status.as_u16(),
+        what: what.to_owned(),
+        message,
+    })
+}
+
+/// Parses the batch wire format: per id, 32 id bytes, a status byte, a u32 LE
+/// length and the frame.
+fn parse_batch(bytes: Bytes, expected: usize) -> Option<Vec<(Digest, Option<Bytes>)>> {
+    let mut out = Vec::with_capacity(expected);
+    let mut pos = 0usize;
+    while pos < bytes.len() {
+        let head = bytes.get(pos..pos + 37)?;
+        let id = Digest(head[..32].try_into().ok()?);
+        let status = head[32];
+        let len = u32::from_le_bytes(head[33..37].try_into().ok()?) as usize;
+        pos += 37;
+        let frame = bytes.get(pos..pos.checked_add(len)?)?;
+        pos += len;
+        out.push((id, (status == 0).then(|| bytes.slice_ref(frame))));
+    }
+    (out.len() == expected).then_some(out)
+}

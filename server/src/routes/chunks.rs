@@ -1,0 +1,176 @@
+//! Chunk routes: single reads and writes, the missing list, batch reads.
+//!
+//! A chunk is stored as the frame the client uploaded, after the server has
+//! decoded it and checked its BLAKE3 digest against the id in the URL, so the
+//! store never holds a frame that does not match its name. Reads go through
+//! the hot cache, which also takes every accepted upload (a fresh push is
+//! usually followed by pulls of the same chunks).
+
+use super::{blocking, immutable, immutable_head, parse_digest, AppState, JsonBody, Param, RawBody, Shared};
+use super::{BATCH_MAX_IDS, MISSING_MAX_IDS};
+use crate::error::ApiError;
+use crate::layout;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{stream, StreamExt, TryStreamExt};
+use thaw_format::frame::{self, FrameError};
+use thaw_format::Digest;
+
+/// Store requests in flight for one missing-list request.
+const EXISTS_CONCURRENCY: usize = 64;
+/// Frames fetched ahead for one batch read: bounds its memory to this many
+/// frames beyond what the socket has taken.
+const BATCH_CONCURRENCY: usize = 16;
+/// Batch record status bytes.
+const RECORD_FOUND: u8 = 0;
+const RECORD_NOT_FOUND: u8 = 1;
+
+impl AppState {
+    /// The frame of `id`, from the hot cache or the store (then cached).
+    pub(crate) async fn read_chunk(&self, id: &Digest) -> Result<Option<Bytes>, ApiError> {
+        if let Some(frame) = self.cache.get(id) {
+            self.metrics.cache_hit();
+            return Ok(Some(frame));
+        }
+        self.metrics.cache_miss();
+        let frame = layout::get(&*self.store, &layout::chunk_path(id)).await.map_err(ApiError::store)?;
+        if let Some(frame) = &frame {
+            self.cache.insert(*id, frame.clone());
+        }
+        Ok(frame)
+    }
+
+    pub(crate) async fn chunk_exists(&self, id: &Digest) -> Result<bool, ApiError> {
+        if self.cache.contains(id) {
+            return Ok(true);
+        }
+        let size = layout::size(&*self.store, &layout::chunk_path(id)).await.map_err(ApiError::store)?;
+        Ok(size.is_some())
+    }
+
+    /// The ids among `ids` that are not stored, in order.
+    pub(crate) async fn missing_chunks(&self, ids: Vec<Digest>) -> Result<Vec<Digest>, ApiError> {
+        let present: Vec<bool> = stream::iter(ids.iter().copied())
+            .map(|id| async move { self.chunk_exists(&id).await })
+            .buffered(EXISTS_CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(ids.into_iter().zip(present).filter(|(_, present)| !present).map(|(id, _)| id).collect())
+    }
+}
+
+pub(super) async fn get(State(state): State<Shared>, Param(raw): Param<String>) -> Result<Response, ApiError> {
+    let id = parse_digest(&raw)?;
+    let frame = state.read_chunk(&id).await?.ok_or_else(|| ApiError::not_found(format!("chunk {id}")))?;
+    state.metrics.chunk_served();
+    Ok(immutable(&id, frame))
+}
+
+pub(super) async fn head(State(state): State<Shared>, Param(raw): Param<String>) -> Result<Response, ApiError> {
+    let id = parse_digest(&raw)?;
+    let len = match state.cache.peek_len(&id) {
+        Some(len) => Some(len),
+        None => layout::size(&*state.store, &layout::chunk_path(&id)).await.map_err(ApiError::store)?,
+    };
+    let len = len.ok_or_else(|| ApiError::not_found(format!("chunk {id}")))?;
+    Ok(immutable_head(&id, len))
+}
+
+pub(super) async fn put(
+    State(state): State<Shared>,
+    Param(raw): Param<String>,
+    RawBody(frame): RawBody,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_digest(&raw)?;
+    let body = frame.clone();
+    blocking(move || frame::decode_verified(&body, &id).map(drop)).await?.map_err(|e| match e {
+        FrameError::DigestMismatch { .. } => ApiError::digest_mismatch(e),
+        e => ApiError::new(StatusCode::BAD_REQUEST, "bad_frame", format!("{e}: upload a thaw chunk frame")),
+    })?;
+    if state.chunk_exists(&id).await? {
+        return Ok(StatusCode::OK);
+    }
+    let path = layout::chunk_path(&id);
+    state.store.put(&path, frame.clone().into()).await.map_err(ApiError::store)?;
+    state.cache.insert(id, frame);
+    tracing::debug!(%id, "chunk stored");
+    Ok(StatusCode::CREATED)
+}
+
+/// The body of `POST /v1/chunks/missing` and `POST /v1/chunks/batch`.
+#[derive(serde::Deserialize)]
+pub(super) struct IdList {
+    ids: Vec<String>,
+}
+
+impl IdList {
+    fn parse(&self, max: usize) -> Result<Vec<Digest>, ApiError> {
+        if self.ids.len() > max {
+            return Err(ApiError::too_large(format!(
+                "{} ids in one request; send at most {max} per request",
+                self.ids.len()
+            )));
+        }
+        self.ids.iter().map(|raw| parse_digest(raw)).collect()
+    }
+}
+
+#[derive(serde::Serialize)]
+pub(super) struct Missing {
+    missing: Vec<Digest>,
+}
+
+pub(super) async fn missing(
+    State(state): State<Shared>,
+    JsonBody(list): JsonBody<IdList>,
+) -> Result<Json<Missing>, ApiError> {
+    let ids = list.parse(MISSING_MAX_IDS)?;
+    Ok(Json(Missing { missing: state.missing_chunks(ids).await? }))
+}
+
+/// Streams one record per requested id, in request order: the 32 raw id
+/// bytes, a status byte, the frame length (u32 LE, 0 if not found) and the
+/// frame. A store failure mid-stream aborts the response, which the client
+/// sees as a truncated body.
+pub(super) async fn batch(State(state): State<Shared>, JsonBody(list): JsonBody<IdList>) -> Result<Response, ApiError> {
+    let ids = list.parse(BATCH_MAX_IDS)?;
+    let records = stream::iter(ids)
+        .map(move |id| {
+            let state = state.clone();
+            async move {
+                let frame = state.read_chunk(&id).await.map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+                let parts = record(&id, frame.as_ref());
+                if frame.is_some() {
+                    state.metrics.chunk_served();
+                }
+                state.metrics.bytes_out(parts.iter().map(|p| p.len() as u64).sum());
+                Ok::<_, std::io::Error>(stream::iter(parts.into_iter().map(Ok::<_, std::io::Error>)))
+            }
+        })
+        .buffered(BATCH_CONCURRENCY)
+        .try_flatten();
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(records)).into_response())
+}
+
+/// The record of `id`: its header, then its frame if there is one.
+fn record(id: &Digest, frame: Option<&Bytes>) -> Vec<Bytes> {
+    let mut head = BytesMut::with_capacity(37);
+    head.put_slice(&id.0);
+    match frame {
+        Some(frame) => {
+            head.put_u8(RECORD_FOUND);
+            // Frames are bounded by the upload limit, far below 4 GiB.
+            head.put_u32_le(frame.len() as u32);
+            vec![head.freeze(), frame.clone()]
+        }
+        None => {
+            head.put_u8(RECORD_NOT_FOUND);
+            head.put_u32_le(0);
+            vec![head.freeze()]
+        }
+    }
+}

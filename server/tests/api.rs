@@ -1,0 +1,495 @@
+//! The HTTP API, driven over real TCP against in-memory and directory stores.
+
+use object_store::ObjectStore;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use thaw_format::{frame, ChunkRef, Digest, Extent, Manifest, Node, NodeKind};
+use thaw_server::{open_store, router, run, ServerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct Server {
+    base: String,
+    http: reqwest::Client,
+    token: Option<String>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    async fn start(store: Arc<dyn ObjectStore>, config: ServerConfig) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = router(store, &config);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Server { base, http: reqwest::Client::new(), token: None, stop: Some(stop), task }
+    }
+
+    async fn memory() -> Server {
+        Server::start(open_store("memory://").unwrap(), ServerConfig::default()).await
+    }
+
+    /// Requests from now on send `token` (or none).
+    fn with_token(&mut self, token: Option<&str>) -> &mut Self {
+        self.token = token.map(str::to_owned);
+        self
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    async fn send(&self, method: Method, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.request(method, path).body(body).send().await.unwrap()
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.request(Method::GET, path).send().await.unwrap()
+    }
+
+    async fn put_chunk(&self, data: &[u8]) -> (Digest, StatusCode) {
+        let id = Digest::of(data);
+        let status = self.send(Method::PUT, &format!("/v1/chunks/{id}"), frame::encode(data, 3)).await.status();
+        (id, status)
+    }
+
+    async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.request(Method::POST, path).json(body).send().await.unwrap()
+    }
+
+    async fn metric(&self, line_prefix: &str) -> u64 {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_prefix).and_then(|rest| rest.strip_prefix(' ')))
+            .map_or(0, |v| v.parse().unwrap())
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap();
+    }
+}
+
+/// Asserts the status and the JSON error code of a refused request.
+async fn assert_error(response: reqwest::Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], code, "{body}");
+    assert!(!body["message"].as_str().unwrap().is_empty());
+    body
+}
+
+/// A manifest of one file made of the chunk `data`.
+fn manifest_of(data: &[u8]) -> (Vec<u8>, Digest) {
+    let len = data.len() as u64;
+    let node = |name: &[u8], kind, mode, size| Node {
+        parent: 0,
+        name: name.to_vec(),
+        kind,
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime_ns: 0,
+        size,
+        xattrs: 0..0,
+    };
+    let manifest = Manifest {
+        chunk_size: 1 << 20,
+        chunks: vec![ChunkRef { id: Digest::of(data), len: len as u32, stored_len: frame::encode(data, 3).len() as u32 }],
+        nodes: vec![
+            node(b"", NodeKind::Dir { children: 1..2 }, 0o40755, 0),
+            node(b"f", NodeKind::File { extents: 0..1 }, 0o100644, len),
+        ],
+        extents: vec![Extent { chunk: Some(0), offset: 0, len }],
+        xattrs: vec![],
+    };
+    let bytes = manifest.encode();
+    let digest = Digest::of(&bytes);
+    (bytes, digest)
+}
+
+async fn chunk_round_trip(server: &Server) {
+    let data = b"hello chunk ".repeat(1000);
+    let (id, status) = server.put_chunk(&data).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, again) = server.put_chunk(&data).await;
+    assert_eq!(again, StatusCode::OK, "a second upload is idempotent");
+
+    let response = server.get(&format!("/v1/chunks/{id}")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers().clone();
+    assert_eq!(headers["content-type"], "application/octet-stream");
+    assert_eq!(headers["cache-control"], "public, max-age=31536000, immutable");
+    assert_eq!(headers["etag"].to_str().unwrap(), format!("\"{id}\""));
+    let body = response.bytes().await.unwrap();
+    assert_eq!(body.as_ref(), frame::encode(&data, 3), "the frame is served as uploaded");
+    assert_eq!(frame::decode_verified(&body, &id).unwrap(), data);
+
+    let head = server.request(Method::HEAD, &format!("/v1/chunks/{id}")).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(head.headers()["content-length"].to_str().unwrap(), body.len().to_string());
+    assert_eq!(head.headers()["etag"], headers["etag"]);
+
+    let absent = Digest::of(b"absent");
+    assert_error(server.get(&format!("/v1/chunks/{absent}")).await, StatusCode::NOT_FOUND, "not_found").await;
+    let head = server.request(Method::HEAD, &format!("/v1/chunks/{absent}")).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn chunk_round_trip_in_memory() {
+    let server = Server::memory().await;
+    chunk_round_trip(&server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn chunk_round_trip_in_a_directory_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&format!("file://{}", dir.path().join("store").display())).unwrap();
+    // No hot cache: every read goes to the directory.
+    let server = Server::start(store, ServerConfig { cache_mem: 0, ..ServerConfig::default() }).await;
+    chunk_round_trip(&server).await;
+    let id = Digest::of(&b"hello chunk ".repeat(1000)).to_hex();
+    let stored = dir.path().join("store/chunks").join(&id[..2]).join(&id);
+    assert!(stored.is_file(), "chunk laid out as chunks/<2 hex>/<64 hex>");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_uploads_are_refused_and_not_stored() {
+    let server = Server::memory().await;
+    let claimed = Digest::of(b"what the client claims");
+    let path = format!("/v1/chunks/{claimed}");
+    let response = server.send(Method::PUT, &path, frame::encode(b"something else", 3)).await;
+    assert_error(response, StatusCode::BAD_REQUEST, "digest_mismatch").await;
+    assert_error(server.get(&path).await, StatusCode::NOT_FOUND, "not_found").await;
+
+    let response = server.send(Method::PUT, &path, b"not a frame at all".to_vec()).await;
+    assert_error(response, StatusCode::BAD_REQUEST, "bad_frame").await;
+    let mut truncated = frame::encode(&[9u8; 5000], 3);
+    truncated.truncate(truncated.len() - 1);
+    let response = server.send(Method::PUT, &path, truncated).await;
+    assert_error(response, StatusCode::BAD_REQUEST, "bad_frame").await;
+    assert_error(server.get(&path).await, StatusCode::NOT_FOUND, "not_found").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn missing_lists_unstored_ids_in_request_order() {
+    let server = Server::memory().await;
+    let (stored, _) = server.put_chunk(b"stored").await;
+    let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+    let body = json!({ "ids": [b, stored, a, b] });
+    let response = server.post_json("/v1/chunks/missing", &body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let reply: Value = response.json().await.unwrap();
+    assert_eq!(reply, json!({ "missing": [b.to_string(), a.to_string(), b.to_string()] }));
+
+    let reply: Value = server.post_json("/v1/chunks/missing", &json!({ "ids": [] })).await.json().await.unwrap();
+    assert_eq!(reply, json!({ "missing": [] }));
+    server.stop().await;
+}
+
+/// Parses a batch response into (id, frame if found) records.
+fn parse_batch(mut body: &[u8]) -> Vec<(Digest, Option<Vec<u8>>)> {
+    let mut records = Vec::new();
+    while !body.is_empty() {
+        let id = Digest(body[..32].try_into().unwrap());
+        let status = body[32];
+        let len = u32::from_le_bytes(body[33..37].try_into().unwrap()) as usize;
+        body = &body[37..];
+        match status {
+            0 => {
+                records.push((id, Some(body[..len].to_vec())));
+                body = &body[len..];
+            }
+            1 => {
+                assert_eq!(len, 0);
+                records.push((id, None));
+            }
+            other => panic!("bad record status {other}"),
+        }
+    }
+    records
+}
+
+#[tokio::test]
+async fn batch_reads_found_and_missing_ids_in_order() {
+    let server = Server::memory().await;
+    let (x, _) = server.put_chunk(b"chunk x").await;
+    let (y, _) = server.put_chunk(&[7u8; 100_000]).await;
+    let absent = Digest::of(b"absent");
+    let served_before = server.metric("thaw_chunks_served_total").await;
+
+    let response = server.post_json("/v1/chunks/batch", &json!({ "ids": [x, absent, y, x] })).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/octet-stream");
+    let records = parse_batch(&response.bytes().await.unwrap());
+    let ids: Vec<_> = records.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [x, absent, y, x]);
+    assert_eq!(records[0].1.as_deref(), Some(&frame::encode(b"chunk x", 3)[..]));
+    assert_eq!(records[1].1, None);
+    assert_eq!(frame::decode_verified(records[2].1.as_ref().unwrap(), &y).unwrap(), [7u8; 100_000]);
+
+    let served_after = server.metric("thaw_chunks_served_total").await;
+    assert_eq!(served_after - served_before, 3, "each found record counts as a chunk served");
+    server.stop().await;
+}
+
+async fn manifest_needs_its_chunks(server: &Server) {
+    let data = b"file contents".repeat(100);
+    let (bytes, digest) = manifest_of(&data);
+    let path = format!("/v1/manifests/{digest}");
+
+    let body = assert_error(server.send(Method::PUT, &path, bytes.clone()).await, StatusCode::CONFLICT, "missing_chunks").await;
+    assert_eq!(body["missing"], json!([Digest::of(&data).to_string()]));
+    assert_error(server.get(&path).await, StatusCode::NOT_FOUND, "not_found").await;
+
+    server.put_chunk(&data).await;
+    assert_eq!(server.send(Method::PUT, &path, bytes.clone()).await.status(), StatusCode::CREATED);
+    assert_eq!(server.send(Method::PUT, &path, bytes.clone()).await.status(), StatusCode::OK);
+
+    let response = server.get(&path).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["cache-control"], "public, max-age=31536000, immutable");
+    assert_eq!(response.bytes().await.unwrap().as_ref(), bytes);
+    let head = server.request(Method::HEAD, &path).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(head.headers()["content-length"].to_str().unwrap(), bytes.len().to_string());
+
+    let other = Digest::of(b"other");
+    let response = server.send(Method::PUT, &format!("/v1/manifests/{other}"), bytes).await;
+    assert_error(response, StatusCode::BAD_REQUEST, "digest_mismatch").await;
+    let junk = b"junk".to_vec();
+    let response = server.send(Method::PUT, &format!("/v1/manifests/{}", Digest::of(&junk)), junk).await;
+    assert_error(response, StatusCode::BAD_REQUEST, "bad_manifest").await;
+}
+
+#[tokio::test]
+async fn manifest_needs_its_chunks_in_memory() {
+    let server = Server::memory().await;
+    manifest_needs_its_chunks(&server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn manifest_needs_its_chunks_in_a_directory_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(open_store(dir.path().to_str().unwrap()).unwrap(), ServerConfig::default()).await;
+    manifest_needs_its_chunks(&server).await;
+    server.stop().await;
+}
+
+async fn tags_point_at_stored_manifests(server: &Server) {
+    let data = b"tagged".to_vec();
+    let (bytes, digest) = manifest_of(&data);
+    let response = server.send(Method::PUT, "/v1/tags/py/3.12", digest.to_string()).await;
+    assert_error(response, StatusCode::CONFLICT, "unknown_manifest").await;
+
+    server.put_chunk(&data).await;
+    server.send(Method::PUT, &format!("/v1/manifests/{digest}"), bytes).await;
+    for tag in ["3.12", "3.11", "latest"] {
+        let response = server.send(Method::PUT, &format!("/v1/tags/py/{tag}"), format!(" {digest}\n")).await;
+        assert_eq!(response.status(), StatusCode::OK, "{tag}");
+    }
+    let response = server.get("/v1/tags/py/3.12").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["cache-control"], "no-cache");
+    assert_eq!(response.text().await.unwrap(), digest.to_string());
+    assert_error(server.get("/v1/tags/py/3.13").await, StatusCode::NOT_FOUND, "not_found").await;
+
+    let list: Value = server.get("/v1/tags/py").await.json().await.unwrap();
+    let d = digest.to_string();
+    let expected = json!({ "name": "py", "tags": [
+        { "tag": "3.11", "manifest": d }, { "tag": "3.12", "manifest": d }, { "tag": "latest", "manifest": d },
+    ]});
+    assert_eq!(list, expected);
+    let empty: Value = server.get("/v1/tags/nothing").await.json().await.unwrap();
+    assert_eq!(empty, json!({ "name": "nothing", "tags": [] }));
+
+    for bad in ["/v1/tags/py/.hidden", "/v1/tags/-py/x", "/v1/tags/py/a%2Fb", "/v1/tags/py/a%20b"] {
+        assert_error(server.send(Method::PUT, bad, d.clone()).await, StatusCode::BAD_REQUEST, "bad_name").await;
+    }
+    let response = server.send(Method::PUT, "/v1/tags/py/x", "sha256:abc").await;
+    assert_error(response, StatusCode::BAD_REQUEST, "bad_id").await;
+}
+
+#[tokio::test]
+async fn tags_point_at_stored_manifests_in_memory() {
+    let server = Server::memory().await;
+    tags_point_at_stored_manifests(&server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn tags_point_at_stored_manifests_in_a_directory_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(open_store(dir.path().to_str().unwrap()).unwrap(), ServerConfig::default()).await;
+    tags_point_at_stored_manifests(&server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_are_enforced() {
+    let config = ServerConfig {
+        push_token: Some("push-secret".into()),
+        pull_token: Some("pull-secret".into()),
+        ..ServerConfig::default()
+    };
+    let mut server = Server::start(open_store("memory://").unwrap(), config).await;
+    let data = b"guarded";
+    let id = Digest::of(data);
+    let chunk = format!("/v1/chunks/{id}");
+
+    let health = server.get("/v1/health").await;
+    assert_eq!(health.status(), StatusCode::OK);
+    assert_eq!(health.json::<Value>().await.unwrap(), json!({ "status": "ok" }));
+    let response = server.send(Method::PUT, &chunk, frame::encode(data, 3)).await;
+    let refused = assert_error(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    assert!(refused["message"].as_str().unwrap().contains("Bearer"));
+    assert_error(server.get(&chunk).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    assert_error(server.get("/metrics").await, StatusCode::UNAUTHORIZED, "unauthorized").await;
+
+    server.with_token(Some("pull-secret"));
+    assert_error(server.get(&chunk).await, StatusCode::NOT_FOUND, "not_found").await;
+    assert_eq!(server.put_chunk(data).await.1, StatusCode::UNAUTHORIZED, "the pull token cannot push");
+    let response = server.post_json("/v1/chunks/missing", &json!({ "ids": [id] })).await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(server.post_json("/v1/chunks/batch", &json!({ "ids": [id] })).await.status(), StatusCode::OK);
+    assert_eq!(server.get("/metrics").await.status(), StatusCode::OK);
+
+    server.with_token(Some("pull-secreT"));
+    assert_eq!(server.get(&chunk).await.status(), StatusCode::UNAUTHORIZED);
+
+    server.with_token(Some("push-secret"));
+    assert_eq!(server.put_chunk(data).await.1, StatusCode::CREATED);
+    assert_eq!(server.get(&chunk).await.status(), StatusCode::OK, "the push token also pulls");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_requests_get_413() {
+    let config = ServerConfig { max_body: 1024, ..ServerConfig::default() };
+    let server = Server::start(open_store("memory://").unwrap(), config).await;
+    let digest = Digest::of(b"x");
+    let response = server.send(Method::PUT, &format!("/v1/manifests/{digest}"), vec![0u8; 4096]).await;
+    assert_error(response, StatusCode::PAYLOAD_TOO_LARGE, "too_large").await;
+    let response = server.send(Method::PUT, "/v1/tags/a/b", vec![b' '; 2048]).await;
+    assert_error(response, StatusCode::PAYLOAD_TOO_LARGE, "too_large").await;
+    let ids = vec![digest; 1025];
+    let response = server.post_json("/v1/chunks/batch", &json!({ "ids": ids })).await;
+    assert_error(response, StatusCode::PAYLOAD_TOO_LARGE, "too_large").await;
+    let ids = vec![digest; 100_001];
+    let response = server.post_json("/v1/chunks/missing", &json!({ "ids": ids })).await;
+    assert_error(response, StatusCode::PAYLOAD_TOO_LARGE, "too_large").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_json() {
+    let server = Server::memory().await;
+    for bad in ["nope", "blake3:abc", &format!("blake3:{}", "A".repeat(64)), "sha256:00"] {
+        assert_error(server.get(&format!("/v1/chunks/{bad}")).await, StatusCode::BAD_REQUEST, "bad_id").await;
+    }
+    let response = server.send(Method::PUT, "/v1/manifests/blake3:zz", b"x".to_vec()).await;
+    assert_error(response, StatusCode::BAD_REQUEST, "bad_id").await;
+
+    for body in ["{", "[]", "{\"ids\": 5}", "{\"ids\": [1]}", ""] {
+        let response =
+            server.request(Method::POST, "/v1/chunks/missing").body(body).send().await.unwrap();
+        assert_error(response, StatusCode::BAD_REQUEST, "bad_json").await;
+    }
+    let response = server.post_json("/v1/chunks/batch", &json!({ "ids": ["blake3:00"] })).await;
+    assert_error(response, StatusCode::BAD_REQUEST, "bad_id").await;
+
+    assert_error(server.get("/v2/whatever").await, StatusCode::NOT_FOUND, "not_found").await;
+    let response = server.send(Method::DELETE, &format!("/v1/chunks/{}", Digest::of(b"x")), "").await;
+    assert_error(response, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    assert_eq!(server.get("/v1/health").await.status(), StatusCode::OK, "still serving");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_count_requests_bytes_and_cache() {
+    let server = Server::memory().await;
+    let (id, _) = server.put_chunk(b"metered").await;
+    let frame_len = frame::encode(b"metered", 3).len() as u64;
+    let chunk = format!("/v1/chunks/{id}");
+    server.request(Method::HEAD, &chunk).send().await.unwrap();
+    let served = server.metric("thaw_chunks_served_total").await;
+    assert_eq!(served, 0, "HEAD does not serve a chunk");
+    let out_before = server.metric("thaw_http_bytes_out_total").await;
+
+    server.get(&chunk).await.bytes().await.unwrap();
+    server.get(&chunk).await.bytes().await.unwrap();
+    assert_eq!(server.metric("thaw_chunks_served_total").await, 2);
+    assert_eq!(server.metric("thaw_hot_cache_hits_total").await, 2, "uploads fill the hot cache");
+    assert_eq!(server.metric("thaw_hot_cache_bytes").await, frame_len);
+    assert_eq!(server.metric("thaw_http_bytes_in_total").await, frame_len);
+    // Two frames, plus the metrics text of the read above.
+    assert!(server.metric("thaw_http_bytes_out_total").await >= out_before + 2 * frame_len);
+    let route = "thaw_http_requests_total{route=\"/v1/chunks/{id}\",status=\"200\"}";
+    assert_eq!(server.metric(route).await, 3, "one HEAD and two GETs");
+    assert_eq!(server.metric("thaw_http_requests_total{route=\"/v1/chunks/{id}\",status=\"201\"}").await, 1);
+
+    let absent = Digest::of(b"absent");
+    server.get(&format!("/v1/chunks/{absent}")).await;
+    assert_eq!(server.metric("thaw_hot_cache_misses_total").await, 1);
+    server.get("/nowhere").await;
+    assert_eq!(server.metric("thaw_http_requests_total{route=\"unmatched\",status=\"404\"}").await, 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn run_serves_a_directory_store_until_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("new/store");
+    let config = ServerConfig { store_url: format!("file://{}", store_dir.display()), ..ServerConfig::default() };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(run(listener, config, async move {
+        let _ = stopped.await;
+    }));
+
+    let http = reqwest::Client::new();
+    let data = b"persisted".to_vec();
+    let id = Digest::of(&data);
+    let response = http.put(format!("{base}/v1/chunks/{id}")).body(frame::encode(&data, 3)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert!(store_dir.join("chunks").join(&id.to_hex()[..2]).join(id.to_hex()).is_file());
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    assert!(http.get(format!("{base}/v1/health")).send().await.is_err(), "stopped serving");
+
+    // A new server over the same directory sees what the first stored.
+    let store = open_store(&format!("file://{}", store_dir.display())).unwrap();
+    let again = Server::start(store, ServerConfig::default()).await;
+    assert_eq!(again.get(&format!("/v1/chunks/{id}")).await.status(), StatusCode::OK);
+    again.stop().await;
+}
+
+#[test]
+fn open_store_refuses_unknown_schemes() {
+    let err = open_store("ftp://host/x").err().expect("ftp is not a store");
+    assert!(err.to_string().contains("unsupported scheme"), "{err}");
+    assert!(open_store("file://relative/path").is_err());
+    assert!(open_store("memory://").is_ok());
+}
