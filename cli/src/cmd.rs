@@ -30,6 +30,87 @@ pub enum Command {
     Export(ExportArgs),
     /// Summarize an image.
     Inspect(InspectArgs),
+    /// Mount an image read-only; chunks are fetched the first time they are read.
+    Mount(MountArgs),
+    /// Unmount a thaw mount.
+    Umount(UmountArgs),
+    /// Show a mount's counters: chunks and bytes fetched, cache hits, fetch latency.
+    Stats(StatsArgs),
+    /// Serve, push, mount and read a generated image, with no setup, and report.
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Args)]
+pub struct MountArgs {
+    reference: String,
+    mountpoint: PathBuf,
+    /// Shared on-disk chunk cache [default: ~/.cache/thaw].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Byte budget of the disk cache (suffixes K, M, G); 0 disables it.
+    #[arg(long, default_value = "10G", value_parser = parse_bytes)]
+    cache_size: u64,
+    /// Byte budget of the in-memory chunk cache.
+    #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+    cache_mem: u64,
+    /// Largest readahead window on sequential reads; 0 disables readahead.
+    #[arg(long, default_value = "32M", value_parser = parse_bytes)]
+    readahead: u64,
+    /// Seconds a read retries an unreachable server before failing with EIO.
+    #[arg(long, default_value_t = 30.0)]
+    fetch_timeout: f64,
+    /// Network fetches in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Stay attached to the terminal instead of serving in the background.
+    #[arg(long)]
+    foreground: bool,
+    /// Let other users access the mount.
+    #[arg(long)]
+    allow_other: bool,
+    /// File holding the bearer token for the server.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct UmountArgs {
+    mountpoint: PathBuf,
+}
+
+#[derive(Args)]
+pub struct StatsArgs {
+    mountpoint: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses `1234`, `64K`, `512M`, `10G`, `1T` (powers of 1024).
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'B' => 1,
+                _ => return Err(format!("bad size {s:?}: use a number with K, M, G or T")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad size {s:?}: use a number with K, M, G or T"))?;
+    if !(n >= 0.0) {
+        return Err(format!("bad size {s:?}"));
+    }
+    Ok((n * mult as f64) as u64)
 }
 
 #[derive(Args)]
@@ -120,6 +201,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Push(a) => rt.block_on(push(a)),
         Command::Export(a) => rt.block_on(export(a)),
         Command::Inspect(a) => rt.block_on(inspect(a)),
+        Command::Mount(a) => mount(a, rt),
+        Command::Umount(a) => Ok(thaw_client::mount::unmount(&a.mountpoint)?),
+        Command::Stats(a) => stats(a),
+        Command::Demo(a) => crate::demo::run(a, rt),
     }
 }
 
@@ -188,7 +273,7 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -287,6 +372,149 @@ async fn inspect(a: InspectArgs) -> Result<()> {
         human(s.stored_bytes),
         s.compression_ratio,
         human(u64::from(s.chunk_size))
+    );
+    Ok(())
+}
+
+/// Set in the environment of a background mount: print "ready" once serving.
+const NOTIFY_ENV: &str = "THAW_NOTIFY_READY";
+
+fn mount(a: MountArgs, rt: tokio::runtime::Runtime) -> Result<()> {
+    if !a.mountpoint.is_dir() {
+        bail!("mountpoint {} is not a directory", a.mountpoint.display());
+    }
+    if !a.foreground {
+        return mount_in_background(&a);
+    }
+    let r = ImageRef::parse(&a.reference)?;
+    let remote = Remote::for_ref(&r, read_token(a.token_file.as_deref())?)?;
+    let opts = thaw_client::mount::MountOptions {
+        cache_dir: Some(
+            a.cache_dir
+                .clone()
+                .unwrap_or_else(thaw_client::mount::default_cache_dir),
+        ),
+        cache_size: a.cache_size,
+        cache_mem: a.cache_mem,
+        concurrency: a.concurrency,
+        readahead_max: a.readahead,
+        fetch_timeout: std::time::Duration::from_secs_f64(a.fetch_timeout.max(0.0)),
+        allow_other: a.allow_other,
+    };
+    let prepared = rt
+        .block_on(thaw_client::mount::prepare(&r, remote, &opts))
+        .with_context(|| format!("cannot mount {r}"))?;
+    let session = thaw_client::mount::mount(&prepared, &a.mountpoint, &opts, rt.handle().clone())?;
+    // The mount answers once a getattr through it succeeds.
+    std::fs::metadata(&a.mountpoint)
+        .with_context(|| format!("{} does not answer", a.mountpoint.display()))?;
+    if std::env::var_os(NOTIFY_ENV).is_some() {
+        println!("ready");
+        detach_stdout();
+    } else {
+        eprintln!(
+            "thaw: mounted {r} at {} (Ctrl-C to unmount)",
+            a.mountpoint.display()
+        );
+    }
+    rt.block_on(async {
+        let signal = shutdown_signal();
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                _ = &mut signal => break,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                    if session.guard.is_finished() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    drop(session);
+    let _ = std::fs::remove_file(thaw_client::mount::stats::socket_path(&a.mountpoint));
+    Ok(())
+}
+
+/// Points stdout at /dev/null so the parent that waited for "ready" can exit.
+fn detach_stdout() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let _ = std::io::stdout().flush();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: both descriptors are open; dup2 replaces fd 1 atomically.
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+}
+
+/// Starts `thaw mount --foreground` as a detached child and returns once it
+/// says the filesystem answers (like mount-s3), or reports why it failed.
+fn mount_in_background(a: &MountArgs) -> Result<()> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let dir = thaw_client::mount::stats::runtime_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let log_path = thaw_client::mount::stats::socket_path(&a.mountpoint).with_extension("log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    args.push("--foreground".into());
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .env(NOTIFY_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("cannot start the mount process")?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    if line.trim() == "ready" {
+        println!(
+            "mounted {} at {} (log: {})",
+            a.reference,
+            a.mountpoint.display(),
+            log_path.display()
+        );
+        return Ok(());
+    }
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    bail!("mount failed:\n{}", log.trim_end());
+}
+
+fn stats(a: StatsArgs) -> Result<()> {
+    let s = thaw_client::mount::stats::query(&a.mountpoint)?;
+    if a.json {
+        return print_json(&s);
+    }
+    println!("image       {}  ({})", s.image, s.manifest);
+    println!("mountpoint  {}", s.mountpoint);
+    println!("reads       {} ({})", s.reads, human(s.read_bytes));
+    println!(
+        "fetched     {} chunks, {} of {} image bytes ({:.1}%), {} by readahead",
+        s.chunks_fetched,
+        human(s.bytes_fetched),
+        human(s.image_bytes),
+        if s.image_bytes > 0 {
+            s.bytes_fetched as f64 * 100.0 / s.image_bytes as f64
+        } else {
+            0.0
+        },
+        s.prefetched
+    );
+    println!(
+        "hits        memory {}, disk {}, joined in-flight {}",
+        s.mem_hits, s.disk_hits, s.joined
+    );
+    println!(
+        "latency     fetch p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        s.fetch_ms_p50, s.fetch_ms_p90, s.fetch_ms_p99, s.fetch_ms_max
+    );
+    println!(
+        "errors      fetch {}, digest mismatch {}, corrupt cache entries {}, cache write {}; evicted {}",
+        s.fetch_errors, s.digest_mismatches, s.disk_corrupt, s.disk_write_errors, s.disk_evicted
     );
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The `thaw` command: parse arguments, build a config, call the library.
 
 mod cmd;
+mod demo;
 
 use clap::Parser;
 

@@ -4,11 +4,13 @@
 //! [`push`] turns a directory into chunks and a manifest and uploads only the
 //! chunks the server lacks, setting the tag last so a tag never points at an
 //! incomplete image. [`export`] is the full pull: it recreates the tree on local
-//! disk. [`inspect`] summarizes an image.
+//! disk. [`inspect`] summarizes an image. [`mount`] serves an image lazily over
+//! FUSE, fetching each chunk the first time something reads it.
 
 mod error;
 pub mod export;
 pub mod inspect;
+pub mod mount;
 pub mod push;
 pub mod reference;
 pub mod remote;

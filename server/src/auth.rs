@@ -40,7 +40,10 @@ pub(crate) struct Auth {
 
 impl Auth {
     pub(crate) fn new(push: Option<&str>, pull: Option<&str>) -> Self {
-        Auth { push: push.map(|t| t.as_bytes().to_vec()), pull: pull.map(|t| t.as_bytes().to_vec()) }
+        Auth {
+            push: push.map(|t| t.as_bytes().to_vec()),
+            pull: pull.map(|t| t.as_bytes().to_vec()),
+        }
     }
 
     fn allows(&self, access: Access, presented: Option<&[u8]>) -> bool {
@@ -66,12 +69,21 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 fn bearer(request: &Request) -> Option<&[u8]> {
     let value = request.headers().get(header::AUTHORIZATION)?.as_bytes();
     let (scheme, token) = value.split_at_checked(7)?;
-    scheme.eq_ignore_ascii_case(b"bearer ").then(|| token.trim_ascii())
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| token.trim_ascii())
 }
 
 /// Middleware: refuses requests without the token their access class needs.
-pub(crate) async fn require_token(State(auth): State<Arc<Auth>>, request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
+pub(crate) async fn require_token(
+    State(auth): State<Arc<Auth>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
     let needed = access(request.method(), route);
     if auth.allows(needed, bearer(&request)) {
         next.run(request).await
@@ -89,11 +101,23 @@ mod tests {
         assert_eq!(access(&Method::GET, Some("/v1/health")), Access::Open);
         assert_eq!(access(&Method::GET, None), Access::Open);
         assert_eq!(access(&Method::HEAD, Some("/v1/chunks/{id}")), Access::Pull);
-        assert_eq!(access(&Method::POST, Some("/v1/chunks/batch")), Access::Pull);
+        assert_eq!(
+            access(&Method::POST, Some("/v1/chunks/batch")),
+            Access::Pull
+        );
         assert_eq!(access(&Method::GET, Some("/metrics")), Access::Pull);
-        assert_eq!(access(&Method::POST, Some("/v1/chunks/missing")), Access::Push);
-        assert_eq!(access(&Method::PUT, Some("/v1/tags/{name}/{tag}")), Access::Push);
-        assert_eq!(access(&Method::DELETE, Some("/v1/chunks/{id}")), Access::Push);
+        assert_eq!(
+            access(&Method::POST, Some("/v1/chunks/missing")),
+            Access::Push
+        );
+        assert_eq!(
+            access(&Method::PUT, Some("/v1/tags/{name}/{tag}")),
+            Access::Push
+        );
+        assert_eq!(
+            access(&Method::DELETE, Some("/v1/chunks/{id}")),
+            Access::Push
+        );
     }
 
     #[test]

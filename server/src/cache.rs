@@ -24,13 +24,21 @@ struct Inner {
 
 impl HotCache {
     pub(crate) fn new(budget: u64) -> Self {
-        HotCache { budget, inner: Mutex::new(Inner { frames: LruCache::unbounded(), bytes: 0 }) }
+        HotCache {
+            budget,
+            inner: Mutex::new(Inner {
+                frames: LruCache::unbounded(),
+                bytes: 0,
+            }),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // The critical sections cannot leave `Inner` inconsistent, so a
         // poisoned lock (a panic elsewhere) is safe to keep using.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The frame of `id`, marking it recently used.

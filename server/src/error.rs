@@ -44,7 +44,12 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), missing: Vec::new() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            missing: Vec::new(),
+        }
     }
 
     pub(crate) fn bad_id(raw: &str) -> Self {
@@ -58,7 +63,11 @@ impl ApiError {
     }
 
     pub(crate) fn not_found(what: impl fmt::Display) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} is not stored"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} is not stored"),
+        )
     }
 
     pub(crate) fn too_large(message: impl Into<String>) -> Self {
@@ -71,8 +80,14 @@ impl ApiError {
     }
 
     pub(crate) fn missing_chunks(missing: Vec<Digest>) -> Self {
-        let msg = format!("{} chunks are not stored: upload them, then retry", missing.len());
-        ApiError { missing, ..Self::new(StatusCode::CONFLICT, "missing_chunks", msg) }
+        let msg = format!(
+            "{} chunks are not stored: upload them, then retry",
+            missing.len()
+        );
+        ApiError {
+            missing,
+            ..Self::new(StatusCode::CONFLICT, "missing_chunks", msg)
+        }
     }
 
     pub(crate) fn unauthorized() -> Self {
@@ -90,7 +105,11 @@ impl ApiError {
     /// A bug or a panic in a worker task.
     pub(crate) fn internal(err: impl fmt::Display) -> Self {
         tracing::error!(error = %err, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal server error; retry later")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal server error; retry later",
+        )
     }
 }
 
@@ -104,11 +123,17 @@ struct ErrorBody<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: self.code, message: &self.message, missing: &self.missing };
+        let body = ErrorBody {
+            error: self.code,
+            message: &self.message,
+            missing: &self.missing,
+        };
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             let challenge = axum::http::HeaderValue::from_static("Bearer");
-            response.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, challenge);
+            response
+                .headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, challenge);
         }
         response
     }

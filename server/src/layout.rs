@@ -38,11 +38,15 @@ pub(crate) fn valid_name(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && b[0].is_ascii_alphanumeric()
-        && b.iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
 /// The object at `path`, or `None` if there is none.
-pub(crate) async fn get(store: &dyn ObjectStore, path: &Path) -> object_store::Result<Option<Bytes>> {
+pub(crate) async fn get(
+    store: &dyn ObjectStore,
+    path: &Path,
+) -> object_store::Result<Option<Bytes>> {
     match store.get(path).await {
         Ok(result) => result.bytes().await.map(Some),
         Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -51,7 +55,10 @@ pub(crate) async fn get(store: &dyn ObjectStore, path: &Path) -> object_store::R
 }
 
 /// The size of the object at `path`, or `None` if there is none.
-pub(crate) async fn size(store: &dyn ObjectStore, path: &Path) -> object_store::Result<Option<u64>> {
+pub(crate) async fn size(
+    store: &dyn ObjectStore,
+    path: &Path,
+) -> object_store::Result<Option<u64>> {
     match store.head(path).await {
         Ok(meta) => Ok(Some(meta.size)),
         Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -67,7 +74,10 @@ mod tests {
     fn paths_follow_the_layout() {
         let id = Digest::of(b"x");
         let hex = id.to_hex();
-        assert_eq!(chunk_path(&id).as_ref(), format!("chunks/{}/{hex}", &hex[..2]));
+        assert_eq!(
+            chunk_path(&id).as_ref(),
+            format!("chunks/{}/{hex}", &hex[..2])
+        );
         assert_eq!(manifest_path(&id).as_ref(), format!("manifests/{hex}"));
         assert_eq!(tag_path("py", "3.12").as_ref(), "tags/py/3.12");
     }
@@ -77,7 +87,17 @@ mod tests {
         for ok in ["a", "py-3.12_x", "A9", &"a".repeat(128)] {
             assert!(valid_name(ok), "{ok}");
         }
-        for bad in ["", ".", "..", "-a", "_a", "a/b", "a b", "é", &"a".repeat(129)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "-a",
+            "_a",
+            "a/b",
+            "a b",
+            "é",
+            &"a".repeat(129),
+        ] {
             assert!(!valid_name(bad), "{bad}");
         }
     }

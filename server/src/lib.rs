@@ -5,10 +5,10 @@
 //! (`memory://`, for tests). It accepts chunk frames and manifests only after
 //! checking them against the digests that name them, accepts a manifest only
 //! once every chunk it needs is stored, and serves everything as immutable
-//! objects. All state lives in the store (layout in [`layout`]), so any number
+//! objects. All state lives in the store (layout in `layout.rs`), so any number
 //! of servers can front one bucket; each keeps only a byte-bounded in-memory
-//! hot cache of chunk frames ([`cache`]) and its own counters ([`metrics`]).
-//! The HTTP API is specified in `docs/api.md` and implemented in [`routes`].
+//! hot cache of chunk frames (`cache.rs`) and its own counters (`metrics.rs`).
+//! The HTTP API is specified in `docs/api.md` and implemented in `routes.rs`.
 //!
 //! [`run`] serves a listener until a shutdown future resolves, then lets
 //! requests in flight finish. [`router`] builds the same service for callers
@@ -70,7 +70,10 @@ impl Default for ServerConfig {
 ///   `AWS_REGION`, `AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, ...).
 /// - `memory://`: a new, empty in-memory store.
 pub fn open_store(url: &str) -> Result<Arc<dyn ObjectStore>, ServerError> {
-    let bad = |reason: String| ServerError::BadStoreUrl { url: url.to_owned(), reason };
+    let bad = |reason: String| ServerError::BadStoreUrl {
+        url: url.to_owned(),
+        reason,
+    };
     let parsed = match Url::parse(url) {
         Ok(parsed) => parsed,
         Err(url::ParseError::RelativeUrlWithoutBase) => return open_dir(std::path::Path::new(url)),
@@ -79,30 +82,42 @@ pub fn open_store(url: &str) -> Result<Arc<dyn ObjectStore>, ServerError> {
     match parsed.scheme() {
         "memory" => Ok(Arc::new(InMemory::new())),
         "file" => {
-            let dir = parsed.to_file_path().map_err(|()| bad("use file:///absolute/path".into()))?;
+            let dir = parsed
+                .to_file_path()
+                .map_err(|()| bad("use file:///absolute/path".into()))?;
             open_dir(&dir)
         }
         "s3" | "s3a" => {
             let options = std::env::vars()
                 .filter(|(key, _)| key.starts_with("AWS_"))
                 .map(|(key, value)| (key.to_ascii_lowercase(), value));
-            let store_error = |source| ServerError::Store { url: url.to_owned(), source };
-            let (store, prefix) = object_store::parse_url_opts(&parsed, options).map_err(store_error)?;
+            let store_error = |source| ServerError::Store {
+                url: url.to_owned(),
+                source,
+            };
+            let (store, prefix) =
+                object_store::parse_url_opts(&parsed, options).map_err(store_error)?;
             if prefix.as_ref().is_empty() {
                 Ok(Arc::from(store))
             } else {
                 Ok(Arc::new(PrefixStore::new(store, prefix)))
             }
         }
-        other => Err(bad(format!("unsupported scheme {other:?}: use file://, s3:// or memory://"))),
+        other => Err(bad(format!(
+            "unsupported scheme {other:?}: use file://, s3:// or memory://"
+        ))),
     }
 }
 
 fn open_dir(dir: &std::path::Path) -> Result<Arc<dyn ObjectStore>, ServerError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|source| ServerError::CreateStoreDir { path: dir.to_owned(), source })?;
-    let store = LocalFileSystem::new_with_prefix(dir)
-        .map_err(|source| ServerError::Store { url: dir.display().to_string(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| ServerError::CreateStoreDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let store = LocalFileSystem::new_with_prefix(dir).map_err(|source| ServerError::Store {
+        url: dir.display().to_string(),
+        source,
+    })?;
     Ok(Arc::new(store))
 }
 
@@ -135,7 +150,10 @@ pub async fn run(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(ServerError::Serve)?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServerError::Serve)?;
     tracing::info!(%addr, "thaw server stopped");
     Ok(())
 }

@@ -59,20 +59,62 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub(crate) fn render(&self, hot_cache_bytes: u64) -> String {
         let mut out = String::new();
-        header(&mut out, HTTP_REQUESTS_TOTAL, "counter", "HTTP requests by route template and status.");
-        let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        header(
+            &mut out,
+            HTTP_REQUESTS_TOTAL,
+            "counter",
+            "HTTP requests by route template and status.",
+        );
+        let requests = self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         for ((route, status), n) in requests {
             let route = escape_label(&route);
-            let _ = writeln!(out, "{HTTP_REQUESTS_TOTAL}{{route=\"{route}\",status=\"{status}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "{HTTP_REQUESTS_TOTAL}{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
         }
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let scalars = [
-            (HTTP_BYTES_IN_TOTAL, "counter", "Request body bytes read.", load(&self.bytes_in)),
-            (HTTP_BYTES_OUT_TOTAL, "counter", "Response body bytes sent.", load(&self.bytes_out)),
-            (HOT_CACHE_HITS_TOTAL, "counter", "Chunk reads served from the hot cache.", load(&self.cache_hits)),
-            (HOT_CACHE_MISSES_TOTAL, "counter", "Chunk reads that went to the object store.", load(&self.cache_misses)),
-            (HOT_CACHE_BYTES, "gauge", "Bytes of chunk frames held in the hot cache.", hot_cache_bytes),
-            (CHUNKS_SERVED_TOTAL, "counter", "Chunk frames sent, by GET and batch reads.", load(&self.chunks_served)),
+            (
+                HTTP_BYTES_IN_TOTAL,
+                "counter",
+                "Request body bytes read.",
+                load(&self.bytes_in),
+            ),
+            (
+                HTTP_BYTES_OUT_TOTAL,
+                "counter",
+                "Response body bytes sent.",
+                load(&self.bytes_out),
+            ),
+            (
+                HOT_CACHE_HITS_TOTAL,
+                "counter",
+                "Chunk reads served from the hot cache.",
+                load(&self.cache_hits),
+            ),
+            (
+                HOT_CACHE_MISSES_TOTAL,
+                "counter",
+                "Chunk reads that went to the object store.",
+                load(&self.cache_misses),
+            ),
+            (
+                HOT_CACHE_BYTES,
+                "gauge",
+                "Bytes of chunk frames held in the hot cache.",
+                hot_cache_bytes,
+            ),
+            (
+                CHUNKS_SERVED_TOTAL,
+                "counter",
+                "Chunk frames sent, by GET and batch reads.",
+                load(&self.chunks_served),
+            ),
         ];
         for (name, kind, help, value) in scalars {
             header(&mut out, name, kind, help);
@@ -88,7 +130,10 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 fn escape_label(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -103,7 +148,9 @@ mod tests {
         m.request("a\"b", 404);
         m.chunk_served();
         let text = m.render(7);
-        assert!(text.contains("thaw_http_requests_total{route=\"/v1/chunks/{id}\",status=\"200\"} 2\n"));
+        assert!(
+            text.contains("thaw_http_requests_total{route=\"/v1/chunks/{id}\",status=\"200\"} 2\n")
+        );
         assert!(text.contains("thaw_http_requests_total{route=\"a\\\"b\",status=\"404\"} 1\n"));
         assert!(text.contains("# TYPE thaw_hot_cache_bytes gauge\nthaw_hot_cache_bytes 7\n"));
         assert!(text.contains("\nthaw_chunks_served_total 1\n"));

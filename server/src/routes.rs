@@ -18,7 +18,9 @@ use crate::error::ApiError;
 use crate::metrics::{self, Metrics};
 use crate::ServerConfig;
 use axum::body::HttpBody;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Request, State,
+};
 use axum::http::{header, request::Parts, HeaderValue, Method, StatusCode};
 use axum::middleware::{self as mw, Next};
 use axum::response::{IntoResponse, Response};
@@ -60,8 +62,15 @@ pub(crate) struct AppState {
 type Shared = Arc<AppState>;
 
 pub(crate) fn build(store: Arc<dyn ObjectStore>, config: &ServerConfig) -> Router {
-    let state = Arc::new(AppState { store, cache: HotCache::new(config.cache_mem), metrics: Metrics::default() });
-    let auth = Arc::new(Auth::new(config.push_token.as_deref(), config.pull_token.as_deref()));
+    let state = Arc::new(AppState {
+        store,
+        cache: HotCache::new(config.cache_mem),
+        metrics: Metrics::default(),
+    });
+    let auth = Arc::new(Auth::new(
+        config.push_token.as_deref(),
+        config.pull_token.as_deref(),
+    ));
     let permits = Arc::new(Semaphore::new(config.max_concurrency.max(1)));
     let limit = DefaultBodyLimit::max;
     Router::new()
@@ -71,17 +80,29 @@ pub(crate) fn build(store: Arc<dyn ObjectStore>, config: &ServerConfig) -> Route
             "/v1/chunks/missing",
             post(chunks::missing).layer(limit(id_list_body_max(MISSING_MAX_IDS))),
         )
-        .route("/v1/chunks/batch", post(chunks::batch).layer(limit(id_list_body_max(BATCH_MAX_IDS))))
+        .route(
+            "/v1/chunks/batch",
+            post(chunks::batch).layer(limit(id_list_body_max(BATCH_MAX_IDS))),
+        )
         .route(
             "/v1/chunks/{id}",
-            get(chunks::get).head(chunks::head).put(chunks::put).layer(limit(CHUNK_BODY_MAX)),
+            get(chunks::get)
+                .head(chunks::head)
+                .put(chunks::put)
+                .layer(limit(CHUNK_BODY_MAX)),
         )
         .route(
             "/v1/manifests/{digest}",
-            get(manifests::get).head(manifests::head).put(manifests::put).layer(limit(config.max_body)),
+            get(manifests::get)
+                .head(manifests::head)
+                .put(manifests::put)
+                .layer(limit(config.max_body)),
         )
         .route("/v1/tags/{name}", get(tags::list))
-        .route("/v1/tags/{name}/{tag}", get(tags::get).put(tags::put).layer(limit(TAG_BODY_MAX)))
+        .route(
+            "/v1/tags/{name}/{tag}",
+            get(tags::get).put(tags::put).layer(limit(TAG_BODY_MAX)),
+        )
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(mw::from_fn_with_state(permits, limit_concurrency))
@@ -92,7 +113,10 @@ pub(crate) fn build(store: Arc<dyn ObjectStore>, config: &ServerConfig) -> Route
 
 /// Middleware: a span per request, and the request and bytes-out counters.
 async fn observe(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
     let route = route.unwrap_or_else(|| metrics::UNMATCHED_ROUTE.to_owned());
     let method = request.method().clone();
     let span = tracing::info_span!("http", %method, route = %route, path = %request.uri().path());
@@ -108,7 +132,11 @@ async fn observe(State(state): State<Shared>, request: Request, next: Next) -> R
             }
         }
         state.metrics.request(&route, status);
-        tracing::debug!(status, micros = start.elapsed().as_micros() as u64, "request done");
+        tracing::debug!(
+            status,
+            micros = start.elapsed().as_micros() as u64,
+            "request done"
+        );
         response
     }
     .instrument(span)
@@ -116,8 +144,15 @@ async fn observe(State(state): State<Shared>, request: Request, next: Next) -> R
 }
 
 /// Middleware: at most `max_concurrency` requests run at once; others wait.
-async fn limit_concurrency(State(permits): State<Arc<Semaphore>>, request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
+async fn limit_concurrency(
+    State(permits): State<Arc<Semaphore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
     if matches!(route, Some("/v1/health" | "/metrics")) {
         return next.run(request).await;
     }
@@ -133,11 +168,22 @@ async fn health() -> Json<serde_json::Value> {
 
 async fn metrics_text(State(state): State<Shared>) -> Response {
     let text = state.metrics.render(state.cache.bytes());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn unknown_route() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route: see docs/api.md for the API")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route: see docs/api.md for the API",
+    )
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -152,10 +198,17 @@ pub(crate) fn parse_digest(raw: &str) -> Result<Digest, ApiError> {
 
 /// Headers of an immutable, content-addressed object named `id`.
 fn immutable_headers(id: &Digest) -> [(header::HeaderName, HeaderValue); 3] {
-    let etag = HeaderValue::from_str(&format!("\"{id}\"")).expect("a digest is a valid header value");
+    let etag =
+        HeaderValue::from_str(&format!("\"{id}\"")).expect("a digest is a valid header value");
     [
-        (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
-        (header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable")),
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        ),
+        (
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=31536000, immutable"),
+        ),
         (header::ETAG, etag),
     ]
 }
@@ -168,7 +221,9 @@ pub(crate) fn immutable(id: &Digest, body: Bytes) -> Response {
 /// A HEAD response for the immutable object `id` of `len` bytes.
 pub(crate) fn immutable_head(id: &Digest, len: u64) -> Response {
     let mut response = immutable_headers(id).into_response();
-    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     response
 }
 
@@ -185,7 +240,10 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match Path::<T>::from_request_parts(parts, state).await {
             Ok(Path(value)) => Ok(Param(value)),
-            Err(rejection) => Err(ApiError::bad_request(format!("bad URL path: {}", rejection.body_text()))),
+            Err(rejection) => Err(ApiError::bad_request(format!(
+                "bad URL path: {}",
+                rejection.body_text()
+            ))),
         }
     }
 }
@@ -202,10 +260,13 @@ impl FromRequest<Shared> for RawBody {
                 state.metrics.bytes_in(body.len() as u64);
                 Ok(RawBody(body))
             }
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::too_large("request body exceeds this route's limit (see docs/api.md)"))
-            }
-            Err(rejection) => Err(ApiError::bad_request(format!("cannot read the body: {}", rejection.body_text()))),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(
+                ApiError::too_large("request body exceeds this route's limit (see docs/api.md)"),
+            ),
+            Err(rejection) => Err(ApiError::bad_request(format!(
+                "cannot read the body: {}",
+                rejection.body_text()
+            ))),
         }
     }
 }
@@ -218,13 +279,21 @@ impl<T: DeserializeOwned> FromRequest<Shared> for JsonBody<T> {
 
     async fn from_request(request: Request, state: &Shared) -> Result<Self, ApiError> {
         let RawBody(body) = RawBody::from_request(request, state).await?;
-        serde_json::from_slice(&body)
-            .map(JsonBody)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("malformed JSON body: {e}")))
+        serde_json::from_slice(&body).map(JsonBody).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                format!("malformed JSON body: {e}"),
+            )
+        })
     }
 }
 
 /// Runs CPU-bound work (decompression, hashing) off the async workers.
-pub(crate) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work).await.map_err(ApiError::internal)
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(ApiError::internal)
 }

@@ -6,7 +6,9 @@
 //! the hot cache, which also takes every accepted upload (a fresh push is
 //! usually followed by pulls of the same chunks).
 
-use super::{blocking, immutable, immutable_head, parse_digest, AppState, JsonBody, Param, RawBody, Shared};
+use super::{
+    blocking, immutable, immutable_head, parse_digest, AppState, JsonBody, Param, RawBody, Shared,
+};
 use super::{BATCH_MAX_IDS, MISSING_MAX_IDS};
 use crate::error::ApiError;
 use crate::layout;
@@ -37,7 +39,9 @@ impl AppState {
             return Ok(Some(frame));
         }
         self.metrics.cache_miss();
-        let frame = layout::get(&*self.store, &layout::chunk_path(id)).await.map_err(ApiError::store)?;
+        let frame = layout::get(&*self.store, &layout::chunk_path(id))
+            .await
+            .map_err(ApiError::store)?;
         if let Some(frame) = &frame {
             self.cache.insert(*id, frame.clone());
         }
@@ -48,7 +52,9 @@ impl AppState {
         if self.cache.contains(id) {
             return Ok(true);
         }
-        let size = layout::size(&*self.store, &layout::chunk_path(id)).await.map_err(ApiError::store)?;
+        let size = layout::size(&*self.store, &layout::chunk_path(id))
+            .await
+            .map_err(ApiError::store)?;
         Ok(size.is_some())
     }
 
@@ -59,22 +65,38 @@ impl AppState {
             .buffered(EXISTS_CONCURRENCY)
             .try_collect()
             .await?;
-        Ok(ids.into_iter().zip(present).filter(|(_, present)| !present).map(|(id, _)| id).collect())
+        Ok(ids
+            .into_iter()
+            .zip(present)
+            .filter(|(_, present)| !present)
+            .map(|(id, _)| id)
+            .collect())
     }
 }
 
-pub(super) async fn get(State(state): State<Shared>, Param(raw): Param<String>) -> Result<Response, ApiError> {
+pub(super) async fn get(
+    State(state): State<Shared>,
+    Param(raw): Param<String>,
+) -> Result<Response, ApiError> {
     let id = parse_digest(&raw)?;
-    let frame = state.read_chunk(&id).await?.ok_or_else(|| ApiError::not_found(format!("chunk {id}")))?;
+    let frame = state
+        .read_chunk(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("chunk {id}")))?;
     state.metrics.chunk_served();
     Ok(immutable(&id, frame))
 }
 
-pub(super) async fn head(State(state): State<Shared>, Param(raw): Param<String>) -> Result<Response, ApiError> {
+pub(super) async fn head(
+    State(state): State<Shared>,
+    Param(raw): Param<String>,
+) -> Result<Response, ApiError> {
     let id = parse_digest(&raw)?;
     let len = match state.cache.peek_len(&id) {
         Some(len) => Some(len),
-        None => layout::size(&*state.store, &layout::chunk_path(&id)).await.map_err(ApiError::store)?,
+        None => layout::size(&*state.store, &layout::chunk_path(&id))
+            .await
+            .map_err(ApiError::store)?,
     };
     let len = len.ok_or_else(|| ApiError::not_found(format!("chunk {id}")))?;
     Ok(immutable_head(&id, len))
@@ -87,15 +109,25 @@ pub(super) async fn put(
 ) -> Result<StatusCode, ApiError> {
     let id = parse_digest(&raw)?;
     let body = frame.clone();
-    blocking(move || frame::decode_verified(&body, &id).map(drop)).await?.map_err(|e| match e {
-        FrameError::DigestMismatch { .. } => ApiError::digest_mismatch(e),
-        e => ApiError::new(StatusCode::BAD_REQUEST, "bad_frame", format!("{e}: upload a thaw chunk frame")),
-    })?;
+    blocking(move || frame::decode_verified(&body, &id).map(drop))
+        .await?
+        .map_err(|e| match e {
+            FrameError::DigestMismatch { .. } => ApiError::digest_mismatch(e),
+            e => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_frame",
+                format!("{e}: upload a thaw chunk frame"),
+            ),
+        })?;
     if state.chunk_exists(&id).await? {
         return Ok(StatusCode::OK);
     }
     let path = layout::chunk_path(&id);
-    state.store.put(&path, frame.clone().into()).await.map_err(ApiError::store)?;
+    state
+        .store
+        .put(&path, frame.clone().into())
+        .await
+        .map_err(ApiError::store)?;
     state.cache.insert(id, frame);
     tracing::debug!(%id, "chunk stored");
     Ok(StatusCode::CREATED)
@@ -129,31 +161,47 @@ pub(super) async fn missing(
     JsonBody(list): JsonBody<IdList>,
 ) -> Result<Json<Missing>, ApiError> {
     let ids = list.parse(MISSING_MAX_IDS)?;
-    Ok(Json(Missing { missing: state.missing_chunks(ids).await? }))
+    Ok(Json(Missing {
+        missing: state.missing_chunks(ids).await?,
+    }))
 }
 
 /// Streams one record per requested id, in request order: the 32 raw id
 /// bytes, a status byte, the frame length (u32 LE, 0 if not found) and the
 /// frame. A store failure mid-stream aborts the response, which the client
 /// sees as a truncated body.
-pub(super) async fn batch(State(state): State<Shared>, JsonBody(list): JsonBody<IdList>) -> Result<Response, ApiError> {
+pub(super) async fn batch(
+    State(state): State<Shared>,
+    JsonBody(list): JsonBody<IdList>,
+) -> Result<Response, ApiError> {
     let ids = list.parse(BATCH_MAX_IDS)?;
     let records = stream::iter(ids)
         .map(move |id| {
             let state = state.clone();
             async move {
-                let frame = state.read_chunk(&id).await.map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+                let frame = state
+                    .read_chunk(&id)
+                    .await
+                    .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
                 let parts = record(&id, frame.as_ref());
                 if frame.is_some() {
                     state.metrics.chunk_served();
                 }
-                state.metrics.bytes_out(parts.iter().map(|p| p.len() as u64).sum());
-                Ok::<_, std::io::Error>(stream::iter(parts.into_iter().map(Ok::<_, std::io::Error>)))
+                state
+                    .metrics
+                    .bytes_out(parts.iter().map(|p| p.len() as u64).sum());
+                Ok::<_, std::io::Error>(stream::iter(
+                    parts.into_iter().map(Ok::<_, std::io::Error>),
+                ))
             }
         })
         .buffered(BATCH_CONCURRENCY)
         .try_flatten();
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(records)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(records),
+    )
+        .into_response())
 }
 
 /// The record of `id`: its header, then its frame if there is one.

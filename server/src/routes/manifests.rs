@@ -14,18 +14,28 @@ use axum::response::Response;
 use std::collections::HashSet;
 use thaw_format::{Manifest, ManifestError};
 
-pub(super) async fn get(State(state): State<Shared>, Param(raw): Param<String>) -> Result<Response, ApiError> {
+pub(super) async fn get(
+    State(state): State<Shared>,
+    Param(raw): Param<String>,
+) -> Result<Response, ApiError> {
     let digest = parse_digest(&raw)?;
     let path = layout::manifest_path(&digest);
-    let bytes = layout::get(&*state.store, &path).await.map_err(ApiError::store)?;
+    let bytes = layout::get(&*state.store, &path)
+        .await
+        .map_err(ApiError::store)?;
     let bytes = bytes.ok_or_else(|| ApiError::not_found(format!("manifest {digest}")))?;
     Ok(immutable(&digest, bytes))
 }
 
-pub(super) async fn head(State(state): State<Shared>, Param(raw): Param<String>) -> Result<Response, ApiError> {
+pub(super) async fn head(
+    State(state): State<Shared>,
+    Param(raw): Param<String>,
+) -> Result<Response, ApiError> {
     let digest = parse_digest(&raw)?;
     let path = layout::manifest_path(&digest);
-    let len = layout::size(&*state.store, &path).await.map_err(ApiError::store)?;
+    let len = layout::size(&*state.store, &path)
+        .await
+        .map_err(ApiError::store)?;
     let len = len.ok_or_else(|| ApiError::not_found(format!("manifest {digest}")))?;
     Ok(immutable_head(&digest, len))
 }
@@ -37,21 +47,40 @@ pub(super) async fn put(
 ) -> Result<StatusCode, ApiError> {
     let digest = parse_digest(&raw)?;
     let body = bytes.clone();
-    let manifest = blocking(move || Manifest::decode_verified(&body, &digest)).await?.map_err(|e| match e {
-        ManifestError::DigestMismatch { .. } => ApiError::digest_mismatch(e),
-        e => ApiError::new(StatusCode::BAD_REQUEST, "bad_manifest", format!("{e}: upload a thaw manifest")),
-    })?;
+    let manifest = blocking(move || Manifest::decode_verified(&body, &digest))
+        .await?
+        .map_err(|e| match e {
+            ManifestError::DigestMismatch { .. } => ApiError::digest_mismatch(e),
+            e => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_manifest",
+                format!("{e}: upload a thaw manifest"),
+            ),
+        })?;
     let mut seen = HashSet::with_capacity(manifest.chunks.len());
-    let ids = manifest.chunks.iter().map(|c| c.id).filter(|id| seen.insert(*id)).collect();
+    let ids = manifest
+        .chunks
+        .iter()
+        .map(|c| c.id)
+        .filter(|id| seen.insert(*id))
+        .collect();
     let missing = state.missing_chunks(ids).await?;
     if !missing.is_empty() {
         return Err(ApiError::missing_chunks(missing));
     }
     let path = layout::manifest_path(&digest);
-    if layout::size(&*state.store, &path).await.map_err(ApiError::store)?.is_some() {
+    if layout::size(&*state.store, &path)
+        .await
+        .map_err(ApiError::store)?
+        .is_some()
+    {
         return Ok(StatusCode::OK);
     }
-    state.store.put(&path, bytes.into()).await.map_err(ApiError::store)?;
+    state
+        .store
+        .put(&path, bytes.into())
+        .await
+        .map_err(ApiError::store)?;
     tracing::info!(%digest, chunks = manifest.chunks.len(), nodes = manifest.nodes.len(), "manifest stored");
     Ok(StatusCode::CREATED)
 }

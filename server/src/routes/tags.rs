@@ -22,7 +22,9 @@ fn check_name(kind: &str, s: &str) -> Result<(), ApiError> {
         return Ok(());
     }
     let shown: String = s.chars().take(80).collect();
-    let msg = format!("bad {kind} {shown:?}: use 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit");
+    let msg = format!(
+        "bad {kind} {shown:?}: use 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit"
+    );
     Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_name", msg))
 }
 
@@ -36,12 +38,20 @@ pub(super) async fn put(
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_id("<not UTF-8>"))?;
     let digest = parse_digest(text.trim())?;
     let manifest = layout::manifest_path(&digest);
-    if layout::size(&*state.store, &manifest).await.map_err(ApiError::store)?.is_none() {
+    if layout::size(&*state.store, &manifest)
+        .await
+        .map_err(ApiError::store)?
+        .is_none()
+    {
         let msg = format!("manifest {digest} is not stored: push it before tagging it");
         return Err(ApiError::new(StatusCode::CONFLICT, "unknown_manifest", msg));
     }
     let path = layout::tag_path(&name, &tag);
-    state.store.put(&path, digest.to_string().into()).await.map_err(ApiError::store)?;
+    state
+        .store
+        .put(&path, digest.to_string().into())
+        .await
+        .map_err(ApiError::store)?;
     tracing::info!(%name, %tag, %digest, "tag set");
     Ok(StatusCode::OK)
 }
@@ -58,11 +68,16 @@ pub(super) async fn get(
     check_name("name", &name)?;
     check_name("tag", &tag)?;
     let path = layout::tag_path(&name, &tag);
-    let bytes = layout::get(&*state.store, &path).await.map_err(ApiError::store)?;
+    let bytes = layout::get(&*state.store, &path)
+        .await
+        .map_err(ApiError::store)?;
     let bytes = bytes.ok_or_else(|| ApiError::not_found(format!("tag {name}/{tag}")))?;
     let digest = parse_tag_object(&bytes)
         .ok_or_else(|| ApiError::internal(format!("tag object {path} does not hold a digest")))?;
-    let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")];
+    let headers = [
+        (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+        (header::CACHE_CONTROL, "no-cache"),
+    ];
     Ok((headers, digest.to_string()).into_response())
 }
 
@@ -78,9 +93,17 @@ struct TagEntry {
     manifest: Digest,
 }
 
-pub(super) async fn list(State(state): State<Shared>, Param(name): Param<String>) -> Result<Json<TagList>, ApiError> {
+pub(super) async fn list(
+    State(state): State<Shared>,
+    Param(name): Param<String>,
+) -> Result<Json<TagList>, ApiError> {
     check_name("name", &name)?;
-    let objects: Vec<_> = state.store.list(Some(&layout::tag_prefix(&name))).try_collect().await.map_err(ApiError::store)?;
+    let objects: Vec<_> = state
+        .store
+        .list(Some(&layout::tag_prefix(&name)))
+        .try_collect()
+        .await
+        .map_err(ApiError::store)?;
     // Only `tags/<name>/<tag>` objects with valid tag names are tags.
     let tags = objects.into_iter().filter_map(|meta| {
         let parts: Vec<_> = meta.location.parts().collect();
@@ -91,7 +114,11 @@ pub(super) async fn list(State(state): State<Shared>, Param(name): Param<String>
     let mut tags: Vec<TagEntry> = stream::iter(tags)
         .map(|(tag, path)| async move {
             let bytes = layout::get(store, &path).await?;
-            Ok::<_, object_store::Error>(bytes.and_then(|b| parse_tag_object(&b)).map(|manifest| TagEntry { tag, manifest }))
+            Ok::<_, object_store::Error>(
+                bytes
+                    .and_then(|b| parse_tag_object(&b))
+                    .map(|manifest| TagEntry { tag, manifest }),
+            )
         })
         .buffered(LIST_CONCURRENCY)
         .try_filter_map(|entry| async move { Ok(entry) })

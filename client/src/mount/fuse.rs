@@ -1,0 +1,322 @@
+//! The `fuser` adapter: translates kernel requests into [`ImageFs`] calls and
+//! results into replies. Metadata is answered inline (it never blocks); reads
+//! run as tasks on the tokio runtime and reply when their chunks arrive, so the
+//! request loop never waits on the network. Errors become errno here and only
+//! here.
+
+use super::fs::{Attr, FsError, ImageFs};
+use fuser::{
+    FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request,
+};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// The image never changes, so the kernel may cache entries and attributes for long.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The one mapping from filesystem errors to errno.
+pub fn errno(e: &FsError) -> i32 {
+    match e {
+        FsError::NotFound => libc::ENOENT,
+        FsError::NotDir => libc::ENOTDIR,
+        FsError::NotSymlink => libc::EINVAL,
+        FsError::NoXattr => libc::ENODATA,
+        FsError::ReadOnly => libc::EROFS,
+        // Digest mismatches and fetch failures: EIO, never wrong bytes.
+        FsError::Fetch(_) => libc::EIO,
+    }
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn to_fuse(a: &Attr) -> FileAttr {
+    let t = if a.mtime_ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(a.mtime_ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(a.mtime_ns.unsigned_abs())
+    };
+    FileAttr {
+        ino: a.ino,
+        size: a.size,
+        blocks: a.blocks,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: file_type(a.mode),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: 128 << 10,
+        flags: 0,
+    }
+}
+
+/// Serves an [`ImageFs`] to the kernel.
+pub struct FuseAdapter {
+    pub fs: Arc<ImageFs>,
+    pub rt: tokio::runtime::Handle,
+}
+
+macro_rules! read_only {
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $reply:ty;)*) => {
+        $(fn $name(&mut self, _req: &Request<'_>, $(_: $ty,)* reply: $reply) {
+            reply.error(libc::EROFS);
+        })*
+    };
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        use fuser::consts::*;
+        for cap in [
+            FUSE_DO_READDIRPLUS,
+            FUSE_CACHE_SYMLINKS,
+            FUSE_PARALLEL_DIROPS,
+            FUSE_SPLICE_WRITE,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(128);
+        Ok(())
+    }
+
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        match self.fs.lookup(parent, name.as_bytes()) {
+            Ok(a) => reply.entry(&TTL, &to_fuse(&a), 0),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        match self.fs.getattr(ino) {
+            Ok(a) => reply.attr(&TTL, &to_fuse(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        match self.fs.readlink(ino) {
+            Ok(t) => reply.data(t),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return reply.error(libc::EROFS);
+        }
+        match self.fs.getattr(ino) {
+            // Keep the page cache across opens: the data never changes.
+            Ok(_) => reply.opened(0, fuser::consts::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock: Option<u64>,
+        reply: ReplyData,
+    ) {
+        let fs = self.fs.clone();
+        let span = tracing::debug_span!("read", ino, offset, size);
+        self.rt.spawn(async move {
+            let _enter = span.enter();
+            match fs.read(ino, offset.max(0) as u64, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => {
+                    tracing::warn!(ino, offset, size, "read failed: {e}");
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.fs.readdir(ino, offset) {
+            Ok(entries) => {
+                for e in entries {
+                    if reply.add(
+                        e.ino,
+                        e.next_offset,
+                        file_type(e.mode),
+                        OsStr::from_bytes(e.name),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        match self.fs.readdir(ino, offset) {
+            Ok(entries) => {
+                for e in entries {
+                    let Ok(a) = self.fs.getattr(e.ino) else {
+                        continue;
+                    };
+                    if reply.add(
+                        e.ino,
+                        e.next_offset,
+                        OsStr::from_bytes(e.name),
+                        &TTL,
+                        &to_fuse(&a),
+                        0,
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        let (bytes, inodes) = self.fs.totals();
+        reply.statfs(bytes.div_ceil(4096), 0, 0, inodes, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
+        match self.fs.getxattr(ino, name.as_bytes()) {
+            Ok(v) => xattr_reply(v, size, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(ino) {
+            Ok(v) => xattr_reply(&v, size, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
+        match self.fs.getattr(ino) {
+            Ok(_) if mask & libc::W_OK != 0 => reply.error(libc::EROFS),
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<u64>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<u32>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(libc::EROFS);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _offset: i64,
+        _data: &[u8],
+        _write_flags: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(libc::EROFS);
+    }
+
+    fn create(
+        &mut self,
+        _req: &Request<'_>,
+        _parent: u64,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        reply.error(libc::EROFS);
+    }
+
+    read_only! {
+        mknod(parent: u64, name: &OsStr, mode: u32, umask: u32, rdev: u32) -> ReplyEntry;
+        mkdir(parent: u64, name: &OsStr, mode: u32, umask: u32) -> ReplyEntry;
+        unlink(parent: u64, name: &OsStr) -> ReplyEmpty;
+        rmdir(parent: u64, name: &OsStr) -> ReplyEmpty;
+        symlink(parent: u64, name: &OsStr, link: &std::path::Path) -> ReplyEntry;
+        rename(parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> ReplyEmpty;
+        link(ino: u64, newparent: u64, newname: &OsStr) -> ReplyEntry;
+        setxattr(ino: u64, name: &OsStr, value: &[u8], flags: i32, position: u32) -> ReplyEmpty;
+        removexattr(ino: u64, name: &OsStr) -> ReplyEmpty;
+    }
+}
+
+fn xattr_reply(v: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(v.len() as u32);
+    } else if (size as usize) < v.len() {
+        reply.error(libc::ERANGE);
+    } else {
+        reply.data(v);
+    }
+}

@@ -1,0 +1,184 @@
+//! Per-mount counters, fetch latency percentiles, and the control socket that
+//! `thaw stats MOUNTPOINT` reads them from.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Latencies kept for percentiles (the most recent ones).
+const LATENCY_SAMPLES: usize = 8192;
+
+/// Counters of one mount. All are monotonic except the cache sizes.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    /// Chunk lookups answered from the in-memory cache.
+    pub mem_hits: AtomicU64,
+    /// Chunk lookups answered from the disk cache.
+    pub disk_hits: AtomicU64,
+    /// Lookups that joined a fetch already in flight.
+    pub joined: AtomicU64,
+    /// Chunks fetched over the network, and their frame bytes.
+    pub chunks_fetched: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    /// Of those, fetched by readahead rather than on demand.
+    pub prefetched: AtomicU64,
+    pub fetch_errors: AtomicU64,
+    pub digest_mismatches: AtomicU64,
+    pub disk_corrupt: AtomicU64,
+    pub disk_write_errors: AtomicU64,
+    pub disk_evicted: AtomicU64,
+    pub mem_cache_bytes: AtomicU64,
+    latencies_us: Mutex<Vec<u32>>,
+    latency_next: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Stats {
+    pub fn inc(c: &AtomicU64) {
+        add(c, 1);
+    }
+
+    pub fn add(c: &AtomicU64, n: u64) {
+        add(c, n);
+    }
+
+    /// Records the latency of one network fetch.
+    pub fn record_fetch(&self, took: Duration, bytes: u64, prefetch: bool) {
+        add(&self.chunks_fetched, 1);
+        add(&self.bytes_fetched, bytes);
+        if prefetch {
+            add(&self.prefetched, 1);
+        }
+        let us = took.as_micros().min(u128::from(u32::MAX)) as u32;
+        let slot = self.latency_next.fetch_add(1, Ordering::Relaxed) as usize % LATENCY_SAMPLES;
+        let mut l = self.latencies_us.lock().expect("stats lock");
+        if l.len() < LATENCY_SAMPLES {
+            l.push(us);
+        } else {
+            l[slot] = us;
+        }
+    }
+
+    /// A snapshot for `thaw stats`.
+    pub fn report(&self) -> StatsReport {
+        let mut l = self.latencies_us.lock().expect("stats lock").clone();
+        l.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if l.is_empty() {
+                return 0.0;
+            }
+            let i = ((l.len() - 1) as f64 * p).round() as usize;
+            f64::from(l[i]) / 1000.0
+        };
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsReport {
+            reads: g(&self.reads),
+            read_bytes: g(&self.read_bytes),
+            mem_hits: g(&self.mem_hits),
+            disk_hits: g(&self.disk_hits),
+            joined: g(&self.joined),
+            chunks_fetched: g(&self.chunks_fetched),
+            bytes_fetched: g(&self.bytes_fetched),
+            prefetched: g(&self.prefetched),
+            fetch_errors: g(&self.fetch_errors),
+            digest_mismatches: g(&self.digest_mismatches),
+            disk_corrupt: g(&self.disk_corrupt),
+            disk_write_errors: g(&self.disk_write_errors),
+            disk_evicted: g(&self.disk_evicted),
+            mem_cache_bytes: g(&self.mem_cache_bytes),
+            fetch_ms_p50: pct(0.5),
+            fetch_ms_p90: pct(0.9),
+            fetch_ms_p99: pct(0.99),
+            fetch_ms_max: pct(1.0),
+            ..Default::default()
+        }
+    }
+}
+
+/// What `thaw stats --json` prints.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct StatsReport {
+    pub image: String,
+    pub manifest: String,
+    pub mountpoint: String,
+    pub image_bytes: u64,
+    pub image_chunks: u64,
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub mem_hits: u64,
+    pub disk_hits: u64,
+    pub joined: u64,
+    pub chunks_fetched: u64,
+    pub bytes_fetched: u64,
+    pub prefetched: u64,
+    pub fetch_errors: u64,
+    pub digest_mismatches: u64,
+    pub disk_corrupt: u64,
+    pub disk_write_errors: u64,
+    pub disk_evicted: u64,
+    pub mem_cache_bytes: u64,
+    pub fetch_ms_p50: f64,
+    pub fetch_ms_p90: f64,
+    pub fetch_ms_p99: f64,
+    pub fetch_ms_max: f64,
+}
+
+/// Where mounts keep their control sockets and logs.
+pub fn runtime_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(|d| PathBuf::from(d).join("thaw"))
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("thaw-{uid}")))
+        .join("mounts")
+}
+
+/// The control socket of the mount at `mountpoint`.
+pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    let canon = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let key = blake3::hash(canon.as_os_str().as_encoded_bytes()).to_hex();
+    runtime_dir().join(format!("{}.sock", &key[..16]))
+}
+
+/// Serves `report()` as JSON to every connection on `path`, on a thread.
+pub fn serve_socket(
+    path: PathBuf,
+    report: impl Fn() -> StatsReport + Send + 'static,
+) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
+    std::thread::Builder::new()
+        .name("thaw-stats".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let body = serde_json::to_vec(&report()).unwrap_or_default();
+                let _ = std::io::Write::write_all(&mut conn, &body);
+            }
+        })?;
+    Ok(())
+}
+
+/// Reads the stats of the mount at `mountpoint` from its control socket.
+pub fn query(mountpoint: &Path) -> std::io::Result<StatsReport> {
+    let path = socket_path(mountpoint);
+    let mut conn = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("no thaw mount answers at {} ({e})", mountpoint.display()),
+        )
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut conn, &mut body)?;
+    serde_json::from_slice(&body).map_err(std::io::Error::other)
+}

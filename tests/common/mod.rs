@@ -1,0 +1,157 @@
+//! Shared helpers for the integration tests: a real `thaw serve` process on
+//! port 0 over a temporary `file://` store, and running the `thaw` binary.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `thaw` binary under test.
+pub fn thaw_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_thaw"))
+}
+
+/// A `thaw serve` child process; killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub port: u16,
+    pub store: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Server {
+    /// Starts a server over `store` (a directory) with extra `thaw serve` arguments.
+    pub fn start_with(store: &Path, extra: &[&str]) -> Server {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, port) = spawn(store, "127.0.0.1:0", &extra);
+        Server { child: Some(child), port, store: store.to_path_buf(), extra }
+    }
+
+    pub fn start(store: &Path) -> Server {
+        Server::start_with(store, &[])
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// An image reference on this server.
+    pub fn reference(&self, name_tag: &str) -> String {
+        format!("{}/{}", self.addr(), name_tag)
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (child, _) = spawn(&self.store, &format!("127.0.0.1:{}", self.port), &self.extra);
+            let mut child = child;
+            std::thread::sleep(Duration::from_millis(100));
+            if child.try_wait().unwrap().is_none() {
+                self.child = Some(child);
+                return;
+            }
+            assert!(Instant::now() < deadline, "server did not restart on port {}", self.port);
+        }
+    }
+
+    /// The value of a Prometheus counter at `/metrics` (summed over labels).
+    pub fn metric(&self, name: &str) -> f64 {
+        let body = reqwest::blocking::get(format!("{}/metrics", self.url())).unwrap().text().unwrap();
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Sends SIGTERM and waits for a graceful exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("server running");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn(store: &Path, listen: &str, extra: &[String]) -> (Child, u16) {
+    let mut child = Command::new(thaw_bin())
+        .args(["serve", "--listen", listen, "--store"])
+        .arg(format!("file://{}", store.display()))
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn thaw serve");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let port = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line from thaw serve: {line:?}"));
+    (child, port)
+}
+
+/// Runs `thaw ARGS` and returns its output.
+pub fn thaw(args: &[&str]) -> Output {
+    Command::new(thaw_bin()).args(args).output().expect("run thaw")
+}
+
+/// Runs `thaw ARGS`, asserts success, and returns stdout.
+pub fn thaw_ok(args: &[&str]) -> String {
+    let out = thaw(args);
+    assert!(
+        out.status.success(),
+        "thaw {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `thaw ARGS --json` and parses the JSON it prints.
+pub fn thaw_json(args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    serde_json::from_str(&thaw_ok(&a)).expect("thaw printed JSON")
+}
+
+/// Deterministic pseudo-random bytes (xorshift), incompressible.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
