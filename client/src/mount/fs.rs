@@ -314,7 +314,9 @@ impl ImageFs {
                 end - offset
             };
             st.next = end;
-            if st.run >= chunk / 2 {
+            // A run longer than a chunk has crossed a chunk boundary: a stream,
+            // not one large random read (such as a page fault's readahead).
+            if st.run > chunk {
                 st.run.min(self.readahead_max)
             } else {
                 0

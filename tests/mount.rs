@@ -1,0 +1,396 @@
+//! Real FUSE mounts of images on a real `thaw serve` process.
+
+mod common;
+
+use common::{random_bytes, thaw, thaw_json, thaw_ok, Server};
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const MB: usize = 1 << 20;
+
+/// A `thaw mount` in the background; unmounted on drop.
+struct Mount {
+    dir: PathBuf,
+}
+
+impl Mount {
+    fn new(reference: &str, dir: &Path, extra: &[&str]) -> Mount {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut args = vec!["mount", reference, dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        thaw_ok(&args);
+        Mount { dir: dir.to_path_buf() }
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        thaw_json(&["stats", self.dir.to_str().unwrap()])
+    }
+
+    fn fetched(&self) -> u64 {
+        self.stats()["chunks_fetched"].as_u64().unwrap()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let out = thaw(&["umount", self.dir.to_str().unwrap()]);
+        if !out.status.success() {
+            eprintln!("umount: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // The daemon exits once the kernel drops the session.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One test's world: a store, a server, a source tree and a cache directory.
+struct World {
+    tmp: tempfile::TempDir,
+    server: Server,
+}
+
+impl World {
+    fn new(server_args: &[&str]) -> World {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = Server::start_with(&tmp.path().join("store"), server_args);
+        World { tmp, server }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+
+    fn push(&self, src: &Path, name_tag: &str) -> String {
+        let r = self.server.reference(name_tag);
+        thaw_ok(&["push", src.to_str().unwrap(), &r]);
+        r
+    }
+
+    fn mount(&self, r: &str, name: &str, extra: &[&str]) -> Mount {
+        let cache = self.path("cache");
+        let mut args = vec!["--cache-dir", cache.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Mount::new(r, &self.path(name), &args)
+    }
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid C strings and a buffer of the given length.
+    let rc = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    assert_eq!(rc, 0, "setxattr {}", std::io::Error::last_os_error());
+}
+
+fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let rc = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (rc >= 0).then(|| buf[..rc as usize].to_vec())
+}
+
+/// A tree with the edge cases a mount must reproduce.
+fn edge_tree(src: &Path) {
+    std::fs::create_dir_all(src.join("empty_dir")).unwrap();
+    std::fs::create_dir_all(src.join("a/b/c/d")).unwrap();
+    std::fs::write(src.join("empty"), b"").unwrap();
+    std::fs::write(src.join("a/b/c/d/deep.txt"), b"deep").unwrap();
+    std::fs::write(src.join("ünï cødé name.txt"), b"unicode").unwrap();
+    std::fs::write(src.join("big.bin"), random_bytes(1, 5 * MB + 123)).unwrap();
+    for i in 0..300 {
+        std::fs::write(src.join(format!("a/small{i:03}.py")), format!("print({i})\n").repeat(i % 50 + 1)).unwrap();
+    }
+    std::os::unix::fs::symlink("big.bin", src.join("link")).unwrap();
+    std::os::unix::fs::symlink("nowhere/at/all", src.join("dangling")).unwrap();
+    std::fs::hard_link(src.join("a/small007.py"), src.join("hard.py")).unwrap();
+    let sparse = std::fs::File::create(src.join("sparse")).unwrap();
+    sparse.set_len(20 * MB as u64).unwrap();
+    sparse.write_all_at(b"middle", 10 * MB as u64).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(src.join("a/b"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::set_permissions(src.join("empty"), std::fs::Permissions::from_mode(0o604)).unwrap();
+    set_xattr(&src.join("big.bin"), "user.origin", b"generated");
+}
+
+/// Walks both trees and compares everything a reader can observe.
+fn assert_same_tree(src: &Path, mnt: &Path) {
+    let mut inodes: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    let mut stack = vec![PathBuf::new()];
+    let mut seen = 0;
+    while let Some(rel) = stack.pop() {
+        let (s, m) = (src.join(&rel), mnt.join(&rel));
+        let (sm, mm) = (std::fs::symlink_metadata(&s).unwrap(), std::fs::symlink_metadata(&m).unwrap());
+        seen += 1;
+        assert_eq!(sm.mode(), mm.mode(), "mode of {rel:?}");
+        assert_eq!((sm.uid(), sm.gid()), (mm.uid(), mm.gid()), "owner of {rel:?}");
+        assert_eq!(sm.mtime(), mm.mtime(), "mtime of {rel:?}");
+        assert_eq!(sm.mtime_nsec(), mm.mtime_nsec(), "mtime ns of {rel:?}");
+        assert_eq!(get_xattr(&s, "user.origin"), get_xattr(&m, "user.origin"), "xattr of {rel:?}");
+        let ft = sm.file_type();
+        if ft.is_dir() {
+            let mut names: Vec<_> = std::fs::read_dir(&s).unwrap().map(|e| e.unwrap().file_name()).collect();
+            let mut mnames: Vec<_> = std::fs::read_dir(&m).unwrap().map(|e| e.unwrap().file_name()).collect();
+            names.sort();
+            mnames.sort();
+            assert_eq!(names, mnames, "entries of {rel:?}");
+            stack.extend(names.into_iter().map(|n| rel.join(n)));
+        } else if ft.is_symlink() {
+            assert_eq!(std::fs::read_link(&s).unwrap(), std::fs::read_link(&m).unwrap());
+        } else {
+            assert_eq!(sm.len(), mm.len(), "size of {rel:?}");
+            assert_eq!(sm.nlink(), mm.nlink(), "links of {rel:?}");
+            assert!(std::fs::read(&s).unwrap() == std::fs::read(&m).unwrap(), "content of {rel:?}");
+            // Hardlinks in the source are one inode in the mount too.
+            if let Some(prev) = inodes.insert(sm.ino(), mm.ino()) {
+                assert_eq!(prev, mm.ino(), "hardlink {rel:?} is a different inode");
+            }
+        }
+    }
+    assert!(seen > 300);
+}
+
+#[test]
+fn mounted_tree_matches_source_and_is_read_only() {
+    let w = World::new(&[]);
+    let src = w.path("src");
+    edge_tree(&src);
+    let r = w.push(&src, "edge:v1");
+    let t = Instant::now();
+    let m = w.mount(&r, "mnt", &[]);
+    eprintln!("mounted in {:?}", t.elapsed());
+    assert_same_tree(&src, &m.dir);
+    // Holes read as zeros, data around them intact.
+    let f = std::fs::File::open(m.dir.join("sparse")).unwrap();
+    let mut buf = vec![1u8; 4096];
+    f.read_exact_at(&mut buf, 5 * MB as u64).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    let mut mid = [0u8; 6];
+    f.read_exact_at(&mut mid, 10 * MB as u64).unwrap();
+    assert_eq!(&mid, b"middle");
+    // Read-only: writes are refused with EROFS.
+    let err = std::fs::write(m.dir.join("new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let err = std::fs::OpenOptions::new().write(true).open(m.dir.join("big.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    assert_eq!(std::fs::remove_file(m.dir.join("empty")).unwrap_err().raw_os_error(), Some(libc::EROFS));
+    assert_eq!(std::fs::create_dir(m.dir.join("d")).unwrap_err().raw_os_error(), Some(libc::EROFS));
+    let stats = m.stats();
+    assert!(stats["chunks_fetched"].as_u64().unwrap() > 0);
+    assert_eq!(stats["digest_mismatches"].as_u64(), Some(0));
+}
+
+#[test]
+fn one_byte_of_a_large_file_fetches_at_most_two_chunks() {
+    let w = World::new(&[]);
+    let src = w.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let data = random_bytes(7, 100 * MB);
+    std::fs::write(src.join("weights.bin"), &data).unwrap();
+    let r = w.push(&src, "w:v1");
+    // Mounting fetches no chunk.
+    let before = w.server.metric("thaw_chunks_served_total");
+    let m = w.mount(&r, "mnt", &[]);
+    assert_eq!(w.server.metric("thaw_chunks_served_total"), before);
+    let f = std::fs::File::open(m.dir.join("weights.bin")).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 50 * MB as u64 + 12345).unwrap();
+    assert_eq!(b[0], data[50 * MB + 12345]);
+    std::thread::sleep(Duration::from_millis(200));
+    let served = w.server.metric("thaw_chunks_served_total") - before;
+    assert!((1.0..=2.0).contains(&served), "served {served} chunks for one byte");
+    assert!(m.fetched() <= 2);
+}
+
+#[test]
+fn mmap_shared_and_private_fault_in_only_touched_chunks() {
+    let w = World::new(&[]);
+    let src = w.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let data = random_bytes(9, 64 * MB);
+    std::fs::write(src.join("model.safetensors"), &data).unwrap();
+    let r = w.push(&src, "mm:v1");
+    let m = w.mount(&r, "mnt", &[]);
+    let f = std::fs::File::open(m.dir.join("model.safetensors")).unwrap();
+    // SAFETY: the file is on a read-only filesystem; nothing changes it while mapped.
+    let shared = unsafe { memmap2::Mmap::map(&f) }.unwrap();
+    // SAFETY: as above; a private map is copy-on-write.
+    let mut private = unsafe { memmap2::MmapOptions::new().map_copy(&f) }.unwrap();
+    // Mid-chunk, so the kernel's fault readahead stays within one chunk.
+    let offsets = [3 * MB + MB / 2 + 17, 40 * MB + MB / 2, 62 * MB + MB / 2 + 999];
+    for &o in &offsets {
+        assert_eq!(shared[o], data[o]);
+        assert_eq!(private[o], data[o]);
+    }
+    private[5] ^= 0xff; // copy-on-write stays private
+    assert_eq!(shared[5], data[5]);
+    let fetched = m.fetched();
+    assert!((3..=4).contains(&fetched), "{fetched} chunks fetched for 3 touched pages");
+    assert!(shared[..] == data[..], "whole mapping matches");
+}
+
+#[test]
+fn eight_threads_read_same_and_different_files() {
+    let w = World::new(&[]);
+    let src = w.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let files: Vec<Vec<u8>> = (0..4).map(|i| random_bytes(100 + i, 6 * MB + i as usize * 1000)).collect();
+    for (i, d) in files.iter().enumerate() {
+        std::fs::write(src.join(format!("f{i}")), d).unwrap();
+    }
+    let r = w.push(&src, "mt:v1");
+    let m = w.mount(&r, "mnt", &[]);
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let (dir, files) = (&m.dir, &files);
+            s.spawn(move || {
+                // Threads 0-3 share file 0; 4-7 read files 0-3; offsets interleave.
+                let i = if t < 4 { 0 } else { t - 4 };
+                let f = std::fs::File::open(dir.join(format!("f{i}"))).unwrap();
+                let mut buf = vec![0u8; 300_000];
+                for k in 0..20 {
+                    let off = ((k * 7 + t) * 301_111) % (files[i].len() - buf.len());
+                    f.read_exact_at(&mut buf, off as u64).unwrap();
+                    assert!(buf[..] == files[i][off..off + buf.len()], "thread {t} read {k}");
+                }
+                assert!(std::fs::read(dir.join(format!("f{i}"))).unwrap() == files[i]);
+            });
+        }
+    });
+    let stats = m.stats();
+    // Each chunk was fetched once however many threads wanted it.
+    assert!(stats["chunks_fetched"].as_u64().unwrap() <= 4 * 7, "{stats}");
+}
+
+#[test]
+fn server_down_gives_eio_quickly_then_recovers() {
+    let mut w = World::new(&[]);
+    let src = w.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let data = random_bytes(11, 16 * MB);
+    std::fs::write(src.join("data"), &data).unwrap();
+    let r = w.push(&src, "down:v1");
+    let m = w.mount(&r, "mnt", &["--fetch-timeout", "2", "--readahead", "0"]);
+    let f = std::fs::File::open(m.dir.join("data")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    w.server.kill();
+    // Cached data is still served.
+    f.read_exact_at(&mut buf, 100).unwrap();
+    assert!(buf[..] == data[100..4196]);
+    // Uncached data fails with EIO within the bounded time.
+    let t = Instant::now();
+    let err = f.read_exact_at(&mut buf, 9 * MB as u64).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+    // Back up: the same read works without a remount.
+    w.server.restart();
+    f.read_exact_at(&mut buf, 9 * MB as u64).unwrap();
+    assert!(buf[..] == data[9 * MB..9 * MB + 4096]);
+    assert!(m.stats()["fetch_errors"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn corrupted_chunk_in_the_store_gives_eio_never_wrong_bytes() {
+    let w = World::new(&["--cache-mem", "0"]);
+    let src = w.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let data = random_bytes(13, 3 * MB);
+    std::fs::write(src.join("data"), &data).unwrap();
+    let r = w.push(&src, "bad:v1");
+    // Replace the second chunk's frame with a valid frame of other bytes.
+    let id = blake3::hash(&data[MB..2 * MB]).to_hex().to_string();
+    let path = w.server.store.join("chunks").join(&id[..2]).join(&id);
+    let mut frame = b"THCK\x01\x00\x00\x00".to_vec();
+    frame.extend_from_slice(&(MB as u32).to_le_bytes());
+    let mut evil = data[MB..2 * MB].to_vec();
+    evil[777] ^= 1;
+    frame.extend_from_slice(&evil);
+    std::fs::write(&path, frame).unwrap();
+    let m = w.mount(&r, "mnt", &["--readahead", "0"]);
+    let f = std::fs::File::open(m.dir.join("data")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf[..] == data[..4096]);
+    let err = f.read_exact_at(&mut buf, MB as u64 + 512).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(m.stats()["digest_mismatches"].as_u64().unwrap() >= 1);
+    // Nothing bad reached the disk cache.
+    let cached = w.path("cache/v1").join(&id[..2]).join(&id);
+    assert!(!cached.exists());
+}
+
+#[test]
+fn small_disk_cache_evicts_and_stays_correct() {
+    let w = World::new(&[]);
+    let src = w.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let data = random_bytes(17, 24 * MB);
+    std::fs::write(src.join("data"), &data).unwrap();
+    let r = w.push(&src, "ev:v1");
+    let m = w.mount(&r, "mnt", &["--cache-size", "6M", "--cache-mem", "2M"]);
+    assert!(std::fs::read(m.dir.join("data")).unwrap() == data);
+    std::thread::sleep(Duration::from_millis(300));
+    let total: u64 = walk_sizes(&w.path("cache/v1"));
+    assert!(total <= 6 * MB as u64 + MB as u64 + 64, "disk cache holds {total} bytes");
+    assert!(total > 0);
+    assert!(m.stats()["disk_evicted"].as_u64().unwrap() > 0);
+}
+
+fn walk_sizes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let md = e.metadata().unwrap();
+        if md.is_dir() {
+            if e.file_name() != "tmp" {
+                total += walk_sizes(&e.path());
+            }
+        } else {
+            total += md.len();
+        }
+    }
+    total
+}
+
+#[test]
+fn remount_reads_everything_from_the_disk_cache() {
+    let w = World::new(&[]);
+    let src = w.path("src");
+    edge_tree(&src);
+    let r = w.push(&src, "warm:v1");
+    {
+        let m = w.mount(&r, "mnt", &[]);
+        assert_same_tree(&src, &m.dir);
+    }
+    std::thread::sleep(Duration::from_millis(300)); // cache writes finish in the background
+    let before = w.server.metric("thaw_chunks_served_total");
+    let m = w.mount(&r, "mnt", &[]);
+    assert_same_tree(&src, &m.dir);
+    assert_eq!(w.server.metric("thaw_chunks_served_total"), before, "remount fetched over the network");
+    let s = m.stats();
+    assert_eq!(s["chunks_fetched"].as_u64(), Some(0), "{s}");
+    assert!(s["disk_hits"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn tampered_manifest_is_refused_at_mount() {
+    let w = World::new(&[]);
+    let src = w.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"hello").unwrap();
+    let r = w.push(&src, "t:v1");
+    let dir = w.server.store.join("manifests");
+    let entry = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+    let mut bytes = std::fs::read(&entry).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&entry, bytes).unwrap();
+    std::fs::create_dir_all(w.path("mnt")).unwrap();
+    let out = thaw(&["mount", &r, w.path("mnt").to_str().unwrap(), "--cache-dir", w.path("cache").to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("digest mismatch"), "{err}");
+}
