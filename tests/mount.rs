@@ -22,7 +22,9 @@ impl Mount {
         let mut args = vec!["mount", reference, dir.to_str().unwrap()];
         args.extend_from_slice(extra);
         thaw_ok(&args);
-        Mount { dir: dir.to_path_buf() }
+        Mount {
+            dir: dir.to_path_buf(),
+        }
     }
 
     fn stats(&self) -> serde_json::Value {
@@ -80,7 +82,15 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) {
     let p = CString::new(path.as_os_str().as_bytes()).unwrap();
     let n = CString::new(name).unwrap();
     // SAFETY: valid C strings and a buffer of the given length.
-    let rc = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    let rc = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
     assert_eq!(rc, 0, "setxattr {}", std::io::Error::last_os_error());
 }
 
@@ -102,7 +112,11 @@ fn edge_tree(src: &Path) {
     std::fs::write(src.join("ünï cødé name.txt"), b"unicode").unwrap();
     std::fs::write(src.join("big.bin"), random_bytes(1, 5 * MB + 123)).unwrap();
     for i in 0..300 {
-        std::fs::write(src.join(format!("a/small{i:03}.py")), format!("print({i})\n").repeat(i % 50 + 1)).unwrap();
+        std::fs::write(
+            src.join(format!("a/small{i:03}.py")),
+            format!("print({i})\n").repeat(i % 50 + 1),
+        )
+        .unwrap();
     }
     std::os::unix::fs::symlink("big.bin", src.join("link")).unwrap();
     std::os::unix::fs::symlink("nowhere/at/all", src.join("dangling")).unwrap();
@@ -123,27 +137,50 @@ fn assert_same_tree(src: &Path, mnt: &Path) {
     let mut seen = 0;
     while let Some(rel) = stack.pop() {
         let (s, m) = (src.join(&rel), mnt.join(&rel));
-        let (sm, mm) = (std::fs::symlink_metadata(&s).unwrap(), std::fs::symlink_metadata(&m).unwrap());
+        let (sm, mm) = (
+            std::fs::symlink_metadata(&s).unwrap(),
+            std::fs::symlink_metadata(&m).unwrap(),
+        );
         seen += 1;
         assert_eq!(sm.mode(), mm.mode(), "mode of {rel:?}");
-        assert_eq!((sm.uid(), sm.gid()), (mm.uid(), mm.gid()), "owner of {rel:?}");
+        assert_eq!(
+            (sm.uid(), sm.gid()),
+            (mm.uid(), mm.gid()),
+            "owner of {rel:?}"
+        );
         assert_eq!(sm.mtime(), mm.mtime(), "mtime of {rel:?}");
         assert_eq!(sm.mtime_nsec(), mm.mtime_nsec(), "mtime ns of {rel:?}");
-        assert_eq!(get_xattr(&s, "user.origin"), get_xattr(&m, "user.origin"), "xattr of {rel:?}");
+        assert_eq!(
+            get_xattr(&s, "user.origin"),
+            get_xattr(&m, "user.origin"),
+            "xattr of {rel:?}"
+        );
         let ft = sm.file_type();
         if ft.is_dir() {
-            let mut names: Vec<_> = std::fs::read_dir(&s).unwrap().map(|e| e.unwrap().file_name()).collect();
-            let mut mnames: Vec<_> = std::fs::read_dir(&m).unwrap().map(|e| e.unwrap().file_name()).collect();
+            let mut names: Vec<_> = std::fs::read_dir(&s)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            let mut mnames: Vec<_> = std::fs::read_dir(&m)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
             names.sort();
             mnames.sort();
             assert_eq!(names, mnames, "entries of {rel:?}");
             stack.extend(names.into_iter().map(|n| rel.join(n)));
         } else if ft.is_symlink() {
-            assert_eq!(std::fs::read_link(&s).unwrap(), std::fs::read_link(&m).unwrap());
+            assert_eq!(
+                std::fs::read_link(&s).unwrap(),
+                std::fs::read_link(&m).unwrap()
+            );
         } else {
             assert_eq!(sm.len(), mm.len(), "size of {rel:?}");
             assert_eq!(sm.nlink(), mm.nlink(), "links of {rel:?}");
-            assert!(std::fs::read(&s).unwrap() == std::fs::read(&m).unwrap(), "content of {rel:?}");
+            assert!(
+                std::fs::read(&s).unwrap() == std::fs::read(&m).unwrap(),
+                "content of {rel:?}"
+            );
             // Hardlinks in the source are one inode in the mount too.
             if let Some(prev) = inodes.insert(sm.ino(), mm.ino()) {
                 assert_eq!(prev, mm.ino(), "hardlink {rel:?} is a different inode");
@@ -174,10 +211,23 @@ fn mounted_tree_matches_source_and_is_read_only() {
     // Read-only: writes are refused with EROFS.
     let err = std::fs::write(m.dir.join("new"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
-    let err = std::fs::OpenOptions::new().write(true).open(m.dir.join("big.bin")).unwrap_err();
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.dir.join("big.bin"))
+        .unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
-    assert_eq!(std::fs::remove_file(m.dir.join("empty")).unwrap_err().raw_os_error(), Some(libc::EROFS));
-    assert_eq!(std::fs::create_dir(m.dir.join("d")).unwrap_err().raw_os_error(), Some(libc::EROFS));
+    assert_eq!(
+        std::fs::remove_file(m.dir.join("empty"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        std::fs::create_dir(m.dir.join("d"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EROFS)
+    );
     let stats = m.stats();
     assert!(stats["chunks_fetched"].as_u64().unwrap() > 0);
     assert_eq!(stats["digest_mismatches"].as_u64(), Some(0));
@@ -201,7 +251,10 @@ fn one_byte_of_a_large_file_fetches_at_most_two_chunks() {
     assert_eq!(b[0], data[50 * MB + 12345]);
     std::thread::sleep(Duration::from_millis(200));
     let served = w.server.metric("thaw_chunks_served_total") - before;
-    assert!((1.0..=2.0).contains(&served), "served {served} chunks for one byte");
+    assert!(
+        (1.0..=2.0).contains(&served),
+        "served {served} chunks for one byte"
+    );
     assert!(m.fetched() <= 2);
 }
 
@@ -220,7 +273,11 @@ fn mmap_shared_and_private_fault_in_only_touched_chunks() {
     // SAFETY: as above; a private map is copy-on-write.
     let mut private = unsafe { memmap2::MmapOptions::new().map_copy(&f) }.unwrap();
     // Mid-chunk, so the kernel's fault readahead stays within one chunk.
-    let offsets = [3 * MB + MB / 2 + 17, 40 * MB + MB / 2, 62 * MB + MB / 2 + 999];
+    let offsets = [
+        3 * MB + MB / 2 + 17,
+        40 * MB + MB / 2,
+        62 * MB + MB / 2 + 999,
+    ];
     for &o in &offsets {
         assert_eq!(shared[o], data[o]);
         assert_eq!(private[o], data[o]);
@@ -228,7 +285,10 @@ fn mmap_shared_and_private_fault_in_only_touched_chunks() {
     private[5] ^= 0xff; // copy-on-write stays private
     assert_eq!(shared[5], data[5]);
     let fetched = m.fetched();
-    assert!((3..=4).contains(&fetched), "{fetched} chunks fetched for 3 touched pages");
+    assert!(
+        (3..=4).contains(&fetched),
+        "{fetched} chunks fetched for 3 touched pages"
+    );
     assert!(shared[..] == data[..], "whole mapping matches");
 }
 
@@ -237,7 +297,9 @@ fn eight_threads_read_same_and_different_files() {
     let w = World::new(&[]);
     let src = w.path("src");
     std::fs::create_dir_all(&src).unwrap();
-    let files: Vec<Vec<u8>> = (0..4).map(|i| random_bytes(100 + i, 6 * MB + i as usize * 1000)).collect();
+    let files: Vec<Vec<u8>> = (0..4)
+        .map(|i| random_bytes(100 + i, 6 * MB + i as usize * 1000))
+        .collect();
     for (i, d) in files.iter().enumerate() {
         std::fs::write(src.join(format!("f{i}")), d).unwrap();
     }
@@ -254,7 +316,10 @@ fn eight_threads_read_same_and_different_files() {
                 for k in 0..20 {
                     let off = ((k * 7 + t) * 301_111) % (files[i].len() - buf.len());
                     f.read_exact_at(&mut buf, off as u64).unwrap();
-                    assert!(buf[..] == files[i][off..off + buf.len()], "thread {t} read {k}");
+                    assert!(
+                        buf[..] == files[i][off..off + buf.len()],
+                        "thread {t} read {k}"
+                    );
                 }
                 assert!(std::fs::read(dir.join(format!("f{i}"))).unwrap() == files[i]);
             });
@@ -262,7 +327,10 @@ fn eight_threads_read_same_and_different_files() {
     });
     let stats = m.stats();
     // Each chunk was fetched once however many threads wanted it.
-    assert!(stats["chunks_fetched"].as_u64().unwrap() <= 4 * 7, "{stats}");
+    assert!(
+        stats["chunks_fetched"].as_u64().unwrap() <= 4 * 7,
+        "{stats}"
+    );
 }
 
 #[test]
@@ -285,7 +353,11 @@ fn server_down_gives_eio_quickly_then_recovers() {
     let t = Instant::now();
     let err = f.read_exact_at(&mut buf, 9 * MB as u64).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t.elapsed()
+    );
     // Back up: the same read works without a remount.
     w.server.restart();
     f.read_exact_at(&mut buf, 9 * MB as u64).unwrap();
@@ -335,7 +407,10 @@ fn small_disk_cache_evicts_and_stays_correct() {
     assert!(std::fs::read(m.dir.join("data")).unwrap() == data);
     std::thread::sleep(Duration::from_millis(300));
     let total: u64 = walk_sizes(&w.path("cache/v1"));
-    assert!(total <= 6 * MB as u64 + MB as u64 + 64, "disk cache holds {total} bytes");
+    assert!(
+        total <= 6 * MB as u64 + MB as u64 + 64,
+        "disk cache holds {total} bytes"
+    );
     assert!(total > 0);
     assert!(m.stats()["disk_evicted"].as_u64().unwrap() > 0);
 }
@@ -369,7 +444,11 @@ fn remount_reads_everything_from_the_disk_cache() {
     let before = w.server.metric("thaw_chunks_served_total");
     let m = w.mount(&r, "mnt", &[]);
     assert_same_tree(&src, &m.dir);
-    assert_eq!(w.server.metric("thaw_chunks_served_total"), before, "remount fetched over the network");
+    assert_eq!(
+        w.server.metric("thaw_chunks_served_total"),
+        before,
+        "remount fetched over the network"
+    );
     let s = m.stats();
     assert_eq!(s["chunks_fetched"].as_u64(), Some(0), "{s}");
     assert!(s["disk_hits"].as_u64().unwrap() > 0);
@@ -383,13 +462,24 @@ fn tampered_manifest_is_refused_at_mount() {
     std::fs::write(src.join("f"), b"hello").unwrap();
     let r = w.push(&src, "t:v1");
     let dir = w.server.store.join("manifests");
-    let entry = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+    let entry = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let mut bytes = std::fs::read(&entry).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&entry, bytes).unwrap();
     std::fs::create_dir_all(w.path("mnt")).unwrap();
-    let out = thaw(&["mount", &r, w.path("mnt").to_str().unwrap(), "--cache-dir", w.path("cache").to_str().unwrap()]);
+    let out = thaw(&[
+        "mount",
+        &r,
+        w.path("mnt").to_str().unwrap(),
+        "--cache-dir",
+        w.path("cache").to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("digest mismatch"), "{err}");

@@ -38,6 +38,11 @@ pub enum Command {
     Stats(StatsArgs),
     /// Serve, push, mount and read a generated image, with no setup, and report.
     Demo(crate::demo::DemoArgs),
+    /// Measure cold starts: full pull, lazy cold, lazy warm, local and peers.
+    Bench(crate::bench::BenchArgs),
+    /// Run a built-in workload's startup reads against ROOT (used by `thaw bench`).
+    #[command(hide = true)]
+    BenchRead { plan: PathBuf, root: PathBuf },
 }
 
 #[derive(Args)]
@@ -205,6 +210,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Umount(a) => Ok(thaw_client::mount::unmount(&a.mountpoint)?),
         Command::Stats(a) => stats(a),
         Command::Demo(a) => crate::demo::run(a, rt),
+        Command::Bench(a) => crate::bench::run(a, rt),
+        Command::BenchRead { plan, root } => {
+            let plan: crate::bench::workload::Plan =
+                serde_json::from_slice(&std::fs::read(&plan)?)?;
+            let n = crate::bench::workload::execute(&root, &plan)?;
+            println!("{n}");
+            Ok(())
+        }
     }
 }
 

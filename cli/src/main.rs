@@ -1,5 +1,6 @@
 //! The `thaw` command: parse arguments, build a config, call the library.
 
+mod bench;
 mod cmd;
 mod demo;
 
@@ -14,8 +15,9 @@ fn main() -> std::process::ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("THAW_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_level},fuser::reply=off"))),
+            tracing_subscriber::EnvFilter::try_from_env("THAW_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(format!("{default_level},fuser::reply=off"))
+            }),
         )
         .with_writer(std::io::stderr)
         .init();

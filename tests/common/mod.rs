@@ -25,7 +25,12 @@ impl Server {
     pub fn start_with(store: &Path, extra: &[&str]) -> Server {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let (child, port) = spawn(store, "127.0.0.1:0", &extra);
-        Server { child: Some(child), port, store: store.to_path_buf(), extra }
+        Server {
+            child: Some(child),
+            port,
+            store: store.to_path_buf(),
+            extra,
+        }
     }
 
     pub fn start(store: &Path) -> Server {
@@ -60,20 +65,31 @@ impl Server {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let (child, _) = spawn(&self.store, &format!("127.0.0.1:{}", self.port), &self.extra);
+            let (child, _) = spawn(
+                &self.store,
+                &format!("127.0.0.1:{}", self.port),
+                &self.extra,
+            );
             let mut child = child;
             std::thread::sleep(Duration::from_millis(100));
             if child.try_wait().unwrap().is_none() {
                 self.child = Some(child);
                 return;
             }
-            assert!(Instant::now() < deadline, "server did not restart on port {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "server did not restart on port {}",
+                self.port
+            );
         }
     }
 
     /// The value of a Prometheus counter at `/metrics` (summed over labels).
     pub fn metric(&self, name: &str) -> f64 {
-        let body = reqwest::blocking::get(format!("{}/metrics", self.url())).unwrap().text().unwrap();
+        let body = reqwest::blocking::get(format!("{}/metrics", self.url()))
+            .unwrap()
+            .text()
+            .unwrap();
         body.lines()
             .filter(|l| !l.starts_with('#'))
             .filter(|l| l.split(['{', ' ']).next() == Some(name))
@@ -120,7 +136,10 @@ fn spawn(store: &Path, listen: &str, extra: &[String]) -> (Child, u16) {
 
 /// Runs `thaw ARGS` and returns its output.
 pub fn thaw(args: &[&str]) -> Output {
-    Command::new(thaw_bin()).args(args).output().expect("run thaw")
+    Command::new(thaw_bin())
+        .args(args)
+        .output()
+        .expect("run thaw")
 }
 
 /// Runs `thaw ARGS`, asserts success, and returns stdout.

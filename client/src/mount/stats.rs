@@ -96,6 +96,8 @@ impl Stats {
             fetch_ms_p90: pct(0.9),
             fetch_ms_p99: pct(0.99),
             fetch_ms_max: pct(1.0),
+            pid: std::process::id(),
+            peak_rss_bytes: peak_rss(),
             ..Default::default()
         }
     }
@@ -127,6 +129,20 @@ pub struct StatsReport {
     pub fetch_ms_p90: f64,
     pub fetch_ms_p99: f64,
     pub fetch_ms_max: f64,
+    /// The mount process's pid and peak resident memory.
+    pub pid: u32,
+    pub peak_rss_bytes: u64,
+}
+
+/// VmHWM of this process, from /proc.
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// Where mounts keep their control sockets and logs.
