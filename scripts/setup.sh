@@ -5,6 +5,7 @@ need=()
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 command -v mksquashfs >/dev/null 2>&1 || need+=(squashfs-tools)
 command -v squashfuse >/dev/null 2>&1 || need+=(squashfuse)
+command -v casync >/dev/null 2>&1 || need+=(casync)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

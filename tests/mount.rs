@@ -42,8 +42,6 @@ impl Drop for Mount {
         if !out.status.success() {
             eprintln!("umount: {}", String::from_utf8_lossy(&out.stderr));
         }
-        // The daemon exits once the kernel drops the session.
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -413,6 +411,41 @@ fn small_disk_cache_evicts_and_stays_correct() {
     );
     assert!(total > 0);
     assert!(m.stats()["disk_evicted"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn full_cache_disk_degrades_to_the_network() {
+    let w = World::new(&[]);
+    let src = w.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let data = random_bytes(19, 12 * MB);
+    std::fs::write(src.join("data"), &data).unwrap();
+    let r = w.push(&src, "full:v1");
+    // A 2 MiB filesystem under a cache that believes it may use 1 GiB.
+    let cache = w.path("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&cache)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cannot mount a tmpfs (tests run as root)");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _tmpfs = Unmount(cache.clone());
+    {
+        let m = w.mount(&r, "mnt", &["--cache-size", "1G", "--cache-mem", "1M"]);
+        assert!(
+            std::fs::read(m.dir.join("data")).unwrap() == data,
+            "reads stay correct on a full disk"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(m.stats()["disk_write_errors"].as_u64().unwrap() > 0);
+    }
 }
 
 fn walk_sizes(dir: &Path) -> u64 {

@@ -201,9 +201,11 @@ pub fn mount(r: &str, mp: &Path, cache: &Path, extra: &[&str]) -> Result<()> {
     check(out, "thaw mount").map(|_| ())
 }
 
+/// Unmounts with `thaw umount`, which waits for the mount process to exit.
 pub fn umount(mp: &Path) {
-    let _ = thaw_client::mount::unmount(mp);
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    if let Ok(mut c) = thaw_cmd() {
+        let _ = c.arg("umount").arg(mp).output();
+    }
 }
 
 fn sample_local(t: &Target) -> Result<Sample> {

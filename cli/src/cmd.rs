@@ -61,6 +61,9 @@ pub struct MountArgs {
     /// Largest readahead window on sequential reads; 0 disables readahead.
     #[arg(long, default_value = "32M", value_parser = parse_bytes)]
     readahead: u64,
+    /// Kernel readahead of the mount (root only); 0 keeps the kernel's default.
+    #[arg(long, default_value = "1M", value_parser = parse_bytes)]
+    kernel_readahead: u64,
     /// Seconds a read retries an unreachable server before failing with EIO.
     #[arg(long, default_value_t = 30.0)]
     fetch_timeout: f64,
@@ -207,7 +210,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => rt.block_on(export(a)),
         Command::Inspect(a) => rt.block_on(inspect(a)),
         Command::Mount(a) => mount(a, rt),
-        Command::Umount(a) => Ok(thaw_client::mount::unmount(&a.mountpoint)?),
+        Command::Umount(a) => umount(a),
         Command::Stats(a) => stats(a),
         Command::Demo(a) => crate::demo::run(a, rt),
         Command::Bench(a) => crate::bench::run(a, rt),
@@ -413,6 +416,7 @@ fn mount(a: MountArgs, rt: tokio::runtime::Runtime) -> Result<()> {
         readahead_max: a.readahead,
         fetch_timeout: std::time::Duration::from_secs_f64(a.fetch_timeout.max(0.0)),
         allow_other: a.allow_other,
+        kernel_readahead: a.kernel_readahead,
     };
     let prepared = rt
         .block_on(thaw_client::mount::prepare(&r, remote, &opts))
@@ -430,22 +434,61 @@ fn mount(a: MountArgs, rt: tokio::runtime::Runtime) -> Result<()> {
             a.mountpoint.display()
         );
     }
-    rt.block_on(async {
+    let socket = thaw_client::mount::stats::socket_path(&a.mountpoint);
+    let socket_ino = std::fs::metadata(&socket)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .ok();
+    let unmounted_elsewhere = rt.block_on(async {
         let signal = shutdown_signal();
         tokio::pin!(signal);
         loop {
             tokio::select! {
-                _ = &mut signal => break,
-                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                _ = &mut signal => return false,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {
                     if session.guard.is_finished() {
-                        break;
+                        return true;
                     }
                 }
             }
         }
     });
-    drop(session);
-    let _ = std::fs::remove_file(thaw_client::mount::stats::socket_path(&a.mountpoint));
+    if unmounted_elsewhere {
+        // Already unmounted (`thaw umount`, fusermount3 -u): dropping the session
+        // would unmount again and could hit a newer mount at the same path.
+        std::mem::forget(session);
+    } else {
+        drop(session);
+    }
+    prepared.fs.flush();
+    // Remove the control socket only if it is still ours.
+    let still_ours = std::fs::metadata(&socket)
+        .map(|m| Some(std::os::unix::fs::MetadataExt::ino(&m)) == socket_ino);
+    if still_ours.unwrap_or(false) {
+        let _ = std::fs::remove_file(&socket);
+    }
+    Ok(())
+}
+
+/// Unmounts, then waits for the mount's process to finish its cache writes and exit.
+fn umount(a: UmountArgs) -> Result<()> {
+    let pid = thaw_client::mount::stats::query(&a.mountpoint)
+        .ok()
+        .map(|s| s.pid)
+        .filter(|&p| p != 0);
+    thaw_client::mount::unmount(&a.mountpoint)?;
+    if let Some(pid) = pid {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && std::time::Instant::now() < deadline
+        {
+            // A zombie (our own child, never here) would also stop the wait.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.split_whitespace().nth(2) == Some("Z") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
     Ok(())
 }
 

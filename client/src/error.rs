@@ -22,7 +22,7 @@ pub enum ClientError {
     NotFound { what: String },
     #[error("chunk server refused the manifest: {} chunks are missing", missing.len())]
     MissingChunks { missing: Vec<Digest> },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -190,7 +190,7 @@ fn create_tree(m: &Manifest, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// xattrs, ownership (as root), modes and mtimes, deepest entries first.
+/// Ownership (as root), modes, xattrs and mtimes, deepest entries first.
 fn apply_metadata(m: &Manifest, dest: &Path) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -201,17 +201,18 @@ fn apply_metadata(m: &Manifest, dest: &Path) -> Result<()> {
         let path = node_path(m, dest, i as u32);
         let io = |e| ClientError::io(&path, e);
         let symlink = matches!(n.kind, NodeKind::Symlink { .. });
-        for x in &m.xattrs[n.xattrs.start as usize..n.xattrs.end as usize] {
-            if let Err(e) = xattr::set(&path, OsStr::from_bytes(&x.name), &x.value) {
-                tracing::warn!(path = %path.display(), name = %String::from_utf8_lossy(&x.name), "cannot set xattr: {e}");
-            }
-        }
         if root {
             std::os::unix::fs::lchown(&path, Some(n.uid), Some(n.gid)).map_err(io)?;
         }
         if !symlink {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(n.mode & 0o7777))
                 .map_err(io)?;
+        }
+        // After chown and chmod: chown clears security.capability.
+        for x in &m.xattrs[n.xattrs.start as usize..n.xattrs.end as usize] {
+            if let Err(e) = xattr::set(&path, OsStr::from_bytes(&x.name), &x.value) {
+                tracing::warn!(path = %path.display(), name = %String::from_utf8_lossy(&x.name), "cannot set xattr: {e}");
+            }
         }
         let t = filetime::FileTime::from_unix_time(
             n.mtime_ns.div_euclid(1_000_000_000),

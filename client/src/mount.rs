@@ -39,6 +39,10 @@ pub struct MountOptions {
     /// How long a read keeps retrying an unreachable server before EIO.
     pub fetch_timeout: Duration,
     pub allow_other: bool,
+    /// Kernel readahead for the mount, in bytes (0 keeps the kernel's 128 KiB).
+    /// Larger keeps more reads in flight for sequential readers, but makes each
+    /// page fault of an mmap'd file read (and fetch) that much around it.
+    pub kernel_readahead: u64,
 }
 
 impl Default for MountOptions {
@@ -51,6 +55,7 @@ impl Default for MountOptions {
             readahead_max: 32 << 20,
             fetch_timeout: Duration::from_secs(30),
             allow_other: false,
+            kernel_readahead: 1 << 20,
         }
     }
 }
@@ -76,6 +81,8 @@ pub struct Prepared {
 pub async fn prepare(r: &ImageRef, mut remote: Remote, opts: &MountOptions) -> Result<Prepared> {
     remote.retry.deadline = opts.fetch_timeout;
     remote.retry.attempts = u32::MAX;
+    // A server that accepts but never answers must not hold a read past the deadline either.
+    remote.request_timeout = opts.fetch_timeout.max(Duration::from_millis(100));
     let (digest, m, _) = remote.image(r).await?;
     let m = Arc::new(m);
     let disk = match &opts.cache_dir {
@@ -132,6 +139,9 @@ pub fn mount(
                 format!("cannot mount (is fuse3 installed?): {e}"),
             ),
         })?;
+    if opts.kernel_readahead > 0 {
+        set_readahead(mountpoint, opts.kernel_readahead);
+    }
     let (fs, image, manifest, mp) = (
         p.fs.clone(),
         p.image.clone(),
@@ -155,6 +165,22 @@ pub fn mount(
     })
     .map_err(|e| ClientError::io(stats::socket_path(mountpoint), e))?;
     Ok(session)
+}
+
+/// FUSE mounts start with the kernel's default 128 KiB readahead, and a
+/// daemon can only lower it at init; as root, set it through sysfs so a
+/// sequential reader keeps more reads in flight. Best effort.
+pub fn set_readahead(mountpoint: &Path, bytes: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = md.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, (bytes / 1024).to_string()) {
+        tracing::debug!("cannot raise readahead at {path}: {e}");
+    }
 }
 
 /// Unmounts a thaw mount (as root directly, else through `fusermount3`).

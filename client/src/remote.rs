@@ -38,6 +38,8 @@ pub struct Remote {
     token: Option<String>,
     http: reqwest::Client,
     pub retry: RetryPolicy,
+    /// Longest one request may take before it counts as failed (and is retried).
+    pub request_timeout: Duration,
 }
 
 /// Most ids one `missing` request carries.
@@ -50,7 +52,6 @@ impl Remote {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(120))
             .tcp_nodelay(true)
             .build()
             .map_err(|e| ClientError::Unreachable {
@@ -62,6 +63,7 @@ impl Remote {
             token,
             http,
             retry: RetryPolicy::default(),
+            request_timeout: Duration::from_secs(120),
         })
     }
 
@@ -74,7 +76,10 @@ impl Remote {
     }
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let rb = self.http.request(method, format!("{}{}", self.base, path));
+        let rb = self
+            .http
+            .request(method, format!("{}{}", self.base, path))
+            .timeout(self.request_timeout);
         match &self.token {
             Some(t) => rb.bearer_auth(t),
             None => rb,

@@ -59,7 +59,7 @@ pub enum NodeKind {
     Symlink {
         target: Vec<u8>,
     },
-    /// Another name for the regular file `nodes[target]`.
+    /// Another name for the non-directory entry `nodes[target]` (one inode).
     Hardlink {
         target: u32,
     },
@@ -285,8 +285,14 @@ impl Manifest {
                     }
                 }
                 NodeKind::Hardlink { target } => match self.nodes.get(*target as usize) {
-                    Some(t) if matches!(t.kind, NodeKind::File { .. }) && t.size == node.size => {}
-                    _ => return Err(ctx("hardlink must name a regular file of the same size")),
+                    Some(t)
+                        if !matches!(t.kind, NodeKind::Dir { .. } | NodeKind::Hardlink { .. })
+                            && t.size == node.size => {}
+                    _ => {
+                        return Err(ctx(
+                            "hardlink must name a non-directory entry of the same size",
+                        ))
+                    }
                 },
                 NodeKind::CharDev { .. }
                 | NodeKind::BlockDev { .. }

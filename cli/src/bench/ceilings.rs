@@ -103,7 +103,12 @@ pub struct Squash {
 impl Squash {
     /// Builds `image` from `dir` (zstd, as thaw's frames) and mounts it; `None`
     /// when squashfs-tools or squashfuse are not installed.
-    pub fn mount(dir: &Path, image: &Path, mountpoint: &Path) -> Result<Option<Squash>> {
+    pub fn mount(
+        dir: &Path,
+        image: &Path,
+        mountpoint: &Path,
+        readahead: u64,
+    ) -> Result<Option<Squash>> {
         let have = |c: &str| {
             Command::new("sh")
                 .arg("-c")
@@ -142,6 +147,10 @@ impl Squash {
             .context("squashfuse")?;
         if !st.success() {
             bail!("squashfuse failed");
+        }
+        // The same kernel readahead as the thaw mount it is compared with.
+        if readahead > 0 {
+            thaw_client::mount::set_readahead(mountpoint, readahead);
         }
         Ok(Some(Squash {
             mountpoint: mountpoint.to_path_buf(),

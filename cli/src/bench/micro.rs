@@ -109,6 +109,8 @@ async fn fetch_decompress(r: &ImageRef, file: &str, concurrency: usize) -> Resul
 }
 
 pub fn run(a: &BenchArgs, rt: &tokio::runtime::Runtime) -> Result<()> {
+    let ra = std::env::var("THAW_BENCH_KERNEL_READAHEAD").unwrap_or_else(|_| "1M".into());
+    let extra: Vec<&str> = vec!["--kernel-readahead", &ra];
     let work = a.work_dir.join("mount-suite");
     let data = a.work_dir.join("data/mount-suite");
     std::fs::create_dir_all(&data)?;
@@ -154,28 +156,35 @@ pub fn run(a: &BenchArgs, rt: &tokio::runtime::Runtime) -> Result<()> {
         out.insert(k.into(), v);
     };
     // Ceilings: squashfuse over local disk, and fetch+decompress without FUSE.
-    let squash = ceilings::Squash::mount(&src, &work.join("files.sqfs"), &work.join("sqfs"))?;
+    let ra_bytes = crate::cmd::parse_bytes(&ra).map_err(anyhow::Error::msg)?;
+    let squash =
+        ceilings::Squash::mount(&src, &work.join("files.sqfs"), &work.join("sqfs"), ra_bytes)?;
     let r = ImageRef::parse(&files_ref)?;
     for (name, file) in [
         ("compressible", "compressible.bin"),
         ("incompressible", "incompressible.bin"),
     ] {
         eprintln!("thaw bench: sequential reads of {name} data");
+        // The ceiling is the best of three reads: squashfuse is single-threaded and noisy.
         let sq = match &squash {
             Some(s) => {
-                ceilings::drop_caches();
-                Some(read_seq(&s.mountpoint.join(file))?)
+                let mut best = 0.0f64;
+                for _ in 0..3 {
+                    ceilings::drop_caches();
+                    best = best.max(read_seq(&s.mountpoint.join(file))?);
+                }
+                Some(best)
             }
             None => None,
         };
         let fd = rt.block_on(fetch_decompress(&r, file, 8))?;
         let _ = std::fs::remove_dir_all(&cache);
-        mount(&files_ref, &mp, &cache, &[])?;
+        mount(&files_ref, &mp, &cache, &extra)?;
         ceilings::drop_caches();
         let cold = read_seq(&mp.join(file))?;
         let stats = thaw_client::mount::stats::query(&mp)?;
         umount(&mp);
-        mount(&files_ref, &mp, &cache, &[])?;
+        mount(&files_ref, &mp, &cache, &extra)?;
         ceilings::drop_caches();
         let warm = read_seq(&mp.join(file))?;
         umount(&mp);

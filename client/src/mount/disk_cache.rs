@@ -33,7 +33,7 @@ const HEADER: usize = 64;
 /// The result of a lookup.
 #[derive(Debug)]
 pub enum Lookup {
-    Hit(Vec<u8>),
+    Hit(bytes::Bytes),
     Miss,
     /// The entry existed but failed verification; it has been removed.
     Corrupt,
@@ -107,9 +107,7 @@ impl DiskCache {
         }
         // Refresh the entry's age for LRU eviction; best effort.
         let _ = filetime::set_file_mtime(&path, filetime::FileTime::now());
-        let mut data = bytes;
-        data.drain(..HEADER);
-        Lookup::Hit(data)
+        Lookup::Hit(bytes::Bytes::from(bytes).slice(HEADER..))
     }
 
     /// Stores verified chunk bytes. Returns how many entries eviction removed.
@@ -221,7 +219,7 @@ mod tests {
         let ids: Vec<Digest> = chunks.iter().map(|c| Digest::of(c)).collect();
         assert!(matches!(c.get(&ids[0], 1000), Lookup::Miss));
         c.put(&ids[0], &chunks[0]).unwrap();
-        assert!(matches!(c.get(&ids[0], 1000), Lookup::Hit(d) if d == chunks[0]));
+        assert!(matches!(c.get(&ids[0], 1000), Lookup::Hit(d) if d[..] == chunks[0][..]));
         // Flip one byte of the entry: detected and removed.
         let p = c.path(&ids[0]);
         let mut b = std::fs::read(&p).unwrap();

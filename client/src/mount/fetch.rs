@@ -72,6 +72,8 @@ pub struct Fetcher {
     stats: Arc<Stats>,
     demand: Semaphore,
     background: Semaphore,
+    /// Disk cache writes not yet finished; [`Fetcher::flush`] waits for them.
+    pending_writes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Fetcher {
@@ -96,6 +98,7 @@ impl Fetcher {
             stats,
             demand: Semaphore::new(concurrency.max(1)),
             background: Semaphore::new((concurrency / 4).max(1)),
+            pending_writes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         })
     }
 
@@ -170,6 +173,20 @@ impl Fetcher {
         });
     }
 
+    /// Waits (up to `timeout`) for disk cache writes in flight, so a remount
+    /// finds every chunk this mount fetched.
+    pub fn flush(&self, timeout: std::time::Duration) {
+        let deadline = Instant::now() + timeout;
+        while self
+            .pending_writes
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     async fn load(self: Arc<Self>, chunk: u32, prio: Priority) -> Result<Bytes, FetchError> {
         let result = self.load_uncached(chunk, prio).await;
         if let Ok(b) = &result {
@@ -190,7 +207,7 @@ impl Fetcher {
             match tokio::task::spawn_blocking(move || d.get(&id, len)).await {
                 Ok(Lookup::Hit(data)) => {
                     Stats::inc(&self.stats.disk_hits);
-                    return Ok(Bytes::from(data));
+                    return Ok(data);
                 }
                 Ok(Lookup::Corrupt) => Stats::inc(&self.stats.disk_corrupt),
                 _ => {}
@@ -227,20 +244,36 @@ impl Fetcher {
         let data = Bytes::from(data);
         if let Some(disk) = &self.disk {
             let (d, bytes, stats) = (disk.clone(), data.clone(), self.stats.clone());
-            tokio::task::spawn_blocking(move || match d.put(&id, &bytes) {
-                Ok(evicted) => Stats::add(&stats.disk_evicted, evicted),
-                Err(e) => {
-                    // A full or failing disk degrades to serving from memory and the network.
-                    if stats
-                        .disk_write_errors
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                        == 0
-                    {
-                        tracing::warn!("cannot write the disk cache, continuing without it: {e}");
+            let pending = self.pending_writes.clone();
+            pending.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            tokio::task::spawn_blocking(move || {
+                let _done = PendingGuard(pending);
+                match d.put(&id, &bytes) {
+                    Ok(evicted) => Stats::add(&stats.disk_evicted, evicted),
+                    Err(e) => {
+                        // A full or failing disk degrades to serving from memory and the network.
+                        if stats
+                            .disk_write_errors
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                            == 0
+                        {
+                            tracing::warn!(
+                                "cannot write the disk cache, continuing without it: {e}"
+                            );
+                        }
                     }
                 }
             });
         }
         Ok(data)
+    }
+}
+
+/// Decrements the pending-write count when a cache write ends, however it ends.
+struct PendingGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

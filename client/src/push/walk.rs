@@ -129,17 +129,16 @@ pub(crate) fn walk(root: &Path) -> Result<Walked> {
                 let md = std::fs::symlink_metadata(&path).map_err(|e| ClientError::io(&path, e))?;
                 let index = w.nodes.len() as u32;
                 let mut node = node_for(i as u32, OsStr::as_bytes(&name), &md, &path)?;
-                if md.is_file() {
-                    if md.nlink() > 1 {
-                        if let Some(&target) = first_link.get(&(md.dev(), md.ino())) {
-                            node.kind = NodeKind::Hardlink { target };
-                        } else {
-                            first_link.insert((md.dev(), md.ino()), index);
-                        }
+                // Any non-directory may have several names; the first one seen is the target.
+                if !md.is_dir() && md.nlink() > 1 {
+                    if let Some(&target) = first_link.get(&(md.dev(), md.ino())) {
+                        node.kind = NodeKind::Hardlink { target };
+                    } else {
+                        first_link.insert((md.dev(), md.ino()), index);
                     }
-                    if matches!(node.kind, NodeKind::File { .. }) {
-                        w.stamps.insert(index, Stamp::of(&md));
-                    }
+                }
+                if matches!(node.kind, NodeKind::File { .. }) {
+                    w.stamps.insert(index, Stamp::of(&md));
                 }
                 node.xattrs = read_xattrs(&path, &mut w.xattrs);
                 w.nodes.push(node);
