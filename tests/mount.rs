@@ -308,7 +308,7 @@ fn eight_threads_read_same_and_different_files() {
             let (dir, files) = (&m.dir, &files);
             s.spawn(move || {
                 // Threads 0-3 share file 0; 4-7 read files 0-3; offsets interleave.
-                let i = if t < 4 { 0 } else { t - 4 };
+                let i = t.saturating_sub(4);
                 let f = std::fs::File::open(dir.join(format!("f{i}"))).unwrap();
                 let mut buf = vec![0u8; 300_000];
                 for k in 0..20 {

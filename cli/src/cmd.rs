@@ -115,7 +115,7 @@ pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("bad size {s:?}: use a number with K, M, G or T"))?;
-    if !(n >= 0.0) {
+    if n.is_nan() || n < 0.0 {
         return Err(format!("bad size {s:?}"));
     }
     Ok((n * mult as f64) as u64)

@@ -1,12 +1,15 @@
 //! `thaw push DIR REF`: turn a directory into an image on a chunk server.
 //!
 //! 1. Walk the tree breadth-first without following symlinks ([`walk`]).
-//! 2. Cut files into units and hash them on all cores ([`plan`]); all-zero
-//!    chunks become holes, small files share packed chunks.
-//! 3. Ask the server which chunks it lacks, in batches.
-//! 4. Read each missing chunk again, check it still has its digest (a file that
-//!    changed fails the push instead of recording torn data), compress on all
-//!    cores and upload with bounded concurrency and retries.
+//! 2. Cut files into units ([`plan`]); all-zero chunks become holes, small
+//!    files share packed chunks.
+//! 3. One pipeline, each file read once: worker threads (one per core) read
+//!    and hash units; as chunks come out, the server is asked in batches which
+//!    it lacks, and those are compressed on all cores and uploaded with bounded
+//!    concurrency and retries while hashing goes on. Memory is bounded: a
+//!    chunk waits for a slot before it is read on.
+//! 4. Check that no file changed since the walk (its bytes may be torn: the
+//!    push fails rather than record them).
 //! 5. Upload the manifest (the server refuses it unless every chunk is stored),
 //!    then set the tag. The tag moves last, so an interrupted push leaves the
 //!    old tag and a usable store.
@@ -18,7 +21,6 @@ use crate::error::{ClientError, Result};
 use crate::reference::ImageRef;
 use crate::remote::Remote;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,34 +86,146 @@ fn bar(show: bool, len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-/// Builds the image of `dir` without uploading anything: the manifest and,
-/// for each chunk, where its bytes are.
-fn build(
-    dir: &Path,
+/// A hashed piece of a unit, with its bytes, on its way to the uploader.
+struct Hashed {
+    piece: plan::Piece,
+    data: Vec<u8>,
+}
+
+thread_local! {
+    static ENCODER: std::cell::RefCell<Option<(i32, frame::Encoder)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Encodes with this thread's reusable zstd context.
+fn encode(data: &[u8], level: i32) -> Vec<u8> {
+    ENCODER.with(|e| {
+        let mut e = e.borrow_mut();
+        if e.as_ref().map(|(l, _)| *l) != Some(level) {
+            *e = Some((level, frame::Encoder::new(level)));
+        }
+        e.as_mut().expect("set above").1.encode(data)
+    })
+}
+
+/// Runs the hashing workers: one thread per core takes units in order and
+/// sends their pieces down `tx`. Returns when every unit is hashed or one fails.
+fn hash_units(
+    w: &walk::Walked,
+    p: &plan::Plan,
+    chunking: &Chunking,
+    tx: tokio::sync::mpsc::Sender<Hashed>,
+    progress: &ProgressBar,
+) -> Result<Vec<Vec<plan::Piece>>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let results = std::sync::Mutex::new(vec![Vec::new(); p.units.len()]);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    loop {
+                        let unit = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(u) = p.units.get(unit) else {
+                            return Ok(());
+                        };
+                        let mut pieces = Vec::new();
+                        plan::hash_unit(w, u, chunking, &mut |piece, data| {
+                            progress.inc(piece.len);
+                            pieces.push(piece);
+                            if piece.id.is_some() {
+                                // The receiver only goes away when the push failed.
+                                tx.blocking_send(Hashed { piece, data })
+                                    .map_err(|_| ClientError::Usage("push aborted".into()))?;
+                            }
+                            Ok(())
+                        })?;
+                        results.lock().expect("results lock")[unit] = pieces;
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("hashing thread panicked"))
+    })?;
+    Ok(results.into_inner().expect("results lock"))
+}
+
+/// Uploads what the server lacks, as hashed pieces arrive. Returns (chunks
+/// uploaded, frame bytes sent).
+async fn upload_missing(
+    mut rx: tokio::sync::mpsc::Receiver<Hashed>,
+    remote: &Remote,
     opts: &PushOptions,
-    show: bool,
-) -> Result<(Manifest, walk::Walked, plan::Plan, plan::Assembled)> {
-    let mut w = walk::walk(dir)?;
-    let p = plan::plan(&w, &opts.chunking);
-    let total: u64 = w
-        .nodes
-        .iter()
-        .filter(|n| matches!(n.kind, NodeKind::File { .. }))
-        .map(|n| n.size)
-        .sum();
-    let pb = bar(show, total, "hashing");
-    let pieces = plan::hash_all(&w, &p, &opts.chunking, &|n| pb.inc(n))?;
-    pb.finish_and_clear();
-    let (assembled, extents) = plan::assemble(&mut w, &p, &pieces);
-    let manifest = Manifest {
-        chunk_size: opts.chunking.chunk_size(),
-        chunks: assembled.chunks.clone(),
-        nodes: w.nodes.clone(),
-        extents,
-        xattrs: w.xattrs.clone(),
-    };
-    manifest.validate()?;
-    Ok((manifest, w, p, assembled))
+) -> Result<(u64, u64)> {
+    const BATCH: usize = 256;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Bounds chunks held in memory between hashing and the end of their upload.
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        opts.concurrency.max(1) + 2 * cores,
+    ));
+    let cpu = Arc::new(tokio::sync::Semaphore::new(cores));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut seen: std::collections::HashSet<Digest> = std::collections::HashSet::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut uploaded = 0u64;
+    let mut batch: Vec<Hashed> = Vec::new();
+    let mut open = true;
+    while open || !batch.is_empty() {
+        // Wait for one piece, then take whatever else is ready, up to a batch.
+        if open && batch.is_empty() {
+            match rx.recv().await {
+                Some(h) => batch.push(h),
+                None => open = false,
+            }
+        }
+        while open && batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(h) => batch.push(h),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        batch.retain(|h| seen.insert(h.piece.id.expect("only chunks are sent")));
+        if batch.is_empty() {
+            continue;
+        }
+        let ids: Vec<Digest> = batch.iter().map(|h| h.piece.id.expect("chunk")).collect();
+        let missing: std::collections::HashSet<Digest> =
+            remote.missing(&ids).await?.into_iter().collect();
+        for h in batch.drain(..) {
+            let id = h.piece.id.expect("chunk");
+            if !missing.contains(&id) {
+                continue;
+            }
+            uploaded += 1;
+            let slot = slots.clone().acquire_owned().await.expect("semaphore open");
+            let (cpu, sent, remote, level) =
+                (cpu.clone(), sent.clone(), remote.clone(), opts.level);
+            tasks.spawn(async move {
+                let _slot = slot;
+                let permit = cpu.acquire_owned().await.expect("semaphore open");
+                let frame = tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    Bytes::from(encode(&h.data, level))
+                })
+                .await
+                .expect("compression task panicked");
+                let len = frame.len() as u64;
+                remote.put_chunk(&id, frame).await?;
+                sent.fetch_add(len, Ordering::Relaxed);
+                Ok::<_, ClientError>(())
+            });
+            // Surface failures early instead of after the whole tree is read.
+            while let Some(done) = tasks.try_join_next() {
+                done.expect("upload task panicked")?;
+            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("upload task panicked")?;
+    }
+    Ok((uploaded, sent.load(Ordering::Relaxed)))
 }
 
 /// Pushes `dir` to the server and repository `r` names, and tags it.
@@ -126,66 +240,53 @@ pub async fn push(
         .ok_or_else(|| ClientError::Usage("push needs a NAME:TAG reference".into()))?
         .to_owned();
     let started = Instant::now();
-    let (dir, o) = (dir.to_path_buf(), opts.clone());
-    let (manifest, w, p, assembled) =
-        tokio::task::spawn_blocking(move || build(&dir, &o, o.progress))
-            .await
-            .expect("hashing task panicked")?;
-    let hash_seconds = started.elapsed().as_secs_f64();
-
-    let ids: Vec<Digest> = manifest.chunks.iter().map(|c| c.id).collect();
-    let missing: std::collections::HashSet<Digest> =
-        remote.missing(&ids).await?.into_iter().collect();
-    let todo: Vec<usize> = (0..ids.len())
-        .filter(|&i| missing.contains(&ids[i]))
-        .collect();
-
-    let upload_started = Instant::now();
-    let todo_bytes = todo
+    let (d, chunking) = (dir.to_path_buf(), opts.chunking);
+    let (w, p) = tokio::task::spawn_blocking(move || {
+        let w = walk::walk(&d)?;
+        let p = plan::plan(&w, &chunking);
+        Ok::<_, ClientError>((w, p))
+    })
+    .await
+    .expect("walk task panicked")?;
+    let total: u64 = w
+        .nodes
         .iter()
-        .map(|&i| u64::from(manifest.chunks[i].len))
+        .filter(|n| matches!(n.kind, NodeKind::File { .. }))
+        .map(|n| n.size)
         .sum();
-    let pb = bar(opts.progress, todo_bytes, "uploading");
-    let sent = Arc::new(AtomicU64::new(0));
-    let ctx = Arc::new((w, p, assembled));
-    let cpu = Arc::new(tokio::sync::Semaphore::new(
-        std::thread::available_parallelism().map_or(2, |n| n.get()),
-    ));
-    futures::stream::iter(todo.iter().copied())
-        .map(|i| {
-            let (ctx, cpu, sent, pb) = (ctx.clone(), cpu.clone(), sent.clone(), pb.clone());
-            let level = opts.level;
-            async move {
-                let permit = cpu.acquire_owned().await.expect("semaphore open");
-                let (id, len) = (ctx.2.chunks[i].id, u64::from(ctx.2.chunks[i].len));
-                let frame = tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    let (w, p, a) = &*ctx;
-                    let (unit, piece) = &a.sources[i];
-                    let data = plan::read_unit(w, &p.units[*unit], piece.offset, piece.len)?;
-                    if Digest::of(&data) != id {
-                        return Err(changed(w, &p.units[*unit]));
-                    }
-                    Ok(Bytes::from(frame::encode(&data, level)))
-                })
-                .await
-                .expect("compression task panicked")?;
-                let frame_len = frame.len() as u64;
-                remote.put_chunk(&id, frame).await?;
-                sent.fetch_add(frame_len, Ordering::Relaxed);
-                pb.inc(len);
-                Ok::<_, ClientError>(())
-            }
+    let pb = bar(opts.progress, total, "pushing");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Hashed>(8);
+    let hashing = {
+        let pb = pb.clone();
+        tokio::task::spawn_blocking(move || {
+            let pieces = hash_units(&w, &p, &chunking, tx, &pb);
+            let hash_seconds = started.elapsed().as_secs_f64();
+            (w, p, pieces, hash_seconds)
         })
-        .buffer_unordered(opts.concurrency.max(1))
-        .try_collect::<()>()
-        .await?;
+    };
+    let uploading = upload_missing(rx, remote, opts).await;
+    let (mut w, p, pieces, hash_seconds) = hashing.await.expect("hashing task panicked");
+    // An upload failure stops the hashing workers (their sends fail), so it is
+    // the cause to report; a hashing failure ends the uploads cleanly.
+    let (chunks_uploaded, bytes_uploaded) = uploading?;
+    let pieces = pieces?;
     pb.finish_and_clear();
+    plan::check_stamps(&w)?;
+    let (chunks, extents) = plan::assemble(&mut w, &p, &pieces);
+    let manifest = Manifest {
+        chunk_size: opts.chunking.chunk_size(),
+        chunks,
+        nodes: w.nodes,
+        extents,
+        xattrs: w.xattrs,
+    };
+    manifest.validate()?;
 
     let bytes = Bytes::from(manifest.encode());
     let digest = Digest::of(&bytes);
     remote.put_manifest(&digest, bytes.clone()).await?;
     remote.put_tag(&r.name, &tag, &digest).await?;
+    let seconds = started.elapsed().as_secs_f64();
     Ok(PushReport {
         manifest: digest,
         files: manifest
@@ -194,28 +295,12 @@ pub async fn push(
             .filter(|n| matches!(n.kind, NodeKind::File { .. }))
             .count() as u64,
         bytes: manifest.logical_bytes(),
-        chunks: ids.len() as u64,
-        chunks_uploaded: todo.len() as u64,
-        bytes_uploaded: sent.load(Ordering::Relaxed),
+        chunks: manifest.chunks.len() as u64,
+        chunks_uploaded,
+        bytes_uploaded,
         manifest_bytes: bytes.len() as u64,
         hash_seconds,
-        upload_seconds: upload_started.elapsed().as_secs_f64(),
-        seconds: started.elapsed().as_secs_f64(),
+        upload_seconds: seconds - hash_seconds,
+        seconds,
     })
-}
-
-/// The error for a unit whose bytes no longer hash as they did.
-fn changed(w: &walk::Walked, unit: &plan::Unit) -> ClientError {
-    let file = match unit {
-        plan::Unit::Range { file, .. } | plan::Unit::Cdc { file } => *file,
-        plan::Unit::Pack { files } => files[0].0,
-    };
-    ClientError::Changed {
-        path: w.paths[file as usize].clone(),
-    }
-}
-
-/// Builds the manifest of `dir` locally, without a server (for tests and `--dry-run`).
-pub fn manifest_of(dir: &Path, opts: &PushOptions) -> Result<Manifest> {
-    build(dir, opts, false).map(|(m, ..)| m)
 }

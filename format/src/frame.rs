@@ -43,29 +43,60 @@ pub enum FrameError {
     DigestMismatch { expected: Digest, actual: Digest },
 }
 
-/// Encodes `data` as a frame, zstd-compressed at `level` when that makes it smaller.
-///
-/// # Panics
-/// If `data` is longer than [`MAX_CHUNK_LEN`]: chunkers never produce such chunks.
-pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
-    assert!(
-        data.len() <= MAX_CHUNK_LEN,
-        "chunk larger than MAX_CHUNK_LEN"
-    );
-    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + data.len() / 2);
-    out.extend_from_slice(&FRAME_MAGIC);
-    out.push(FRAME_VERSION);
-    out.push(FLAG_ZSTD);
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    let compressed = zstd::bulk::compress(data, level).unwrap_or_default();
-    if !compressed.is_empty() && compressed.len() < data.len() {
-        out.extend_from_slice(&compressed);
-    } else {
-        out[5] = 0;
-        out.extend_from_slice(data);
+/// Encodes frames with one reusable zstd context (cheaper than a new context
+/// per chunk when pushing thousands of chunks).
+pub struct Encoder {
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Encoder")
     }
-    out
+}
+
+impl Encoder {
+    pub fn new(level: i32) -> Encoder {
+        Encoder {
+            zstd: zstd::bulk::Compressor::new(level).expect("valid zstd level"),
+        }
+    }
+
+    /// Encodes `data` as a frame, zstd-compressed when that makes it smaller.
+    ///
+    /// # Panics
+    /// If `data` is longer than [`MAX_CHUNK_LEN`]: chunkers never produce such chunks.
+    pub fn encode(&mut self, data: &[u8]) -> Vec<u8> {
+        assert!(
+            data.len() <= MAX_CHUNK_LEN,
+            "chunk larger than MAX_CHUNK_LEN"
+        );
+        let mut out =
+            Vec::with_capacity(FRAME_HEADER_LEN + zstd::zstd_safe::compress_bound(data.len()));
+        out.extend_from_slice(&FRAME_MAGIC);
+        out.push(FRAME_VERSION);
+        out.push(FLAG_ZSTD);
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.resize(out.capacity(), 0);
+        match self
+            .zstd
+            .compress_to_buffer(data, &mut out[FRAME_HEADER_LEN..])
+        {
+            Ok(n) if n < data.len() => out.truncate(FRAME_HEADER_LEN + n),
+            _ => {
+                out[5] = 0;
+                out.truncate(FRAME_HEADER_LEN);
+                out.extend_from_slice(data);
+            }
+        }
+        out
+    }
+}
+
+/// Encodes `data` as a frame at `level` (see [`Encoder::encode`]).
+pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
+    Encoder::new(level).encode(data)
 }
 
 /// The uncompressed length a frame declares, after checking its header.

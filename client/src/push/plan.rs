@@ -3,14 +3,12 @@
 //!
 //! A unit is what one worker reads and hashes at once: a fixed-size range of a
 //! large file, a whole large file under content-defined chunking, or a pack of
-//! small files that become one shared chunk. Units are hashed in parallel on
-//! all cores. Only digests are kept; the upload pass reads a chunk's bytes
-//! again (from the page cache, usually) and checks they still hash the same,
-//! which is also how a file changing under the push is caught.
+//! small files that become one shared chunk. Each file is read once; a file
+//! whose metadata changed between the walk and the end of hashing fails the
+//! push ([`check_stamps`]), since its bytes may be torn.
 
 use super::walk::{Stamp, Walked};
 use crate::error::{ClientError, Result};
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -33,12 +31,11 @@ pub(crate) enum Unit {
     },
 }
 
-/// A chunk found in a unit: `len` bytes at `offset` within the unit's data;
-/// `id` is `None` when they are all zeros (a hole).
+/// A chunk found in a unit, `len` bytes long; `id` is `None` when they are
+/// all zeros (a hole).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Piece {
     pub id: Option<Digest>,
-    pub offset: u64,
     pub len: u64,
 }
 
@@ -172,58 +169,49 @@ pub(crate) fn read_unit(w: &Walked, unit: &Unit, offset: u64, len: u64) -> Resul
     Ok(buf)
 }
 
-fn piece(data: &[u8], offset: u64) -> Piece {
+fn piece(data: &[u8]) -> Piece {
     let id = (!is_zero(data)).then(|| Digest::of(data));
     Piece {
         id,
-        offset,
         len: data.len() as u64,
     }
 }
 
-/// Hashes one unit into its pieces.
-pub(crate) fn hash_unit(w: &Walked, unit: &Unit, chunking: &Chunking) -> Result<Vec<Piece>> {
+/// Reads and hashes one unit, handing each piece and its bytes to `emit` in order.
+pub(crate) fn hash_unit(
+    w: &Walked,
+    unit: &Unit,
+    chunking: &Chunking,
+    emit: &mut dyn FnMut(Piece, Vec<u8>) -> Result<()>,
+) -> Result<()> {
     match unit {
-        Unit::Range { len, .. } => Ok(vec![piece(&read_unit(w, unit, 0, *len)?, 0)]),
+        Unit::Range { len, .. } => {
+            let data = read_unit(w, unit, 0, *len)?;
+            emit(piece(&data), data)
+        }
         Unit::Pack { files } => {
-            let len = files.iter().map(|f| f.1).sum();
-            Ok(vec![piece(&read_unit(w, unit, 0, len)?, 0)])
+            let data = read_unit(w, unit, 0, files.iter().map(|f| f.1).sum())?;
+            emit(piece(&data), data)
         }
         Unit::Cdc { file } => {
             let path = &w.paths[*file as usize];
             let f = std::io::BufReader::with_capacity(1 << 20, open(w, *file)?);
-            let mut pieces = Vec::new();
             let mut total = 0;
             for c in thaw_format::cdc_stream(f, chunking) {
-                let (offset, data) = c.map_err(|e| ClientError::io(path, e))?;
+                let (_, data) = c.map_err(|e| ClientError::io(path, e))?;
                 total += data.len() as u64;
-                pieces.push(piece(&data, offset));
+                emit(piece(&data), data)?;
             }
             if total != w.nodes[*file as usize].size {
                 return Err(ClientError::Changed { path: path.clone() });
             }
-            Ok(pieces)
+            Ok(())
         }
     }
 }
 
-/// Hashes every unit on all cores.
-pub(crate) fn hash_all(
-    w: &Walked,
-    plan: &Plan,
-    chunking: &Chunking,
-    progress: &(dyn Fn(u64) + Sync),
-) -> Result<Vec<Vec<Piece>>> {
-    let pieces = plan
-        .units
-        .par_iter()
-        .map(|u| {
-            let p = hash_unit(w, u, chunking)?;
-            progress(p.iter().map(|p| p.len).sum());
-            Ok(p)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    // A file that changed after it was walked would give torn data.
+/// Fails if any file changed since it was walked: its data may be torn.
+pub(crate) fn check_stamps(w: &Walked) -> Result<()> {
     for (&file, stamp) in &w.stamps {
         let path = &w.paths[file as usize];
         let md = std::fs::symlink_metadata(path).map_err(|e| ClientError::io(path, e))?;
@@ -231,13 +219,7 @@ pub(crate) fn hash_all(
             return Err(ClientError::Changed { path: path.clone() });
         }
     }
-    Ok(pieces)
-}
-
-/// The chunk table, with where to read each chunk again: (unit, piece).
-pub(crate) struct Assembled {
-    pub chunks: Vec<ChunkRef>,
-    pub sources: Vec<(usize, Piece)>,
+    Ok(())
 }
 
 /// Fills in file extents on the walked nodes and builds the deduplicated chunk table.
@@ -245,21 +227,17 @@ pub(crate) fn assemble(
     w: &mut Walked,
     plan: &Plan,
     pieces: &[Vec<Piece>],
-) -> (Assembled, Vec<Extent>) {
-    let mut out = Assembled {
-        chunks: Vec::new(),
-        sources: Vec::new(),
-    };
+) -> (Vec<ChunkRef>, Vec<Extent>) {
+    let mut chunks = Vec::new();
     let mut index: HashMap<Digest, u32> = HashMap::new();
-    let mut chunk_of = |unit: usize, p: &Piece, out: &mut Assembled| -> Option<u32> {
+    let mut chunk_of = |p: &Piece, chunks: &mut Vec<ChunkRef>| -> Option<u32> {
         let id = p.id?;
         Some(*index.entry(id).or_insert_with(|| {
-            out.chunks.push(ChunkRef {
+            chunks.push(ChunkRef {
                 id,
                 len: p.len as u32,
             });
-            out.sources.push((unit, *p));
-            out.chunks.len() as u32 - 1
+            chunks.len() as u32 - 1
         }))
     };
     let mut extents: Vec<Extent> = Vec::new();
@@ -277,7 +255,7 @@ pub(crate) fn assemble(
             match *part {
                 Part::Whole(unit) => {
                     for p in &pieces[unit] {
-                        let chunk = chunk_of(unit, p, &mut out);
+                        let chunk = chunk_of(p, &mut chunks);
                         push(
                             Extent {
                                 chunk,
@@ -290,7 +268,7 @@ pub(crate) fn assemble(
                 }
                 Part::InPack { unit, offset, len } => {
                     let p = &pieces[unit][0];
-                    let chunk = chunk_of(unit, p, &mut out);
+                    let chunk = chunk_of(p, &mut chunks);
                     let offset = if chunk.is_some() { offset as u32 } else { 0 };
                     push(Extent { chunk, offset, len }, &mut extents);
                 }
@@ -300,5 +278,5 @@ pub(crate) fn assemble(
             extents: start..extents.len() as u32,
         };
     }
-    (out, extents)
+    (chunks, extents)
 }

@@ -101,7 +101,8 @@ fn round_trip_and_queries() {
 
 #[test]
 fn rejects_invalid_trees() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut Manifest)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         (
             "dotdot name",
             Box::new(|m| m.nodes[1].name = b"..".to_vec()),
