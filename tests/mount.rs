@@ -304,7 +304,7 @@ fn eight_threads_read_same_and_different_files() {
     let r = w.push(&src, "mt:v1");
     let m = w.mount(&r, "mnt", &[]);
     std::thread::scope(|s| {
-        for t in 0..8 {
+        for t in 0..8usize {
             let (dir, files) = (&m.dir, &files);
             s.spawn(move || {
                 // Threads 0-3 share file 0; 4-7 read files 0-3; offsets interleave.
