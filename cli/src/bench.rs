@@ -297,7 +297,7 @@ fn run_modes(
     let mut modes: Vec<ModeResult> = samples.into_iter().map(|(m, s)| summarize(m, s)).collect();
     if peers {
         modes.push(peers::casync(t, rt, work, runs).context("casync")?);
-        modes.push(peers::nydus(t, work, runs)?);
+        modes.push(peers::nydus(t, rt, work, runs).context("nydus")?);
     }
     let full = modes[0].median_seconds;
     let local = modes[3].median_seconds;

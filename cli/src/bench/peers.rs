@@ -174,14 +174,194 @@ pub fn casync(
     Ok(summarize("casync", samples))
 }
 
-/// Nydus: `nydus-image create` into a blob directory served over HTTP, then `nydusd`.
-pub fn nydus(t: &Target, work: &Path, runs: usize) -> Result<ModeResult> {
+/// A minimal HTTP/1.1 server of a registry's blob route with Range support
+/// (what nydusd's registry backend asks for), over `dir`.
+async fn serve_blobs(listener: tokio::net::TcpListener, dir: std::path::PathBuf) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
+    while let Ok((conn, _)) = listener.accept().await {
+        let dir = dir.clone();
+        tokio::spawn(async move {
+            let _ = conn.set_nodelay(true);
+            let mut conn = BufReader::new(conn);
+            loop {
+                let mut head = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if conn.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push(line);
+                }
+                let mut parts = head
+                    .first()
+                    .map(|l| l.split_whitespace())
+                    .into_iter()
+                    .flatten();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let range = head.iter().find_map(|h| {
+                    let (k, v) = h.split_once(':')?;
+                    if !k.eq_ignore_ascii_case("range") {
+                        return None;
+                    }
+                    let (a, b) = v.trim().strip_prefix("bytes=")?.split_once('-')?;
+                    Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()))
+                });
+                let name = path.rsplit("sha256:").next().unwrap_or("");
+                let file = if name.bytes().all(|c| c.is_ascii_hexdigit()) && !name.is_empty() {
+                    tokio::fs::File::open(dir.join(name)).await.ok()
+                } else {
+                    None
+                };
+                let out = conn.get_mut();
+                let Some(mut file) = file else {
+                    let _ = out
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    continue;
+                };
+                let size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+                let (start, end) = match range {
+                    Some((a, b)) => (a.min(size), b.map_or(size, |b| (b + 1).min(size))),
+                    None => (0, size),
+                };
+                let status = if range.is_some() {
+                    "206 Partial Content"
+                } else {
+                    "200 OK"
+                };
+                let header = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-range: bytes {start}-{}/{size}\r\ncontent-type: application/octet-stream\r\n\r\n",
+                    end - start,
+                    end.saturating_sub(1)
+                );
+                if out.write_all(header.as_bytes()).await.is_err() {
+                    return;
+                }
+                if method == "HEAD" {
+                    continue;
+                }
+                let mut body = vec![0u8; (end - start) as usize];
+                if file.seek(std::io::SeekFrom::Start(start)).await.is_err()
+                    || file.read_exact(&mut body).await.is_err()
+                {
+                    return;
+                }
+                if out.write_all(&body).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Nydus: `nydus-image create` into a blob directory served as a registry's
+/// blobs over HTTP (through the same link), then `nydusd` over FUSE with an
+/// empty blob cache each run.
+pub fn nydus(
+    t: &Target,
+    rt: &tokio::runtime::Runtime,
+    work: &Path,
+    runs: usize,
+) -> Result<ModeResult> {
     if !installed("nydusd") || !installed("nydus-image") {
         return Ok(skipped(
             "nydus",
             "nydusd not installed (apt-get install cmake; cargo install nydus-rs --locked)",
         ));
     }
-    let _ = (t, work, runs);
-    Ok(skipped("nydus", "nydus runner not wired up on this build"))
+    let dir = work.join("nydus");
+    let (blobs, boot, mp, cache) = (
+        dir.join("blobs"),
+        dir.join("bootstrap"),
+        dir.join("mnt"),
+        dir.join("cache"),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&blobs)?;
+    std::fs::create_dir_all(&mp)?;
+    eprintln!("thaw bench: nydus-image create");
+    let out = Command::new("nydus-image")
+        .arg("create")
+        .arg("--blob-dir")
+        .arg(&blobs)
+        .arg("--bootstrap")
+        .arg(&boot)
+        .args([
+            "--compressor",
+            "zstd",
+            "--chunk-size",
+            "0x100000",
+            "--log-level",
+            "warn",
+        ])
+        .arg(&t.local)
+        .output()?;
+    if !out.status.success() {
+        return Ok(skipped(
+            "nydus",
+            &format!(
+                "nydus-image create failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let upstream = listener.local_addr()?;
+    rt.spawn(serve_blobs(listener, blobs.clone()));
+    let addr = match t.link {
+        Some(l) => rt.block_on(super::proxy::start(upstream, l))?,
+        None => upstream,
+    };
+    let config = serde_json::json!({
+        "device": {
+            "backend": {"type": "registry", "config": {
+                "scheme": "http", "host": addr.to_string(), "repo": "bench/image",
+                "timeout": 30, "connect_timeout": 5, "retry_limit": 2
+            }},
+            "cache": {"type": "blobcache", "config": {"work_dir": cache.display().to_string()}}
+        },
+        "mode": "direct", "digest_validate": false, "iostats_files": false, "enable_xattr": true,
+        "fs_prefetch": {"enable": false}
+    });
+    let cfg_path = dir.join("nydusd.json");
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&config)?)?;
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        let _ = std::fs::remove_dir_all(&cache);
+        std::fs::create_dir_all(&cache)?;
+        super::ceilings::drop_caches();
+        let s = Instant::now();
+        let mut child = Command::new("nydusd")
+            .arg("--config")
+            .arg(&cfg_path)
+            .arg("--mountpoint")
+            .arg(&mp)
+            .arg("--bootstrap")
+            .arg(&boot)
+            .args(["--log-level", "warn", "--rlimit-nofile", "0"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("nydusd.log"))?)
+            .spawn()
+            .context("nydusd")?;
+        let result = wait_mounted(&mp, &mut child).and_then(|()| t.startup.run(&mp));
+        let seconds = s.elapsed().as_secs_f64();
+        super::umount(&mp);
+        let _ = child.kill();
+        let _ = child.wait();
+        if let Err(e) = result {
+            let log = std::fs::read_to_string(dir.join("nydusd.log")).unwrap_or_default();
+            bail!(
+                "nydus run failed: {e:#}\n{}",
+                log.lines().rev().take(10).collect::<Vec<_>>().join("\n")
+            );
+        }
+        samples.push(Sample {
+            seconds,
+            bytes_fetched: 0,
+        });
+    }
+    Ok(summarize("nydus", samples))
 }
