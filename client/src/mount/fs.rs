@@ -79,7 +79,12 @@ pub struct ImageFs {
     pub stats: Arc<Stats>,
     readahead: Mutex<HashMap<u32, ReadState>>,
     readahead_max: u64,
+    /// Chunks that hold packed small files (see [`ImageFs::on_miss`]).
+    packed: Vec<bool>,
 }
+
+/// A file with at most this many chunks is fetched whole on its first miss.
+const SMALL_FILE_CHUNKS: u32 = 8;
 
 impl ImageFs {
     pub fn new(
@@ -92,6 +97,7 @@ impl ImageFs {
         let mut nlink = vec![1u32; n];
         let mut blocks = vec![0u64; n];
         let mut extent_starts = vec![0u64; m.extents.len()];
+        let mut packed = vec![false; m.chunks.len()];
         for (i, node) in m.nodes.iter().enumerate() {
             match &node.kind {
                 NodeKind::Dir { children } => {
@@ -108,8 +114,11 @@ impl ImageFs {
                         extent_starts[e as usize] = at;
                         let ext = &m.extents[e as usize];
                         at += ext.len;
-                        if ext.chunk.is_some() {
+                        if let Some(c) = ext.chunk {
                             blocks[i] += ext.len.div_ceil(512);
+                            if node.size < u64::from(m.chunk_size / 8) {
+                                packed[c as usize] = true;
+                            }
                         }
                     }
                 }
@@ -125,6 +134,33 @@ impl ImageFs {
             stats,
             readahead: Mutex::new(HashMap::new()),
             readahead_max,
+            packed,
+        }
+    }
+
+    /// What a cold miss of `chunk` in `file` says about what comes next, at
+    /// startup: a small file (a shared library, a config) is usually read
+    /// whole, so all its chunks are fetched at once instead of one fault at a
+    /// time; a pack of small files is usually followed by the next pack (the
+    /// next modules of the same package, in tree order).
+    fn on_miss(&self, file: u32, chunk: u32) {
+        if self.readahead_max == 0 {
+            return;
+        }
+        if self.packed[chunk as usize] {
+            if let Some(true) = self.packed.get(chunk as usize + 1) {
+                self.fetcher.prefetch(chunk + 1);
+            }
+            return;
+        }
+        let extents = self.m.file_extents(file);
+        let chunks = extents.iter().filter(|e| e.chunk.is_some()).count() as u32;
+        if chunks > 1 && chunks <= SMALL_FILE_CHUNKS {
+            for c in extents.iter().filter_map(|e| e.chunk) {
+                if c != chunk {
+                    self.fetcher.prefetch(c);
+                }
+            }
         }
     }
 
@@ -286,6 +322,11 @@ impl ImageFs {
         self.readahead(i, offset, end);
         let mut wanted: Vec<u32> = pieces.iter().filter_map(|p| p.1.chunk).collect();
         wanted.dedup();
+        for &c in &wanted {
+            if !self.fetcher.is_resident_or_pending(c) {
+                self.on_miss(i, c);
+            }
+        }
         let got = futures::future::try_join_all(
             wanted
                 .iter()
