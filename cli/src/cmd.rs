@@ -59,7 +59,7 @@ pub struct MountArgs {
     #[arg(long, default_value = "256M", value_parser = parse_bytes)]
     cache_mem: u64,
     /// Largest readahead window on sequential reads; 0 disables readahead.
-    #[arg(long, default_value = "32M", value_parser = parse_bytes)]
+    #[arg(long, default_value = "16M", value_parser = parse_bytes)]
     readahead: u64,
     /// Kernel readahead of the mount (root only); 0 keeps the kernel's default.
     #[arg(long, default_value = "1M", value_parser = parse_bytes)]

@@ -52,7 +52,7 @@ impl Default for MountOptions {
             cache_size: 10 << 30,
             cache_mem: 256 << 20,
             concurrency: 32,
-            readahead_max: 32 << 20,
+            readahead_max: 16 << 20,
             fetch_timeout: Duration::from_secs(30),
             allow_other: false,
             kernel_readahead: 1 << 20,
@@ -77,13 +77,42 @@ pub struct Prepared {
 }
 
 /// Fetches and verifies the manifest and builds the filesystem. Nothing else
-/// is fetched.
+/// is fetched. Manifests are kept in the disk cache by digest, so a remount
+/// only resolves the tag (and a mount by digest needs no network at all).
 pub async fn prepare(r: &ImageRef, mut remote: Remote, opts: &MountOptions) -> Result<Prepared> {
     remote.retry.deadline = opts.fetch_timeout;
     remote.retry.attempts = u32::MAX;
     // A server that accepts but never answers must not hold a read past the deadline either.
     remote.request_timeout = opts.fetch_timeout.max(Duration::from_millis(100));
-    let (digest, m, _) = remote.image(r).await?;
+    let started = std::time::Instant::now();
+    let digest = remote.resolve(r).await?;
+    let cached = opts
+        .cache_dir
+        .as_ref()
+        .filter(|_| opts.cache_size > 0)
+        .map(|d| d.join("v1/manifests").join(digest.to_hex()));
+    let from_cache = cached
+        .as_ref()
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| thaw_format::Manifest::decode_verified(&b, &digest).ok());
+    let (m, source) = match from_cache {
+        Some(m) => (m, "disk cache"),
+        None => {
+            let (m, bytes) = remote.manifest(&digest).await?;
+            if let Some(path) = &cached {
+                if let Err(e) = write_atomic(path, &bytes) {
+                    tracing::debug!("cannot cache the manifest: {e}");
+                }
+            }
+            (m, "server")
+        }
+    };
+    tracing::info!(
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        nodes = m.nodes.len(),
+        source,
+        "manifest ready"
+    );
     let m = Arc::new(m);
     let disk = match &opts.cache_dir {
         Some(dir) if opts.cache_size > 0 => Some(
@@ -109,6 +138,14 @@ pub async fn prepare(r: &ImageRef, mut remote: Remote, opts: &MountOptions) -> R
     })
 }
 
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().expect("cache path has a parent");
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Mounts `p` at `mountpoint` on a background session; dropping it unmounts.
 pub fn mount(
     p: &Prepared,
@@ -127,6 +164,7 @@ pub fn mount(
     if opts.allow_other {
         options.push(MountOption::AllowOther);
     }
+    let started = std::time::Instant::now();
     let adapter = fuse::FuseAdapter {
         fs: p.fs.clone(),
         rt,
@@ -139,6 +177,7 @@ pub fn mount(
                 format!("cannot mount (is fuse3 installed?): {e}"),
             ),
         })?;
+    tracing::info!(ms = started.elapsed().as_secs_f64() * 1000.0, "mounted");
     if opts.kernel_readahead > 0 {
         set_readahead(mountpoint, opts.kernel_readahead);
     }

@@ -71,6 +71,13 @@ impl Remote {
         Remote::new(&r.server, token)
     }
 
+    fn unreachable(&self, source: reqwest::Error) -> ClientError {
+        ClientError::Unreachable {
+            url: self.base.clone(),
+            source,
+        }
+    }
+
     pub fn base(&self) -> &str {
         &self.base
     }
@@ -93,10 +100,7 @@ impl Remote {
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response> {
         self.retrying(what, || async {
-            let resp = build().send().await.map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                source: e,
-            })?;
+            let resp = build().send().await.map_err(|e| self.unreachable(e))?;
             check(resp, what).await
         })
         .await
@@ -147,10 +151,7 @@ impl Remote {
                 let resp = self
                     .send(&what, || self.req(reqwest::Method::GET, &path))
                     .await?;
-                let text = resp.text().await.map_err(|e| ClientError::Unreachable {
-                    url: self.base.clone(),
-                    source: e,
-                })?;
+                let text = resp.text().await.map_err(|e| self.unreachable(e))?;
                 text.trim().parse().map_err(|_| ClientError::Status {
                     status: 200,
                     what,
@@ -185,15 +186,9 @@ impl Remote {
                 .req(reqwest::Method::GET, path)
                 .send()
                 .await
-                .map_err(|e| ClientError::Unreachable {
-                    url: self.base.clone(),
-                    source: e,
-                })?;
+                .map_err(|e| self.unreachable(e))?;
             let resp = check(resp, what).await?;
-            resp.bytes().await.map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                source: e,
-            })
+            resp.bytes().await.map_err(|e| self.unreachable(e))
         })
         .await
     }
@@ -230,15 +225,9 @@ impl Remote {
                     .json(&body)
                     .send()
                     .await
-                    .map_err(|e| ClientError::Unreachable {
-                        url: self.base.clone(),
-                        source: e,
-                    })?;
+                    .map_err(|e| self.unreachable(e))?;
                 let resp = check(resp, &what).await?;
-                resp.bytes().await.map_err(|e| ClientError::Unreachable {
-                    url: self.base.clone(),
-                    source: e,
-                })
+                resp.bytes().await.map_err(|e| self.unreachable(e))
             })
             .await?;
         parse_batch(bytes, ids.len()).ok_or_else(|| ClientError::Status {
@@ -263,10 +252,7 @@ impl Remote {
             struct Missing {
                 missing: Vec<Digest>,
             }
-            let m: Missing = resp.json().await.map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                source: e,
-            })?;
+            let m: Missing = resp.json().await.map_err(|e| self.unreachable(e))?;
             out.extend(m.missing);
         }
         Ok(out)
@@ -291,10 +277,7 @@ impl Remote {
             .body(bytes.clone())
             .send()
             .await
-            .map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                source: e,
-            })?;
+            .map_err(|e| self.unreachable(e))?;
         if resp.status() == reqwest::StatusCode::CONFLICT {
             #[derive(serde::Deserialize)]
             struct Conflict {

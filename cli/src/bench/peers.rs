@@ -114,7 +114,8 @@ fn summarize(mode: &str, samples: Vec<Sample>) -> ModeResult {
     }
 }
 
-/// casync: `casync make` into a chunk store served over HTTP, then `casync mount`.
+/// casync: `casync make` into a chunk store served over HTTP with its index,
+/// then `casync mount` of the index URL.
 pub fn casync(
     t: &Target,
     rt: &tokio::runtime::Runtime,
@@ -147,15 +148,16 @@ pub fn casync(
             ),
         ));
     }
-    let http = StaticHttp::start(&store, rt, t.link)?;
+    // The index travels over the link too, as it would from a real server.
+    let http = StaticHttp::start(&dir, rt, t.link)?;
     let mut samples = Vec::new();
     for _ in 0..runs {
         super::ceilings::drop_caches();
         let s = Instant::now();
         let mut child = Command::new("casync")
             .arg("mount")
-            .arg(format!("--store=http://{}/", http.addr))
-            .arg(&index)
+            .arg(format!("--store=http://{}/store/", http.addr))
+            .arg(format!("http://{}/image.caidx", http.addr))
             .arg(&mp)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -257,9 +259,31 @@ async fn serve_blobs(listener: tokio::net::TcpListener, dir: std::path::PathBuf)
     }
 }
 
+/// A plain HTTP/1.1 GET of `path` (the body), for fetching the bootstrap.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr).await?;
+    c.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    c.shutdown().await?;
+    let mut all = Vec::new();
+    c.read_to_end(&mut all).await?;
+    let split = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("bad HTTP response")?;
+    if !all.starts_with(b"HTTP/1.1 200") {
+        bail!("GET {path}: {}", String::from_utf8_lossy(&all[..split]));
+    }
+    Ok(all[split + 4..].to_vec())
+}
+
 /// Nydus: `nydus-image create` into a blob directory served as a registry's
-/// blobs over HTTP (through the same link), then `nydusd` over FUSE with an
-/// empty blob cache each run.
+/// blobs over HTTP (through the same link), then, each run, the bootstrap
+/// (metadata) downloaded over the link, as thaw downloads its manifest, and
+/// `nydusd` over FUSE with an empty blob cache.
 pub fn nydus(
     t: &Target,
     rt: &tokio::runtime::Runtime,
@@ -308,6 +332,9 @@ pub fn nydus(
             ),
         ));
     }
+    // The bootstrap is served next to the blobs, under a name no blob has.
+    const BOOTSTRAP: &str = "b0075724b0075724b0075724b0075724b0075724b0075724b0075724b0075724";
+    std::fs::copy(&boot, blobs.join(BOOTSTRAP))?;
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let upstream = listener.local_addr()?;
     rt.spawn(serve_blobs(listener, blobs.clone()));
@@ -332,8 +359,14 @@ pub fn nydus(
     for _ in 0..runs {
         let _ = std::fs::remove_dir_all(&cache);
         std::fs::create_dir_all(&cache)?;
+        let _ = std::fs::remove_file(&boot);
         super::ceilings::drop_caches();
         let s = Instant::now();
+        let bytes = rt.block_on(http_get(
+            addr,
+            &format!("/v2/bench/image/blobs/sha256:{BOOTSTRAP}"),
+        ))?;
+        std::fs::write(&boot, bytes)?;
         let mut child = Command::new("nydusd")
             .arg("--config")
             .arg(&cfg_path)

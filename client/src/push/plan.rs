@@ -57,9 +57,8 @@ pub(crate) fn plan(w: &Walked, chunking: &Chunking) -> Plan {
     let cs = u64::from(chunking.chunk_size());
     let mut units = Vec::new();
     let mut files = Vec::new();
-    let mut pack: Vec<(u32, u64)> = Vec::new();
-    let mut pack_len = 0u64;
-    let mut pack_parts: Vec<usize> = Vec::new(); // indices into `files` waiting for the pack's unit
+    // The pack being filled: its unit and the bytes in it so far.
+    let mut open_pack: Option<(usize, u64)> = None;
     for (i, node) in w.nodes.iter().enumerate() {
         if !matches!(node.kind, NodeKind::File { .. }) {
             continue;
@@ -68,26 +67,25 @@ pub(crate) fn plan(w: &Walked, chunking: &Chunking) -> Plan {
         if size == 0 {
             files.push((i, Vec::new()));
         } else if size < chunking.pack_threshold() {
-            if pack_len + size > cs {
-                flush_pack(
-                    &mut units,
-                    &mut files,
-                    &mut pack,
-                    &mut pack_len,
-                    &mut pack_parts,
-                );
+            let (unit, used) = match open_pack {
+                Some((unit, used)) if used + size <= cs => (unit, used),
+                _ => {
+                    units.push(Unit::Pack { files: Vec::new() });
+                    (units.len() - 1, 0)
+                }
+            };
+            if let Unit::Pack { files: members } = &mut units[unit] {
+                members.push((i, size));
             }
-            pack_parts.push(files.len());
             files.push((
                 i,
                 vec![Part::InPack {
-                    unit: usize::MAX,
-                    offset: pack_len,
+                    unit,
+                    offset: used,
                     len: size,
                 }],
             ));
-            pack.push((i, size));
-            pack_len += size;
+            open_pack = Some((unit, used + size));
         } else if chunking.mode == ChunkingMode::Cdc {
             files.push((i, vec![Part::Whole(units.len())]));
             units.push(Unit::Cdc { file: i });
@@ -104,35 +102,7 @@ pub(crate) fn plan(w: &Walked, chunking: &Chunking) -> Plan {
             files.push((i, parts));
         }
     }
-    flush_pack(
-        &mut units,
-        &mut files,
-        &mut pack,
-        &mut pack_len,
-        &mut pack_parts,
-    );
     Plan { units, files }
-}
-
-fn flush_pack(
-    units: &mut Vec<Unit>,
-    files: &mut [(u32, Vec<Part>)],
-    pack: &mut Vec<(u32, u64)>,
-    pack_len: &mut u64,
-    waiting: &mut Vec<usize>,
-) {
-    if pack.is_empty() {
-        return;
-    }
-    for f in waiting.drain(..) {
-        if let Some(Part::InPack { unit, .. }) = files[f].1.first_mut() {
-            *unit = units.len();
-        }
-    }
-    units.push(Unit::Pack {
-        files: std::mem::take(pack),
-    });
-    *pack_len = 0;
 }
 
 fn open(w: &Walked, file: u32) -> Result<File> {
