@@ -254,6 +254,7 @@ fn sample_lazy(t: &Target, work: &Path, cold: bool) -> Result<Sample> {
     })
 }
 
+/// Medians of a mode's samples (ratios are filled in once every mode ran).
 fn summarize(mode: &str, samples: Vec<Sample>) -> ModeResult {
     let mut secs: Vec<f64> = samples.iter().map(|s| s.seconds).collect();
     let mut bytes: Vec<f64> = samples.iter().map(|s| s.bytes_fetched as f64).collect();

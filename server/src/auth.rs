@@ -9,7 +9,7 @@
 //! method and route template.
 
 use crate::error::ApiError;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -80,11 +80,7 @@ pub(crate) async fn require_token(
     request: Request,
     next: Next,
 ) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
-    let needed = access(request.method(), route);
+    let needed = access(request.method(), crate::routes::matched_route(&request));
     if auth.allows(needed, bearer(&request)) {
         next.run(request).await
     } else {

@@ -111,13 +111,19 @@ pub(crate) fn build(store: Arc<dyn ObjectStore>, config: &ServerConfig) -> Route
         .with_state(state)
 }
 
-/// Middleware: a span per request, and the request and bytes-out counters.
-async fn observe(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    let route = request
+/// The route template a request matched (`/v1/chunks/{id}`), if any.
+pub(crate) fn matched_route(request: &Request) -> Option<&str> {
+    request
         .extensions()
         .get::<MatchedPath>()
-        .map(|m| m.as_str().to_owned());
-    let route = route.unwrap_or_else(|| metrics::UNMATCHED_ROUTE.to_owned());
+        .map(MatchedPath::as_str)
+}
+
+/// Middleware: a span per request, and the request and bytes-out counters.
+async fn observe(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let route = matched_route(&request)
+        .unwrap_or(metrics::UNMATCHED_ROUTE)
+        .to_owned();
     let method = request.method().clone();
     let span = tracing::info_span!("http", %method, route = %route, path = %request.uri().path());
     async move {
@@ -149,11 +155,7 @@ async fn limit_concurrency(
     request: Request,
     next: Next,
 ) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
-    if matches!(route, Some("/v1/health" | "/metrics")) {
+    if matches!(matched_route(&request), Some("/v1/health" | "/metrics")) {
         return next.run(request).await;
     }
     match permits.acquire().await {

@@ -2,7 +2,7 @@
 //! HTTP chunk store, and Nydus (`nydusd` over an HTTP backend). A peer that is
 //! not installed is reported as skipped, with how to install it.
 
-use super::{median, ModeResult, Sample, Target};
+use super::{ModeResult, Sample, Target};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -101,19 +101,6 @@ fn wait_mounted(mp: &Path, child: &mut Child) -> Result<()> {
     }
 }
 
-fn summarize(mode: &str, samples: Vec<Sample>) -> ModeResult {
-    let mut secs: Vec<f64> = samples.iter().map(|s| s.seconds).collect();
-    ModeResult {
-        mode: mode.into(),
-        skipped: None,
-        median_seconds: median(&mut secs),
-        median_bytes_fetched: 0,
-        samples,
-        vs_full_pull: 0.0,
-        vs_local: 0.0,
-    }
-}
-
 /// casync: `casync make` into a chunk store served over HTTP with its index,
 /// then `casync mount` of the index URL.
 pub fn casync(
@@ -173,7 +160,7 @@ pub fn casync(
             bytes_fetched: 0,
         });
     }
-    Ok(summarize("casync", samples))
+    Ok(super::summarize("casync", samples))
 }
 
 /// A minimal HTTP/1.1 server of a registry's blob route with Range support
@@ -396,5 +383,5 @@ pub fn nydus(
             bytes_fetched: 0,
         });
     }
-    Ok(summarize("nydus", samples))
+    Ok(super::summarize("nydus", samples))
 }
