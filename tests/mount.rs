@@ -389,7 +389,7 @@ fn corrupted_chunk_in_the_store_gives_eio_never_wrong_bytes() {
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert!(m.stats()["digest_mismatches"].as_u64().unwrap() >= 1);
     // Nothing bad reached the disk cache.
-    let cached = w.path("cache/v1").join(&id[..2]).join(&id);
+    let cached = w.path("cache/v2/chunks").join(&id[..2]).join(&id);
     assert!(!cached.exists());
 }
 
@@ -404,7 +404,7 @@ fn small_disk_cache_evicts_and_stays_correct() {
     let m = w.mount(&r, "mnt", &["--cache-size", "6M", "--cache-mem", "2M"]);
     assert!(std::fs::read(m.dir.join("data")).unwrap() == data);
     std::thread::sleep(Duration::from_millis(300));
-    let total: u64 = walk_sizes(&w.path("cache/v1"));
+    let total: u64 = walk_sizes(&w.path("cache/v2"));
     assert!(
         total <= 6 * MB as u64 + MB as u64 + 64,
         "disk cache holds {total} bytes"

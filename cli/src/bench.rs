@@ -245,7 +245,7 @@ fn sample_lazy(t: &Target, work: &Path, cold: bool) -> Result<Sample> {
     mount(&t.pull_ref, &mp, &cache, &[])?;
     let result = t.startup.run(&mp);
     let seconds = s.elapsed().as_secs_f64();
-    let stats = thaw_client::mount::stats::query(&mp);
+    let stats = thaw_fuse::query_stats(&mp);
     umount(&mp);
     result?;
     Ok(Sample {

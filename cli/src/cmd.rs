@@ -34,7 +34,7 @@ pub enum Command {
     Mount(MountArgs),
     /// Unmount a thaw mount.
     Umount(UmountArgs),
-    /// Show a mount's counters: chunks and bytes fetched, cache hits, fetch latency.
+    /// Show an image's counters (by mountpoint): chunks and bytes fetched, cache hits, fetch latency.
     Stats(StatsArgs),
     /// Serve, push, mount and read a generated image, with no setup, and report.
     Demo(crate::demo::DemoArgs),
@@ -203,13 +203,17 @@ pub struct InspectArgs {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // A background mount forks before the runtime starts its threads.
+    if let Command::Mount(a) = cli.command {
+        return mount(a);
+    }
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
         Command::Serve(a) => rt.block_on(serve(a)),
         Command::Push(a) => rt.block_on(push(a)),
         Command::Export(a) => rt.block_on(export(a)),
         Command::Inspect(a) => rt.block_on(inspect(a)),
-        Command::Mount(a) => mount(a, rt),
+        Command::Mount(_) => unreachable!("handled above"),
         Command::Umount(a) => umount(a),
         Command::Stats(a) => stats(a),
         Command::Demo(a) => crate::demo::run(a, rt),
@@ -392,161 +396,107 @@ async fn inspect(a: InspectArgs) -> Result<()> {
     Ok(())
 }
 
-/// Set in the environment of a background mount: print "ready" once serving.
-const NOTIFY_ENV: &str = "THAW_NOTIFY_READY";
+impl MountArgs {
+    fn image_options(&self) -> thaw_client::image::ImageOptions {
+        thaw_client::image::ImageOptions {
+            cache_dir: Some(
+                self.cache_dir
+                    .clone()
+                    .unwrap_or_else(thaw_client::image::default_cache_dir),
+            ),
+            cache_size: self.cache_size,
+            cache_mem: self.cache_mem,
+            concurrency: self.concurrency,
+            readahead_max: self.readahead,
+            fetch_timeout: std::time::Duration::from_secs_f64(self.fetch_timeout.max(0.0)),
+            ..Default::default()
+        }
+    }
 
-fn mount(a: MountArgs, rt: tokio::runtime::Runtime) -> Result<()> {
+    fn fuse_options(&self) -> thaw_fuse::FuseOptions {
+        thaw_fuse::FuseOptions {
+            allow_other: self.allow_other,
+            kernel_readahead: self.kernel_readahead,
+        }
+    }
+}
+
+/// `thaw mount`: in the foreground, or forked into the background with this
+/// process returning once the mount answers.
+fn mount(a: MountArgs) -> Result<()> {
+    use thaw_fuse::background::{self, Forked};
     if !a.mountpoint.is_dir() {
         bail!("mountpoint {} is not a directory", a.mountpoint.display());
     }
-    if !a.foreground {
-        return mount_in_background(&a);
-    }
     let r = ImageRef::parse(&a.reference)?;
-    let remote = Remote::for_ref(&r, read_token(a.token_file.as_deref())?)?;
-    let opts = thaw_client::mount::MountOptions {
-        cache_dir: Some(
-            a.cache_dir
-                .clone()
-                .unwrap_or_else(thaw_client::mount::default_cache_dir),
-        ),
-        cache_size: a.cache_size,
-        cache_mem: a.cache_mem,
-        concurrency: a.concurrency,
-        readahead_max: a.readahead,
-        fetch_timeout: std::time::Duration::from_secs_f64(a.fetch_timeout.max(0.0)),
-        allow_other: a.allow_other,
-        kernel_readahead: a.kernel_readahead,
-    };
-    let prepared = rt
-        .block_on(thaw_client::mount::prepare(&r, remote, &opts))
-        .with_context(|| format!("cannot mount {r}"))?;
-    let session = thaw_client::mount::mount(&prepared, &a.mountpoint, &opts, rt.handle().clone())?;
-    // The mount answers once a getattr through it succeeds.
-    std::fs::metadata(&a.mountpoint)
-        .with_context(|| format!("{} does not answer", a.mountpoint.display()))?;
-    if std::env::var_os(NOTIFY_ENV).is_some() {
-        println!("ready");
-        detach_stdout();
-    } else {
-        eprintln!(
-            "thaw: mounted {r} at {} (Ctrl-C to unmount)",
-            a.mountpoint.display()
-        );
+    let token = read_token(a.token_file.as_deref())?;
+    if a.foreground {
+        return serve_mount(&a, &r, token, |m| {
+            eprintln!("thaw: mounted {m} (Ctrl-C to unmount)")
+        });
     }
-    let socket = thaw_client::mount::stats::socket_path(&a.mountpoint);
-    let socket_ino = std::fs::metadata(&socket)
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        .ok();
-    let unmounted_elsewhere = rt.block_on(async {
-        let signal = shutdown_signal();
-        tokio::pin!(signal);
-        loop {
-            tokio::select! {
-                _ = &mut signal => return false,
-                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {
-                    if session.guard.is_finished() {
-                        return true;
-                    }
-                }
+    let log = thaw_fuse::log_path(&a.mountpoint)?;
+    match background::fork(&log).context("cannot start the mount process")? {
+        Forked::Parent(waiter) => match waiter.wait() {
+            Ok(()) => {
+                println!(
+                    "mounted {r} at {} (log: {})",
+                    a.mountpoint.display(),
+                    log.display()
+                );
+                Ok(())
             }
+            Err(why) => bail!("mount failed: {why}"),
+        },
+        Forked::Child(notifier) => {
+            let mut notifier = Some(notifier);
+            let result = serve_mount(&a, &r, token, |_| {
+                notifier.take().expect("ready once").ready()
+            });
+            if let (Err(e), Some(n)) = (&result, notifier) {
+                n.failed(&format!("{e:#}"));
+            }
+            result
         }
-    });
-    if unmounted_elsewhere {
-        // Already unmounted (`thaw umount`, fusermount3 -u): dropping the session
-        // would unmount again and could hit a newer mount at the same path.
-        std::mem::forget(session);
-    } else {
-        drop(session);
     }
-    prepared.fs.flush();
-    // Remove the control socket only if it is still ours.
-    let still_ours = std::fs::metadata(&socket)
-        .map(|m| Some(std::os::unix::fs::MetadataExt::ino(&m)) == socket_ino);
-    if still_ours.unwrap_or(false) {
-        let _ = std::fs::remove_file(&socket);
-    }
+}
+
+/// Opens the image, mounts it, calls `ready`, and serves until a signal or an unmount.
+fn serve_mount(
+    a: &MountArgs,
+    r: &ImageRef,
+    token: Option<String>,
+    ready: impl FnOnce(String),
+) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let remote = Remote::for_ref(r, token)?;
+    let image = rt
+        .block_on(thaw_client::image::open(r, remote, &a.image_options()))
+        .with_context(|| format!("cannot mount {r}"))?;
+    let session = thaw_fuse::Session::mount(
+        std::sync::Arc::new(image),
+        &a.mountpoint,
+        &a.fuse_options(),
+        rt.handle().clone(),
+    )?;
+    ready(format!("{r} at {}", a.mountpoint.display()));
+    session.run_until(rt.handle(), shutdown_signal());
     Ok(())
 }
 
 /// Unmounts, then waits for the mount's process to finish its cache writes and exit.
 fn umount(a: UmountArgs) -> Result<()> {
-    let pid = thaw_client::mount::stats::query(&a.mountpoint)
-        .ok()
-        .map(|s| s.pid)
-        .filter(|&p| p != 0);
-    thaw_client::mount::unmount(&a.mountpoint)?;
-    if let Some(pid) = pid {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-        while std::path::Path::new(&format!("/proc/{pid}")).exists()
-            && std::time::Instant::now() < deadline
-        {
-            // A zombie (our own child, never here) would also stop the wait.
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            if stat.split_whitespace().nth(2) == Some("Z") {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-    }
+    thaw_fuse::unmount_and_wait(&a.mountpoint, std::time::Duration::from_secs(15))?;
     Ok(())
 }
 
-/// Points stdout at /dev/null so the parent that waited for "ready" can exit.
-fn detach_stdout() {
-    use std::io::Write;
-    use std::os::fd::AsRawFd;
-    let _ = std::io::stdout().flush();
-    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        // SAFETY: both descriptors are open; dup2 replaces fd 1 atomically.
-        unsafe { libc::dup2(null.as_raw_fd(), 1) };
-    }
-}
-
-/// Starts `thaw mount --foreground` as a detached child and returns once it
-/// says the filesystem answers (like mount-s3), or reports why it failed.
-fn mount_in_background(a: &MountArgs) -> Result<()> {
-    use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
-    let dir = thaw_client::mount::stats::runtime_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let log_path = thaw_client::mount::stats::socket_path(&a.mountpoint).with_extension("log");
-    let log = std::fs::File::create(&log_path)
-        .with_context(|| format!("cannot create {}", log_path.display()))?;
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    args.push("--foreground".into());
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(args)
-        .env(NOTIFY_ENV, "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("cannot start the mount process")?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-    if line.trim() == "ready" {
-        println!(
-            "mounted {} at {} (log: {})",
-            a.reference,
-            a.mountpoint.display(),
-            log_path.display()
-        );
-        return Ok(());
-    }
-    let _ = child.wait();
-    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    bail!("mount failed:\n{}", log.trim_end());
-}
-
 fn stats(a: StatsArgs) -> Result<()> {
-    let s = thaw_client::mount::stats::query(&a.mountpoint)?;
+    let s = thaw_fuse::query_stats(&a.mountpoint)?;
     if a.json {
         return print_json(&s);
     }
     println!("image       {}  ({})", s.image, s.manifest);
-    println!("mountpoint  {}", s.mountpoint);
+    println!("attached    {} at {}", s.transport, s.attached_at);
     println!("reads       {} ({})", s.reads, human(s.read_bytes));
     println!(
         "fetched     {} chunks, {} of {} image bytes ({:.1}%), {} by readahead",

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
-use thaw_client::mount::MountOptions;
+use thaw_client::image::ImageOptions;
 use thaw_client::push::PushOptions;
 use thaw_client::{ImageRef, Remote};
 
@@ -117,14 +117,18 @@ pub fn run(a: DemoArgs, rt: tokio::runtime::Runtime) -> Result<()> {
         crate::cmd::human(pushed.bytes_uploaded)
     ));
 
-    let opts = MountOptions {
+    let opts = ImageOptions {
         cache_dir: Some(tmp.path().join("cache")),
         ..Default::default()
     };
     let t = Instant::now();
-    let prepared = rt.block_on(thaw_client::mount::prepare(&r, remote, &opts))?;
-    let session = thaw_client::mount::mount(&prepared, &mnt, &opts, rt.handle().clone())?;
-    std::fs::metadata(&mnt)?;
+    let image = std::sync::Arc::new(rt.block_on(thaw_client::image::open(&r, remote, &opts))?);
+    let session = thaw_fuse::Session::mount(
+        image.clone(),
+        &mnt,
+        &Default::default(),
+        rt.handle().clone(),
+    )?;
     let mount_ms = t.elapsed().as_secs_f64() * 1000.0;
     say(format!(
         "mounted at {} in {mount_ms:.1} ms (manifest only)",
@@ -149,7 +153,7 @@ pub fn run(a: DemoArgs, rt: tokio::runtime::Runtime) -> Result<()> {
         read += buf.len() as u64;
     }
     let read_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let s = prepared.fs.stats.report();
+    let s = image.fs.stats.report();
     let image_bytes = pushed.bytes;
     let pct = s.bytes_fetched as f64 * 100.0 / (pushed.bytes_uploaded.max(1)) as f64;
     say(format!(

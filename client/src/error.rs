@@ -8,8 +8,14 @@ use thaw_format::{Digest, FrameError, ManifestError};
 pub enum ClientError {
     #[error("invalid image reference {0:?}: expected [http://]HOST:PORT/NAME:TAG or HOST:PORT/NAME@blake3:<hex>")]
     BadRef(String),
-    #[error("{0}")]
-    Usage(String),
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("{0} is not empty: export into a new directory")]
+    NotEmpty(PathBuf),
+    #[error("{0} names no tag: push needs a NAME:TAG reference")]
+    TagRequired(String),
+    #[error("push stopped: an upload failed")]
+    Aborted,
     #[error("cannot reach the chunk server at {url}: is `thaw serve` running?")]
     Unreachable { url: String, source: reqwest::Error },
     #[error("chunk server answered {status} for {what}: {message}")]
@@ -18,6 +24,8 @@ pub enum ClientError {
         what: String,
         message: String,
     },
+    #[error("chunk server sent a malformed answer for {what}: {message}")]
+    BadResponse { what: String, message: String },
     #[error("{what} not found on the chunk server")]
     NotFound { what: String },
     #[error("chunk server refused the manifest: {} chunks are missing", missing.len())]
@@ -31,6 +39,12 @@ pub enum ClientError {
     Changed { path: PathBuf },
     #[error("bad chunk {id}")]
     Frame { id: Digest, source: FrameError },
+    #[error("chunk {id} holds {actual} bytes but the manifest says {expected}")]
+    ChunkLength {
+        id: Digest,
+        expected: u32,
+        actual: usize,
+    },
     #[error("bad manifest")]
     Manifest(#[from] ManifestError),
     #[error("gave up on {what} after {attempts} attempts")]
@@ -60,3 +74,16 @@ impl ClientError {
 }
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// An error and its causes, `: `-separated, for messages that cross a
+/// boundary as text (a source's failure inside a fetch error).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

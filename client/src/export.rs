@@ -18,7 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use thaw_format::{frame, Digest, Manifest, NodeKind};
+use thaw_format::{frame, ChunkRef, Digest, Manifest, NodeKind};
 
 /// What an export did (`thaw export --json`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -42,63 +42,28 @@ pub async fn export(
     concurrency: usize,
 ) -> Result<ExportReport> {
     let started = Instant::now();
-    let (digest, m, _) = remote.image(r).await?;
+    let fetched = remote.image(r).await?;
+    let (digest, m) = (fetched.digest, fetched.manifest);
     prepare_dest(dest)?;
     create_tree(&m, dest)?;
 
-    // Where each chunk's bytes go: (file path, file offset, offset in chunk, len).
-    let mut uses: HashMap<u32, Vec<(u32, u64, u32, u64)>> = HashMap::new();
-    for (i, n) in m.nodes.iter().enumerate() {
-        if let NodeKind::File { extents } = &n.kind {
-            let mut at = 0;
-            for e in &m.extents[extents.start as usize..extents.end as usize] {
-                if let Some(c) = e.chunk {
-                    uses.entry(c)
-                        .or_default()
-                        .push((i as u32, at, e.offset, e.len));
-                }
-                at += e.len;
-            }
-        }
-    }
-    let mut order: Vec<u32> = uses.keys().copied().collect();
-    order.sort_unstable();
-    let mut batches: Vec<Vec<u32>> = Vec::new();
-    let mut size = 0;
-    for c in order {
-        let len = u64::from(m.chunks[c as usize].len);
-        match batches.last_mut() {
-            Some(b) if b.len() < READ_BATCH && size + len <= BATCH_BYTES => b.push(c),
-            _ => {
-                batches.push(vec![c]);
-                size = 0;
-            }
-        }
-        size += len;
-    }
+    let uses = chunk_uses(&m);
     let fetched = std::sync::atomic::AtomicU64::new(0);
     let (m_ref, uses_ref, fetched_ref) = (&m, &uses, &fetched);
-    futures::stream::iter(batches)
+    futures::stream::iter(batches(&m, &uses))
         .map(|batch| async move {
             let ids: Vec<Digest> = batch.iter().map(|&c| m_ref.chunks[c as usize].id).collect();
-            let frames = remote.chunks(&ids).await?;
-            for ((c, id), (_, frame)) in batch.iter().zip(&ids).zip(frames) {
+            let frames_max = batch
+                .iter()
+                .map(|&c| frame::max_frame_len(m_ref.chunks[c as usize].len as usize))
+                .sum();
+            let frames = remote.chunks(&ids, frames_max).await?;
+            for (c, frame) in batch.iter().zip(frames) {
                 let frame = frame.ok_or_else(|| ClientError::NotFound {
-                    what: format!("chunk {id}"),
+                    what: format!("chunk {}", m_ref.chunks[*c as usize].id),
                 })?;
                 fetched_ref.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                let data = frame::decode_verified(&frame, id)
-                    .map_err(|e| ClientError::Frame { id: *id, source: e })?;
-                for &(file, at, off, len) in &uses_ref[c] {
-                    let path = dest.join(OsStr::from_bytes(&m_ref.path(file)));
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .custom_flags(libc::O_NOFOLLOW)
-                        .open(&path)
-                        .map_err(|e| ClientError::io(&path, e))?;
-                    f.write_all_at(&data[off as usize..(u64::from(off) + len) as usize], at)
-                        .map_err(|e| ClientError::io(&path, e))?;
-                }
+                write_chunk(m_ref, *c, &frame, &uses_ref[c], dest)?;
             }
             Ok::<_, ClientError>(())
         })
@@ -120,13 +85,95 @@ pub async fn export(
     })
 }
 
+/// Chunk indices in batches of at most [`READ_BATCH`] ids and [`BATCH_BYTES`] bytes.
+fn batches(m: &Manifest, uses: &HashMap<u32, Vec<ChunkUse>>) -> Vec<Vec<u32>> {
+    let mut order: Vec<u32> = uses.keys().copied().collect();
+    order.sort_unstable();
+    let mut batches: Vec<Vec<u32>> = Vec::new();
+    let mut size = 0;
+    for c in order {
+        let len = u64::from(m.chunks[c as usize].len);
+        match batches.last_mut() {
+            Some(b) if b.len() < READ_BATCH && size + len <= BATCH_BYTES => b.push(c),
+            _ => {
+                batches.push(vec![c]);
+                size = 0;
+            }
+        }
+        size += len;
+    }
+    batches
+}
+
+/// Verifies chunk `c`'s frame and writes its bytes everywhere they are used.
+fn write_chunk(m: &Manifest, c: u32, frame: &[u8], uses: &[ChunkUse], dest: &Path) -> Result<()> {
+    let ChunkRef { id, len } = m.chunks[c as usize];
+    let data =
+        frame::decode_verified(frame, &id).map_err(|e| ClientError::Frame { id, source: e })?;
+    if data.len() != len as usize {
+        return Err(ClientError::ChunkLength {
+            id,
+            expected: len,
+            actual: data.len(),
+        });
+    }
+    for u in uses {
+        let path = dest.join(OsStr::from_bytes(&m.path(u.file)));
+        let f = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| ClientError::io(&path, e))?;
+        // Validation keeps extents inside their chunks; checked again, never a panic.
+        let bytes = data
+            .get(u.chunk_offset as usize..)
+            .and_then(|d| d.get(..u.len as usize))
+            .ok_or(ClientError::ChunkLength {
+                id,
+                expected: u.chunk_offset.saturating_add(u.len as u32),
+                actual: data.len(),
+            })?;
+        f.write_all_at(bytes, u.file_offset)
+            .map_err(|e| ClientError::io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// Where one extent of a chunk goes: `len` bytes from `chunk_offset` of the
+/// chunk to `file_offset` of node `file`.
+struct ChunkUse {
+    file: u32,
+    file_offset: u64,
+    chunk_offset: u32,
+    len: u64,
+}
+
+/// Every place each chunk's bytes go, by chunk index.
+fn chunk_uses(m: &Manifest) -> HashMap<u32, Vec<ChunkUse>> {
+    let mut uses: HashMap<u32, Vec<ChunkUse>> = HashMap::new();
+    for (i, n) in m.nodes.iter().enumerate() {
+        if let NodeKind::File { extents } = &n.kind {
+            let mut at = 0;
+            for e in &m.extents[extents.start as usize..extents.end as usize] {
+                if let Some(c) = e.chunk {
+                    uses.entry(c).or_default().push(ChunkUse {
+                        file: i as u32,
+                        file_offset: at,
+                        chunk_offset: e.offset,
+                        len: e.len,
+                    });
+                }
+                at += e.len;
+            }
+        }
+    }
+    uses
+}
+
 fn prepare_dest(dest: &Path) -> Result<()> {
     match std::fs::read_dir(dest) {
         Ok(mut entries) => match entries.next() {
-            Some(_) => Err(ClientError::Usage(format!(
-                "{} is not empty: export into a new directory",
-                dest.display()
-            ))),
+            Some(_) => Err(ClientError::NotEmpty(dest.to_path_buf())),
             None => Ok(()),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

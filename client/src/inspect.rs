@@ -75,7 +75,8 @@ pub fn summarize(digest: Digest, manifest_bytes: u64, m: &Manifest) -> InspectRe
 
 /// Summarizes the image `r` names, asking the server for stored sizes.
 pub async fn inspect(r: &ImageRef, remote: &Remote) -> Result<InspectReport> {
-    let (digest, m, bytes) = remote.image(r).await?;
+    let fetched = remote.image(r).await?;
+    let (digest, m, bytes) = (fetched.digest, fetched.manifest, fetched.bytes);
     let mut report = summarize(digest, bytes.len() as u64, &m);
     let sizes: Vec<u64> = futures::stream::iter(m.chunks.iter())
         .map(|c| remote.chunk_stored_len(&c.id))

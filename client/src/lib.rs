@@ -1,20 +1,22 @@
 //! thaw's client: push a tree to a chunk server, export it back, inspect it,
-//! and mount it lazily over FUSE.
+//! and serve it lazily.
 //!
 //! [`push`] turns a directory into chunks and a manifest and uploads only the
 //! chunks the server lacks, setting the tag last so a tag never points at an
 //! incomplete image. [`export`] is the full pull: it recreates the tree on local
-//! disk. [`inspect`] summarizes an image. [`mount`] serves an image lazily over
-//! FUSE, fetching each chunk the first time something reads it.
+//! disk. [`inspect`] summarizes an image. [`image`] is the lazy image core that
+//! every door (the FUSE mount in `thaw-fuse`, virtio-fs, VM memory) serves:
+//! each chunk is fetched the first time something reads it, verified and
+//! cached. [`remote`] is the HTTP client of the chunk server's API.
 
 mod error;
 pub mod export;
+pub mod image;
 pub mod inspect;
-pub mod mount;
 pub mod push;
 pub mod reference;
 pub mod remote;
 
-pub use error::{ClientError, Result};
+pub use error::{chain, ClientError, Result};
 pub use reference::ImageRef;
 pub use remote::Remote;

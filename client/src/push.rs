@@ -135,7 +135,7 @@ fn hash_units(
                             if piece.id.is_some() {
                                 // The receiver only goes away when the push failed.
                                 tx.blocking_send(Hashed { piece, data })
-                                    .map_err(|_| ClientError::Usage("push aborted".into()))?;
+                                    .map_err(|_| ClientError::Aborted)?;
                             }
                             Ok(())
                         })?;
@@ -151,14 +151,63 @@ fn hash_units(
     Ok(results.into_inner().expect("results lock"))
 }
 
-/// Uploads what the server lacks, as hashed pieces arrive. Returns (chunks
-/// uploaded, frame bytes sent).
+/// Waits for one piece (while the channel is `open`), then takes whatever
+/// else is ready, up to a batch. Returns whether the channel is still open.
+async fn next_batch(
+    rx: &mut tokio::sync::mpsc::Receiver<Hashed>,
+    batch: &mut Vec<Hashed>,
+    mut open: bool,
+) -> bool {
+    const BATCH: usize = 256;
+    if open && batch.is_empty() {
+        match rx.recv().await {
+            Some(h) => batch.push(h),
+            None => open = false,
+        }
+    }
+    while open && batch.len() < BATCH {
+        match rx.try_recv() {
+            Ok(h) => batch.push(h),
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
+        }
+    }
+    open
+}
+
+/// Compresses one chunk (on a CPU permit) and uploads it; returns the frame's length.
+async fn compress_and_upload(
+    h: Hashed,
+    cpu: &Arc<tokio::sync::Semaphore>,
+    remote: &Remote,
+    level: i32,
+) -> Result<u64> {
+    let id = h.piece.id.expect("only chunks are uploaded");
+    let permit = cpu.clone().acquire_owned().await.expect("semaphore open");
+    let frame = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        Bytes::from(encode(&h.data, level))
+    })
+    .await
+    .expect("compression task panicked");
+    let len = frame.len() as u64;
+    remote.put_chunk(&id, frame).await?;
+    Ok(len)
+}
+
+/// What the uploads sent.
+struct Uploaded {
+    chunks: u64,
+    /// Frame bytes.
+    bytes: u64,
+}
+
+/// Uploads what the server lacks, as hashed pieces arrive.
 async fn upload_missing(
     mut rx: tokio::sync::mpsc::Receiver<Hashed>,
     remote: &Remote,
     opts: &PushOptions,
-) -> Result<(u64, u64)> {
-    const BATCH: usize = 256;
+) -> Result<Uploaded> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     // Bounds chunks held in memory between hashing and the end of their upload.
     let slots = Arc::new(tokio::sync::Semaphore::new(
@@ -172,20 +221,7 @@ async fn upload_missing(
     let mut batch: Vec<Hashed> = Vec::new();
     let mut open = true;
     while open || !batch.is_empty() {
-        // Wait for one piece, then take whatever else is ready, up to a batch.
-        if open && batch.is_empty() {
-            match rx.recv().await {
-                Some(h) => batch.push(h),
-                None => open = false,
-            }
-        }
-        while open && batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(h) => batch.push(h),
-                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
-                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
-            }
-        }
+        open = next_batch(&mut rx, &mut batch, open).await;
         batch.retain(|h| seen.insert(h.piece.id.expect("only chunks are sent")));
         if batch.is_empty() {
             continue;
@@ -204,15 +240,7 @@ async fn upload_missing(
                 (cpu.clone(), sent.clone(), remote.clone(), opts.level);
             tasks.spawn(async move {
                 let _slot = slot;
-                let permit = cpu.acquire_owned().await.expect("semaphore open");
-                let frame = tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    Bytes::from(encode(&h.data, level))
-                })
-                .await
-                .expect("compression task panicked");
-                let len = frame.len() as u64;
-                remote.put_chunk(&id, frame).await?;
+                let len = compress_and_upload(h, &cpu, &remote, level).await?;
                 sent.fetch_add(len, Ordering::Relaxed);
                 Ok::<_, ClientError>(())
             });
@@ -225,7 +253,38 @@ async fn upload_missing(
     while let Some(done) = tasks.join_next().await {
         done.expect("upload task panicked")?;
     }
-    Ok((uploaded, sent.load(Ordering::Relaxed)))
+    Ok(Uploaded {
+        chunks: uploaded,
+        bytes: sent.load(Ordering::Relaxed),
+    })
+}
+
+/// The regular files among `nodes`.
+fn files(nodes: &[thaw_format::Node]) -> impl Iterator<Item = &thaw_format::Node> {
+    nodes
+        .iter()
+        .filter(|n| matches!(n.kind, NodeKind::File { .. }))
+}
+
+/// A manifest as uploaded.
+struct Published {
+    digest: Digest,
+    /// Length of its encoding.
+    bytes: u64,
+}
+
+/// Uploads the manifest (the server refuses it unless every chunk is
+/// stored), then moves the tag.
+async fn publish(m: &Manifest, r: &ImageRef, tag: &str, remote: &Remote) -> Result<Published> {
+    m.validate()?;
+    let bytes = Bytes::from(m.encode());
+    let digest = Digest::of(&bytes);
+    remote.put_manifest(&digest, bytes.clone()).await?;
+    remote.put_tag(&r.name, tag, &digest).await?;
+    Ok(Published {
+        digest,
+        bytes: bytes.len() as u64,
+    })
 }
 
 /// Pushes `dir` to the server and repository `r` names, and tags it.
@@ -237,7 +296,7 @@ pub async fn push(
 ) -> Result<PushReport> {
     let tag = r
         .tag()
-        .ok_or_else(|| ClientError::Usage("push needs a NAME:TAG reference".into()))?
+        .ok_or_else(|| ClientError::TagRequired(r.to_string()))?
         .to_owned();
     let started = Instant::now();
     let (d, chunking) = (dir.to_path_buf(), opts.chunking);
@@ -248,12 +307,7 @@ pub async fn push(
     })
     .await
     .expect("walk task panicked")?;
-    let total: u64 = w
-        .nodes
-        .iter()
-        .filter(|n| matches!(n.kind, NodeKind::File { .. }))
-        .map(|n| n.size)
-        .sum();
+    let total: u64 = files(&w.nodes).map(|n| n.size).sum();
     let pb = bar(opts.progress, total, "pushing");
     let (tx, rx) = tokio::sync::mpsc::channel::<Hashed>(8);
     let hashing = {
@@ -268,37 +322,28 @@ pub async fn push(
     let (mut w, p, pieces, hash_seconds) = hashing.await.expect("hashing task panicked");
     // An upload failure stops the hashing workers (their sends fail), so it is
     // the cause to report; a hashing failure ends the uploads cleanly.
-    let (chunks_uploaded, bytes_uploaded) = uploading?;
+    let uploaded = uploading?;
     let pieces = pieces?;
     pb.finish_and_clear();
     plan::check_stamps(&w)?;
-    let (chunks, extents) = plan::assemble(&mut w, &p, &pieces);
+    let assembled = plan::assemble(&mut w, &p, &pieces);
     let manifest = Manifest {
         chunk_size: opts.chunking.chunk_size(),
-        chunks,
+        chunks: assembled.chunks,
         nodes: w.nodes,
-        extents,
+        extents: assembled.extents,
         xattrs: w.xattrs,
     };
-    manifest.validate()?;
-
-    let bytes = Bytes::from(manifest.encode());
-    let digest = Digest::of(&bytes);
-    remote.put_manifest(&digest, bytes.clone()).await?;
-    remote.put_tag(&r.name, &tag, &digest).await?;
+    let published = publish(&manifest, r, &tag, remote).await?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(PushReport {
-        manifest: digest,
-        files: manifest
-            .nodes
-            .iter()
-            .filter(|n| matches!(n.kind, NodeKind::File { .. }))
-            .count() as u64,
+        manifest: published.digest,
+        files: files(&manifest.nodes).count() as u64,
         bytes: manifest.logical_bytes(),
         chunks: manifest.chunks.len() as u64,
-        chunks_uploaded,
-        bytes_uploaded,
-        manifest_bytes: bytes.len() as u64,
+        chunks_uploaded: uploaded.chunks,
+        bytes_uploaded: uploaded.bytes,
+        manifest_bytes: published.bytes,
         hash_seconds,
         upload_seconds: seconds - hash_seconds,
         seconds,

@@ -2,6 +2,7 @@
 
 use crate::error::{ClientError, Result};
 use std::fmt;
+use thaw_format::wire::valid_name;
 use thaw_format::Digest;
 
 /// Which image of a repository a reference names.
@@ -18,16 +19,6 @@ pub struct ImageRef {
     pub server: String,
     pub name: String,
     pub selector: Selector,
-}
-
-/// Names and tags: `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`.
-pub fn valid_name(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
 }
 
 impl ImageRef {

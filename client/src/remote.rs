@@ -4,12 +4,16 @@
 //! pooled, so concurrent fetches reuse warm connections. Transient failures
 //! (connection refused, 5xx) are retried with exponential backoff until the
 //! [`RetryPolicy`]'s deadline; client errors (4xx) are returned at once.
+//! Every response body is read with a cap that follows from what it can hold
+//! (a frame, a manifest, a batch of known chunks), so a broken or hostile
+//! server cannot grow a client without bound.
 
 use crate::error::{ClientError, Result};
 use crate::reference::{ImageRef, Selector};
 use bytes::Bytes;
 use std::future::Future;
 use std::time::{Duration, Instant};
+use thaw_format::wire::{self, BATCH_MAX_IDS, FRAME_MAX, MISSING_MAX_IDS, RECORD_HEADER_LEN};
 use thaw_format::{Digest, Manifest};
 
 /// How long and how often to retry transient failures.
@@ -31,6 +35,14 @@ impl Default for RetryPolicy {
     }
 }
 
+/// A manifest as fetched: verified against its digest, with its encoding.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub digest: Digest,
+    pub manifest: Manifest,
+    pub bytes: Bytes,
+}
+
 /// A chunk server.
 #[derive(Debug, Clone)]
 pub struct Remote {
@@ -42,10 +54,15 @@ pub struct Remote {
     pub request_timeout: Duration,
 }
 
-/// Most ids one `missing` request carries.
-pub const MISSING_BATCH: usize = 10_000;
+/// Most ids one `missing` request carries: a tenth of what the server takes,
+/// so answers come back while hashing goes on.
+const MISSING_BATCH: usize = MISSING_MAX_IDS / 10;
 /// Most ids one batch read carries.
-pub const READ_BATCH: usize = 1024;
+pub const READ_BATCH: usize = BATCH_MAX_IDS;
+/// Largest manifest a client accepts (the server's default upload limit).
+pub const MANIFEST_MAX: usize = 256 << 20;
+/// Largest tag answer (a digest and a newline, with room).
+const TAG_MAX: usize = wire::TAG_BODY_MAX;
 
 impl Remote {
     pub fn new(base: &str, token: Option<String>) -> Result<Remote> {
@@ -151,9 +168,9 @@ impl Remote {
                 let resp = self
                     .send(&what, || self.req(reqwest::Method::GET, &path))
                     .await?;
-                let text = resp.text().await.map_err(|e| self.unreachable(e))?;
-                text.trim().parse().map_err(|_| ClientError::Status {
-                    status: 200,
+                let body = self.read_capped(resp, TAG_MAX, &what).await?;
+                let text = String::from_utf8_lossy(&body);
+                text.trim().parse().map_err(|_| ClientError::BadResponse {
                     what,
                     message: format!(
                         "not a digest: {:?}",
@@ -165,38 +182,83 @@ impl Remote {
     }
 
     /// Fetches a manifest's bytes and checks them against `digest`.
-    pub async fn manifest(&self, digest: &Digest) -> Result<(Manifest, Bytes)> {
+    pub async fn manifest(&self, digest: &Digest) -> Result<FetchedManifest> {
         let path = format!("/v1/manifests/{digest}");
         let what = format!("manifest {digest}");
-        let bytes = self.get_bytes(&what, &path).await?;
-        let m = Manifest::decode_verified(&bytes, digest)?;
-        Ok((m, bytes))
+        let bytes = self.get_bytes(&what, &path, MANIFEST_MAX).await?;
+        let manifest = Manifest::decode_verified(&bytes, digest)?;
+        Ok(FetchedManifest {
+            digest: *digest,
+            manifest,
+            bytes,
+        })
     }
 
     /// Resolves and fetches the image a reference names.
-    pub async fn image(&self, r: &ImageRef) -> Result<(Digest, Manifest, Bytes)> {
+    pub async fn image(&self, r: &ImageRef) -> Result<FetchedManifest> {
         let digest = self.resolve(r).await?;
-        let (m, bytes) = self.manifest(&digest).await?;
-        Ok((digest, m, bytes))
+        self.manifest(&digest).await
     }
 
-    async fn get_bytes(&self, what: &str, path: &str) -> Result<Bytes> {
-        self.retrying(what, || async {
-            let resp = self
-                .req(reqwest::Method::GET, path)
-                .send()
-                .await
-                .map_err(|e| self.unreachable(e))?;
-            let resp = check(resp, what).await?;
-            resp.bytes().await.map_err(|e| self.unreachable(e))
-        })
+    async fn get_bytes(&self, what: &str, path: &str, max: usize) -> Result<Bytes> {
+        self.retrying(what, || self.get_once(what, path, max)).await
+    }
+
+    /// One GET, no retries, its body capped at `max` bytes.
+    async fn get_once(&self, what: &str, path: &str, max: usize) -> Result<Bytes> {
+        let resp = self
+            .req(reqwest::Method::GET, path)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let resp = check(resp, what).await?;
+        self.read_capped(resp, max, what).await
+    }
+
+    /// Reads a body of at most `max` bytes; a longer one is an error before
+    /// more than `max` bytes are held.
+    async fn read_capped(
+        &self,
+        mut resp: reqwest::Response,
+        max: usize,
+        what: &str,
+    ) -> Result<Bytes> {
+        let too_long = |n: u64| ClientError::BadResponse {
+            what: what.to_owned(),
+            message: format!("a body of {n} bytes or more, above the {max}-byte limit"),
+        };
+        if let Some(n) = resp.content_length().filter(|&n| n > max as u64) {
+            return Err(too_long(n));
+        }
+        let mut body = bytes::BytesMut::new();
+        while let Some(piece) = resp.chunk().await.map_err(|e| self.unreachable(e))? {
+            if body.len() + piece.len() > max {
+                return Err(too_long((body.len() + piece.len()) as u64));
+            }
+            body.extend_from_slice(&piece);
+        }
+        Ok(body.freeze())
+    }
+
+    /// The frame of one chunk (not yet verified), retried under the policy.
+    pub async fn chunk(&self, id: &Digest) -> Result<Bytes> {
+        self.get_bytes(
+            &format!("chunk {id}"),
+            &format!("/v1/chunks/{id}"),
+            FRAME_MAX,
+        )
         .await
     }
 
-    /// The frame of one chunk (not yet verified).
-    pub async fn chunk(&self, id: &Digest) -> Result<Bytes> {
-        self.get_bytes(&format!("chunk {id}"), &format!("/v1/chunks/{id}"))
-            .await
+    /// The frame of one chunk (not yet verified), one attempt: for callers
+    /// that run their own retries and deadline.
+    pub async fn chunk_once(&self, id: &Digest) -> Result<Bytes> {
+        self.get_once(
+            &format!("chunk {id}"),
+            &format!("/v1/chunks/{id}"),
+            FRAME_MAX,
+        )
+        .await
     }
 
     /// The stored frame length of one chunk, by HEAD.
@@ -214,10 +276,13 @@ impl Remote {
             .unwrap_or(0))
     }
 
-    /// Frames of many chunks in one request; `None` for chunks the server lacks.
-    pub async fn chunks(&self, ids: &[Digest]) -> Result<Vec<(Digest, Option<Bytes>)>> {
+    /// Frames of many chunks in one request, in order; `None` for chunks the
+    /// server lacks. `frames_max` bounds the frames' total length (the
+    /// caller knows the chunks' sizes); the answer is refused beyond it.
+    pub async fn chunks(&self, ids: &[Digest], frames_max: usize) -> Result<Vec<Option<Bytes>>> {
         let body = serde_json::json!({ "ids": ids });
         let what = format!("batch of {} chunks", ids.len());
+        let max = frames_max.saturating_add(ids.len() * RECORD_HEADER_LEN);
         let bytes = self
             .retrying(&what, || async {
                 let resp = self
@@ -227,14 +292,17 @@ impl Remote {
                     .await
                     .map_err(|e| self.unreachable(e))?;
                 let resp = check(resp, &what).await?;
-                resp.bytes().await.map_err(|e| self.unreachable(e))
+                self.read_capped(resp, max, &what).await
             })
             .await?;
-        parse_batch(bytes, ids.len()).ok_or_else(|| ClientError::Status {
-            status: 200,
+        let records = wire::parse_batch(&bytes, ids).map_err(|e| ClientError::BadResponse {
             what,
-            message: "malformed batch response".into(),
-        })
+            message: e.to_string(),
+        })?;
+        Ok(records
+            .into_iter()
+            .map(|r| r.frame.map(|f| bytes.slice_ref(f)))
+            .collect())
     }
 
     /// The ids among `ids` that the server does not store.
@@ -316,32 +384,24 @@ async fn check(resp: reqwest::Response, what: &str) -> Result<reqwest::Response>
             what: what.to_owned(),
         });
     }
-    let body = resp.text().await.unwrap_or_default();
+    // Error bodies are short JSON; read at most 64 KiB of them.
+    let mut resp = resp;
+    let mut raw = Vec::new();
+    while let Ok(Some(piece)) = resp.chunk().await {
+        raw.extend_from_slice(&piece[..piece.len().min((64 << 10) - raw.len().min(64 << 10))]);
+        if raw.len() >= 64 << 10 {
+            break;
+        }
+    }
+    let body = String::from_utf8_lossy(&raw);
     let message = serde_json::from_str::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
         .unwrap_or_else(|| body.chars().take(200).collect());
+    let message = message.to_string();
     Err(ClientError::Status {
         status: status.as_u16(),
         what: what.to_owned(),
         message,
     })
-}
-
-/// Parses the batch wire format: per id, 32 id bytes, a status byte, a u32 LE
-/// length and the frame.
-fn parse_batch(bytes: Bytes, expected: usize) -> Option<Vec<(Digest, Option<Bytes>)>> {
-    let mut out = Vec::with_capacity(expected);
-    let mut pos = 0usize;
-    while pos < bytes.len() {
-        let head = bytes.get(pos..pos + 37)?;
-        let id = Digest(head[..32].try_into().ok()?);
-        let status = head[32];
-        let len = u32::from_le_bytes(head[33..37].try_into().ok()?) as usize;
-        pos += 37;
-        let frame = bytes.get(pos..pos.checked_add(len)?)?;
-        pos += len;
-        out.push((id, (status == 0).then(|| bytes.slice_ref(frame))));
-    }
-    (out.len() == expected).then_some(out)
 }

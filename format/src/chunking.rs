@@ -47,15 +47,19 @@ impl Chunking {
     /// Files strictly smaller than this are packed with their neighbours:
     /// an eighth of the chunk size (128 KiB for 1 MiB chunks).
     pub fn pack_threshold(&self) -> u64 {
-        u64::from(self.chunk_size / 8)
+        pack_threshold(self.chunk_size)
     }
 
-    /// FastCDC bounds (min, average, max) used for `ChunkingMode::Cdc`: the
-    /// average is the chunk size capped at 4 MiB (FastCDC's limit), the minimum a
-    /// quarter of it, the maximum four times it capped at 16 MiB.
-    pub fn cdc_bounds(&self) -> (u32, u32, u32) {
+    /// FastCDC bounds used for `ChunkingMode::Cdc`: the average is the chunk
+    /// size capped at 4 MiB (FastCDC's limit), the minimum a quarter of it, the
+    /// maximum four times it capped at 16 MiB.
+    pub fn cdc_bounds(&self) -> CdcBounds {
         let avg = self.chunk_size.min(4 << 20);
-        (avg / 4, avg, (avg * 4).min(MAX_CHUNK_SIZE))
+        CdcBounds {
+            min: avg / 4,
+            avg,
+            max: (avg * 4).min(MAX_CHUNK_SIZE),
+        }
     }
 }
 
@@ -68,26 +72,44 @@ impl Default for Chunking {
     }
 }
 
-/// Content-defined cut points of `data` as `(offset, len)` pairs covering it.
-pub fn cdc_chunks(data: &[u8], chunking: &Chunking) -> Vec<(usize, usize)> {
+/// Chunk size bounds of content-defined chunking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CdcBounds {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+/// One content-defined chunk of a stream: its offset and bytes.
+#[derive(Debug)]
+pub struct CdcChunk {
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// Content-defined chunks of `data`, as ranges covering it.
+pub fn cdc_chunks(data: &[u8], chunking: &Chunking) -> Vec<std::ops::Range<usize>> {
     if data.is_empty() {
         return Vec::new();
     }
-    let (min, avg, max) = chunking.cdc_bounds();
-    fastcdc::v2020::FastCDC::new(data, min, avg, max)
-        .map(|c| (c.offset, c.length))
+    let b = chunking.cdc_bounds();
+    fastcdc::v2020::FastCDC::new(data, b.min, b.avg, b.max)
+        .map(|c| c.offset..c.offset + c.length)
         .collect()
 }
 
-/// Content-defined chunks of a stream, as `(offset, bytes)`, read incrementally
-/// so a large file never has to be in memory at once.
+/// Content-defined chunks of a stream, read incrementally so a large file
+/// never has to be in memory at once.
 pub fn cdc_stream<R: std::io::Read>(
     reader: R,
     chunking: &Chunking,
-) -> impl Iterator<Item = std::io::Result<(u64, Vec<u8>)>> {
-    let (min, avg, max) = chunking.cdc_bounds();
-    fastcdc::v2020::StreamCDC::new(reader, min, avg, max).map(|r| match r {
-        Ok(c) => Ok((c.offset, c.data)),
+) -> impl Iterator<Item = std::io::Result<CdcChunk>> {
+    let b = chunking.cdc_bounds();
+    fastcdc::v2020::StreamCDC::new(reader, b.min, b.avg, b.max).map(|r| match r {
+        Ok(c) => Ok(CdcChunk {
+            offset: c.offset,
+            data: c.data,
+        }),
         Err(fastcdc::v2020::Error::IoError(e)) => Err(e),
         Err(e) => Err(std::io::Error::other(e.to_string())),
     })
@@ -100,6 +122,12 @@ pub fn is_zero(data: &[u8]) -> bool {
         .chunks_exact(8)
         .all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
         && data[words..].iter().all(|&b| b == 0)
+}
+
+/// The pack threshold for images cut into `chunk_size` chunks (see
+/// [`Chunking::pack_threshold`]).
+pub(crate) fn pack_threshold(chunk_size: u32) -> u64 {
+    u64::from(chunk_size / 8)
 }
 
 #[cfg(test)]
@@ -129,19 +157,19 @@ mod tests {
             })
             .collect();
         let a = cdc_chunks(&data, &c);
-        assert_eq!(a.iter().map(|x| x.1).sum::<usize>(), data.len());
+        assert_eq!(a.iter().map(|x| x.len()).sum::<usize>(), data.len());
         data.insert(1000, 42);
         let b = cdc_chunks(&data, &c);
-        let tail_a: Vec<usize> = a.iter().rev().take(3).map(|x| x.1).collect();
-        let tail_b: Vec<usize> = b.iter().rev().take(3).map(|x| x.1).collect();
+        let tail_a: Vec<usize> = a.iter().rev().take(3).map(|x| x.len()).collect();
+        let tail_b: Vec<usize> = b.iter().rev().take(3).map(|x| x.len()).collect();
         assert_eq!(
             tail_a, tail_b,
             "an insertion must not move later cut points"
         );
         let streamed: Vec<usize> = cdc_stream(&data[..], &c)
-            .map(|r| r.unwrap().1.len())
+            .map(|r| r.unwrap().data.len())
             .collect();
-        assert_eq!(streamed, b.iter().map(|x| x.1).collect::<Vec<_>>());
+        assert_eq!(streamed, b.iter().map(|x| x.len()).collect::<Vec<_>>());
     }
 
     #[test]

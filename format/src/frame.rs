@@ -99,6 +99,17 @@ pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
     Encoder::new(level).encode(data)
 }
 
+/// The longest frame a chunk of `len` bytes can have: the header and zstd's
+/// worst case (`ZSTD_COMPRESSBOUND`). Clients bound the answers they read by it.
+pub fn max_frame_len(len: usize) -> usize {
+    let small = if len < (128 << 10) {
+        ((128 << 10) - len) >> 11
+    } else {
+        0
+    };
+    FRAME_HEADER_LEN + len + (len >> 8) + small
+}
+
 /// The uncompressed length a frame declares, after checking its header.
 pub fn declared_len(frame: &[u8]) -> Result<usize, FrameError> {
     if frame.len() < FRAME_HEADER_LEN {
@@ -156,6 +167,18 @@ pub fn decode_verified(frame: &[u8], id: &Digest) -> Result<Vec<u8>, FrameError>
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn frames_fit_their_bound() {
+        for len in [0usize, 1, 100, 4096, 200_000] {
+            let noise: Vec<u8> = (0..len as u64)
+                .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+                .collect();
+            let f = zstd::bulk::compress(&noise, 19).unwrap();
+            assert!(FRAME_HEADER_LEN + f.len() <= max_frame_len(len), "{len}");
+            assert!(encode(&noise, 3).len() <= max_frame_len(len));
+        }
+    }
 
     #[test]
     fn golden_frame_bytes() {

@@ -8,17 +8,25 @@
 //! that say which chunk holds each byte range; it is itself named by the BLAKE3
 //! digest of its encoding. The byte layouts are in `docs/format.md`.
 //!
+//! [`wire`] holds what server and clients must agree on beyond those (the
+//! batch record, request limits, the name rule), and [`BudgetLru`] the one
+//! byte-bounded cache both sides keep in memory.
+//!
 //! This crate is pure: bytes in, bytes out. It performs no I/O, so the same code
 //! serves the server, the push client, the FUSE mount and later the VM launcher.
 #![forbid(unsafe_code)]
 
+pub mod budget_lru;
 mod chunking;
 mod digest;
 pub mod frame;
 mod manifest;
+pub mod wire;
 
+pub use budget_lru::BudgetLru;
 pub use chunking::{
-    cdc_chunks, cdc_stream, is_zero, Chunking, ChunkingMode, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    cdc_chunks, cdc_stream, is_zero, CdcBounds, CdcChunk, Chunking, ChunkingMode, MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
 };
 pub use digest::{Digest, ParseDigestError};
 pub use frame::{FrameError, FRAME_HEADER_LEN, MAX_CHUNK_LEN};

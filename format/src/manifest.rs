@@ -194,6 +194,12 @@ impl Manifest {
         parts.join(&b'/')
     }
 
+    /// Files smaller than this were packed with their neighbours at push
+    /// ([`crate::Chunking::pack_threshold`] of the image's chunk size).
+    pub fn pack_threshold(&self) -> u64 {
+        crate::chunking::pack_threshold(self.chunk_size)
+    }
+
     /// Sum of regular file sizes (each hardlinked file once).
     pub fn logical_bytes(&self) -> u64 {
         self.nodes

@@ -32,15 +32,7 @@ pub(crate) fn tag_prefix(name: &str) -> Path {
     Path::from_iter(["tags", name])
 }
 
-/// Image names and tags: `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`.
-pub(crate) fn valid_name(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-}
+pub(crate) use thaw_format::wire::valid_name;
 
 /// The object at `path`, or `None` if there is none.
 pub(crate) async fn get(
@@ -80,25 +72,5 @@ mod tests {
         );
         assert_eq!(manifest_path(&id).as_ref(), format!("manifests/{hex}"));
         assert_eq!(tag_path("py", "3.12").as_ref(), "tags/py/3.12");
-    }
-
-    #[test]
-    fn names() {
-        for ok in ["a", "py-3.12_x", "A9", &"a".repeat(128)] {
-            assert!(valid_name(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            ".",
-            "..",
-            "-a",
-            "_a",
-            "a/b",
-            "a b",
-            "é",
-            &"a".repeat(129),
-        ] {
-            assert!(!valid_name(bad), "{bad}");
-        }
     }
 }

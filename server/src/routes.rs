@@ -31,26 +31,12 @@ use object_store::ObjectStore;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::Instant;
-use thaw_format::frame::MAX_CHUNK_LEN;
+use thaw_format::wire::{
+    id_list_body_max, BATCH_MAX_IDS, FRAME_MAX as CHUNK_BODY_MAX, MISSING_MAX_IDS, TAG_BODY_MAX,
+};
 use thaw_format::Digest;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
-
-/// Largest chunk upload: a frame of the largest chunk, with room for zstd's
-/// worst-case expansion of incompressible data (which the encoder stores raw
-/// anyway).
-pub(crate) const CHUNK_BODY_MAX: usize = MAX_CHUNK_LEN + (1 << 20);
-/// Most ids in one `POST /v1/chunks/missing`.
-pub(crate) const MISSING_MAX_IDS: usize = 100_000;
-/// Most ids in one `POST /v1/chunks/batch`.
-pub(crate) const BATCH_MAX_IDS: usize = 1024;
-/// Largest tag body.
-pub(crate) const TAG_BODY_MAX: usize = 1024;
-/// Room for the JSON of `n` ids: a quoted 71-character id and a separator
-/// each (80 leaves room for whitespace), plus the envelope.
-const fn id_list_body_max(n: usize) -> usize {
-    n * 80 + 4096
-}
 
 /// What every handler shares.
 pub(crate) struct AppState {

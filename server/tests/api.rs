@@ -283,27 +283,13 @@ async fn missing_lists_unstored_ids_in_request_order() {
     server.stop().await;
 }
 
-/// Parses a batch response into (id, frame if found) records.
-fn parse_batch(mut body: &[u8]) -> Vec<(Digest, Option<Vec<u8>>)> {
-    let mut records = Vec::new();
-    while !body.is_empty() {
-        let id = Digest(body[..32].try_into().unwrap());
-        let status = body[32];
-        let len = u32::from_le_bytes(body[33..37].try_into().unwrap()) as usize;
-        body = &body[37..];
-        match status {
-            0 => {
-                records.push((id, Some(body[..len].to_vec())));
-                body = &body[len..];
-            }
-            1 => {
-                assert_eq!(len, 0);
-                records.push((id, None));
-            }
-            other => panic!("bad record status {other}"),
-        }
-    }
-    records
+/// Parses a batch response for `ids` into (id, frame if found) records.
+fn parse_batch(body: &[u8], ids: &[Digest]) -> Vec<(Digest, Option<Vec<u8>>)> {
+    thaw_format::wire::parse_batch(body, ids)
+        .expect("a well-formed batch response")
+        .into_iter()
+        .map(|r| (r.id, r.frame.map(<[u8]>::to_vec)))
+        .collect()
 }
 
 #[tokio::test]
@@ -322,9 +308,7 @@ async fn batch_reads_found_and_missing_ids_in_order() {
         response.headers()["content-type"],
         "application/octet-stream"
     );
-    let records = parse_batch(&response.bytes().await.unwrap());
-    let ids: Vec<_> = records.iter().map(|(id, _)| *id).collect();
-    assert_eq!(ids, [x, absent, y, x]);
+    let records = parse_batch(&response.bytes().await.unwrap(), &[x, absent, y, x]);
     assert_eq!(
         records[0].1.as_deref(),
         Some(&frame::encode(b"chunk x", 3)[..])
@@ -830,8 +814,7 @@ async fn a_slow_saturated_store_keeps_batch_and_missing_order() {
     let response = server
         .post_json("/v1/chunks/batch", &json!({ "ids": ids }))
         .await;
-    let records = parse_batch(&response.bytes().await.unwrap());
-    assert_eq!(records.iter().map(|(id, _)| *id).collect::<Vec<_>>(), ids);
+    let records = parse_batch(&response.bytes().await.unwrap(), &ids);
     for (id, frame) in &records {
         if let Some(frame) = frame {
             frame::decode_verified(frame, id).unwrap();

@@ -150,7 +150,7 @@ impl Squash {
         }
         // The same kernel readahead as the thaw mount it is compared with.
         if readahead > 0 {
-            thaw_client::mount::set_readahead(mountpoint, readahead);
+            thaw_fuse::set_readahead(mountpoint, readahead);
         }
         Ok(Some(Squash {
             mountpoint: mountpoint.to_path_buf(),
@@ -160,7 +160,7 @@ impl Squash {
 
 impl Drop for Squash {
     fn drop(&mut self) {
-        let _ = thaw_client::mount::unmount(&self.mountpoint);
+        let _ = thaw_fuse::unmount(&self.mountpoint);
     }
 }
 

@@ -79,7 +79,7 @@ fn gen_file(path: &Path, len: usize, compressible: bool) -> Result<()> {
 async fn fetch_decompress(r: &ImageRef, file: &str, concurrency: usize) -> Result<f64> {
     use futures::StreamExt;
     let remote = Remote::for_ref(r, None)?;
-    let (_, m, _) = remote.image(r).await?;
+    let m = remote.image(r).await?.manifest;
     let node = m
         .lookup(thaw_format::ROOT, file.as_bytes())
         .context("file in image")?;
@@ -182,7 +182,7 @@ pub fn run(a: &BenchArgs, rt: &tokio::runtime::Runtime) -> Result<()> {
         mount(&files_ref, &mp, &cache, &extra)?;
         ceilings::drop_caches();
         let cold = read_seq(&mp.join(file))?;
-        let stats = thaw_client::mount::stats::query(&mp)?;
+        let stats = thaw_fuse::query_stats(&mp)?;
         umount(&mp);
         mount(&files_ref, &mp, &cache, &extra)?;
         ceilings::drop_caches();

@@ -27,8 +27,34 @@ pub(crate) enum Unit {
     },
     /// Small files packed back to back.
     Pack {
-        files: Vec<(u32, u64)>,
+        files: Vec<Packed>,
     },
+}
+
+/// A small file in a pack: node `file`, `size` bytes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Packed {
+    file: u32,
+    size: u64,
+}
+
+/// The pack being filled: its unit and the bytes in it so far.
+#[derive(Debug, Clone, Copy)]
+struct OpenPack {
+    unit: usize,
+    used: u64,
+}
+
+/// Where the bytes of node `file` come from, in order.
+struct FileParts {
+    file: u32,
+    parts: Vec<Part>,
+}
+
+/// A manifest's chunk table and extents, assembled from hashed pieces.
+pub(crate) struct Assembled {
+    pub chunks: Vec<ChunkRef>,
+    pub extents: Vec<Extent>,
 }
 
 /// A chunk found in a unit, `len` bytes long; `id` is `None` when they are
@@ -49,7 +75,7 @@ enum Part {
 
 pub(crate) struct Plan {
     pub units: Vec<Unit>,
-    files: Vec<(u32, Vec<Part>)>,
+    files: Vec<FileParts>,
 }
 
 /// Splits the walked files into units.
@@ -57,37 +83,48 @@ pub(crate) fn plan(w: &Walked, chunking: &Chunking) -> Plan {
     let cs = u64::from(chunking.chunk_size());
     let mut units = Vec::new();
     let mut files = Vec::new();
-    // The pack being filled: its unit and the bytes in it so far.
-    let mut open_pack: Option<(usize, u64)> = None;
+    let mut open_pack: Option<OpenPack> = None;
     for (i, node) in w.nodes.iter().enumerate() {
         if !matches!(node.kind, NodeKind::File { .. }) {
             continue;
         }
         let (i, size) = (i as u32, node.size);
         if size == 0 {
-            files.push((i, Vec::new()));
+            files.push(FileParts {
+                file: i,
+                parts: Vec::new(),
+            });
         } else if size < chunking.pack_threshold() {
-            let (unit, used) = match open_pack {
-                Some((unit, used)) if used + size <= cs => (unit, used),
+            let OpenPack { unit, used } = match open_pack {
+                Some(p) if p.used + size <= cs => p,
                 _ => {
                     units.push(Unit::Pack { files: Vec::new() });
-                    (units.len() - 1, 0)
+                    OpenPack {
+                        unit: units.len() - 1,
+                        used: 0,
+                    }
                 }
             };
             if let Unit::Pack { files: members } = &mut units[unit] {
-                members.push((i, size));
+                members.push(Packed { file: i, size });
             }
-            files.push((
-                i,
-                vec![Part::InPack {
+            files.push(FileParts {
+                file: i,
+                parts: vec![Part::InPack {
                     unit,
                     offset: used,
                     len: size,
                 }],
-            ));
-            open_pack = Some((unit, used + size));
+            });
+            open_pack = Some(OpenPack {
+                unit,
+                used: used + size,
+            });
         } else if chunking.mode == ChunkingMode::Cdc {
-            files.push((i, vec![Part::Whole(units.len())]));
+            files.push(FileParts {
+                file: i,
+                parts: vec![Part::Whole(units.len())],
+            });
             units.push(Unit::Cdc { file: i });
         } else {
             let mut parts = Vec::new();
@@ -99,7 +136,7 @@ pub(crate) fn plan(w: &Walked, chunking: &Chunking) -> Plan {
                     len: cs.min(size - offset),
                 });
             }
-            files.push((i, parts));
+            files.push(FileParts { file: i, parts });
         }
     }
     Plan { units, files }
@@ -129,9 +166,9 @@ pub(crate) fn read_unit(w: &Walked, unit: &Unit, offset: u64, len: u64) -> Resul
         Unit::Cdc { file } => read_at(w, &open(w, *file)?, *file, offset, &mut buf)?,
         Unit::Pack { files } => {
             let mut at = 0usize;
-            for &(file, size) in files {
-                let end = at + size as usize;
-                read_at(w, &open(w, file)?, file, 0, &mut buf[at..end])?;
+            for p in files {
+                let end = at + p.size as usize;
+                read_at(w, &open(w, p.file)?, p.file, 0, &mut buf[at..end])?;
                 at = end;
             }
         }
@@ -160,7 +197,7 @@ pub(crate) fn hash_unit(
             emit(piece(&data), data)
         }
         Unit::Pack { files } => {
-            let data = read_unit(w, unit, 0, files.iter().map(|f| f.1).sum())?;
+            let data = read_unit(w, unit, 0, files.iter().map(|f| f.size).sum())?;
             emit(piece(&data), data)
         }
         Unit::Cdc { file } => {
@@ -168,7 +205,7 @@ pub(crate) fn hash_unit(
             let f = std::io::BufReader::with_capacity(1 << 20, open(w, *file)?);
             let mut total = 0;
             for c in thaw_format::cdc_stream(f, chunking) {
-                let (_, data) = c.map_err(|e| ClientError::io(path, e))?;
+                let data = c.map_err(|e| ClientError::io(path, e))?.data;
                 total += data.len() as u64;
                 emit(piece(&data), data)?;
             }
@@ -193,11 +230,7 @@ pub(crate) fn check_stamps(w: &Walked) -> Result<()> {
 }
 
 /// Fills in file extents on the walked nodes and builds the deduplicated chunk table.
-pub(crate) fn assemble(
-    w: &mut Walked,
-    plan: &Plan,
-    pieces: &[Vec<Piece>],
-) -> (Vec<ChunkRef>, Vec<Extent>) {
+pub(crate) fn assemble(w: &mut Walked, plan: &Plan, pieces: &[Vec<Piece>]) -> Assembled {
     let mut chunks = Vec::new();
     let mut index: HashMap<Digest, u32> = HashMap::new();
     let mut chunk_of = |p: &Piece, chunks: &mut Vec<ChunkRef>| -> Option<u32> {
@@ -211,7 +244,7 @@ pub(crate) fn assemble(
         }))
     };
     let mut extents: Vec<Extent> = Vec::new();
-    for (file, parts) in &plan.files {
+    for FileParts { file, parts } in &plan.files {
         let start = extents.len() as u32;
         // Adjacent holes of one file merge into one extent.
         let push = |e: Extent, extents: &mut Vec<Extent>| {
@@ -248,5 +281,5 @@ pub(crate) fn assemble(
             extents: start..extents.len() as u32,
         };
     }
-    (chunks, extents)
+    Assembled { chunks, extents }
 }

@@ -97,10 +97,7 @@ fn node_for(parent: u32, name: &[u8], md: &Metadata, path: &Path) -> Result<Node
 pub(crate) fn walk(root: &Path) -> Result<Walked> {
     let md = std::fs::symlink_metadata(root).map_err(|e| ClientError::io(root, e))?;
     if !md.is_dir() {
-        return Err(ClientError::Usage(format!(
-            "{} is not a directory",
-            root.display()
-        )));
+        return Err(ClientError::NotADirectory(root.to_path_buf()));
     }
     let mut w = Walked {
         nodes: Vec::new(),

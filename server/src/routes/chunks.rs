@@ -9,7 +9,6 @@
 use super::{
     blocking, immutable, immutable_head, parse_digest, AppState, JsonBody, Param, RawBody, Shared,
 };
-use super::{BATCH_MAX_IDS, MISSING_MAX_IDS};
 use crate::error::ApiError;
 use crate::layout;
 use axum::body::Body;
@@ -17,9 +16,10 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{stream, StreamExt, TryStreamExt};
 use thaw_format::frame::{self, FrameError};
+use thaw_format::wire::{self, BATCH_MAX_IDS, MISSING_MAX_IDS};
 use thaw_format::Digest;
 
 /// Store requests in flight for one missing-list request.
@@ -27,9 +27,6 @@ const EXISTS_CONCURRENCY: usize = 64;
 /// Frames fetched ahead for one batch read: bounds its memory to this many
 /// frames beyond what the socket has taken.
 const BATCH_CONCURRENCY: usize = 16;
-/// Batch record status bytes.
-const RECORD_FOUND: u8 = 0;
-const RECORD_NOT_FOUND: u8 = 1;
 
 impl AppState {
     /// The frame of `id`, from the hot cache or the store (then cached).
@@ -204,21 +201,11 @@ pub(super) async fn batch(
         .into_response())
 }
 
-/// The record of `id`: its header, then its frame if there is one.
+/// The record of `id` (`thaw_format::wire`): its header, then its frame if there is one.
 fn record(id: &Digest, frame: Option<&Bytes>) -> Vec<Bytes> {
-    let mut head = BytesMut::with_capacity(37);
-    head.put_slice(&id.0);
+    let head = Bytes::copy_from_slice(&wire::encode_record_header(id, frame.map(Bytes::len)));
     match frame {
-        Some(frame) => {
-            head.put_u8(RECORD_FOUND);
-            // Frames are bounded by the upload limit, far below 4 GiB.
-            head.put_u32_le(frame.len() as u32);
-            vec![head.freeze(), frame.clone()]
-        }
-        None => {
-            head.put_u8(RECORD_NOT_FOUND);
-            head.put_u32_le(0);
-            vec![head.freeze()]
-        }
+        Some(frame) => vec![head, frame.clone()],
+        None => vec![head],
     }
 }

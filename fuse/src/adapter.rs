@@ -1,10 +1,10 @@
 //! The `fuser` adapter: translates kernel requests into [`ImageFs`] calls and
-//! results into replies. Metadata is answered inline (it never blocks); reads
-//! run as tasks on the tokio runtime and reply when their chunks arrive, so the
-//! request loop never waits on the network. Errors become errno here and only
-//! here.
+//! results into replies, and nothing more: what is allowed and how long the
+//! kernel may cache it are the core's decisions. Metadata is answered inline
+//! (it never blocks); reads run as tasks on the tokio runtime and reply when
+//! their chunks arrive, so the request loop never waits on the network.
+//! Errors become errno here and only here.
 
-use super::fs::{Attr, FsError, ImageFs};
 use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
@@ -14,12 +14,10 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
-
-/// The image never changes, so the kernel may cache entries and attributes for long.
-const TTL: Duration = Duration::from_secs(24 * 3600);
+use thaw_client::image::fs::{Attr, FsError, ImageFs, TTL};
 
 /// The one mapping from filesystem errors to errno.
-pub fn errno(e: &FsError) -> i32 {
+pub(crate) fn errno(e: &FsError) -> i32 {
     match e {
         FsError::NotFound => libc::ENOENT,
         FsError::NotDir => libc::ENOTDIR,
@@ -69,15 +67,42 @@ fn to_fuse(a: &Attr) -> FileAttr {
 }
 
 /// Serves an [`ImageFs`] to the kernel.
-pub struct FuseAdapter {
+pub(crate) struct FuseAdapter {
     pub fs: Arc<ImageFs>,
     pub rt: tokio::runtime::Handle,
 }
 
-macro_rules! read_only {
+/// A reply that can carry an error.
+trait ErrorReply {
+    fn error(self, errno: i32);
+}
+
+macro_rules! error_reply {
+    ($($t:ty),*) => { $(impl ErrorReply for $t { fn error(self, errno: i32) { <$t>::error(self, errno) } })* };
+}
+error_reply!(
+    ReplyAttr,
+    ReplyWrite,
+    ReplyEntry,
+    ReplyEmpty,
+    fuser::ReplyCreate
+);
+
+impl FuseAdapter {
+    /// Answers an operation that would change the image, as the core decides.
+    fn refuse(&self, reply: impl ErrorReply) {
+        match self.fs.modify() {
+            Ok(()) => reply.error(libc::ENOSYS),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+/// Operations that would change the image: the core answers them all.
+macro_rules! modifying {
     ($($name:ident($($arg:ident: $ty:ty),*) -> $reply:ty;)*) => {
         $(fn $name(&mut self, _req: &Request<'_>, $(_: $ty,)* reply: $reply) {
-            reply.error(libc::EROFS);
+            self.refuse(reply);
         })*
     };
 }
@@ -120,12 +145,9 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
-            return reply.error(libc::EROFS);
-        }
-        match self.fs.getattr(ino) {
-            // Keep the page cache across opens: the data never changes.
-            Ok(_) => reply.opened(0, fuser::consts::FOPEN_KEEP_CACHE),
+        match self.fs.open(ino, flags) {
+            Ok(o) if o.keep_cache => reply.opened(0, fuser::consts::FOPEN_KEEP_CACHE),
+            Ok(_) => reply.opened(0, 0),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -214,8 +236,17 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
-        let (bytes, inodes) = self.fs.totals();
-        reply.statfs(bytes.div_ceil(4096), 0, 0, inodes, 0, 4096, 255, 4096);
+        let s = self.fs.statfs();
+        reply.statfs(
+            s.blocks,
+            0,
+            0,
+            s.files,
+            0,
+            s.block_size,
+            s.max_name,
+            s.block_size,
+        );
     }
 
     fn getxattr(
@@ -240,9 +271,8 @@ impl Filesystem for FuseAdapter {
     }
 
     fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
-        match self.fs.getattr(ino) {
-            Ok(_) if mask & libc::W_OK != 0 => reply.error(libc::EROFS),
-            Ok(_) => reply.ok(),
+        match self.fs.access(ino, mask) {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -266,7 +296,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<u32>,
         reply: ReplyAttr,
     ) {
-        reply.error(libc::EROFS);
+        self.refuse(reply);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -282,7 +312,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
-        reply.error(libc::EROFS);
+        self.refuse(reply);
     }
 
     fn create(
@@ -295,10 +325,10 @@ impl Filesystem for FuseAdapter {
         _flags: i32,
         reply: fuser::ReplyCreate,
     ) {
-        reply.error(libc::EROFS);
+        self.refuse(reply);
     }
 
-    read_only! {
+    modifying! {
         mknod(parent: u64, name: &OsStr, mode: u32, umask: u32, rdev: u32) -> ReplyEntry;
         mkdir(parent: u64, name: &OsStr, mode: u32, umask: u32) -> ReplyEntry;
         unlink(parent: u64, name: &OsStr) -> ReplyEmpty;

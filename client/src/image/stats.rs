@@ -1,7 +1,8 @@
-//! Per-mount counters, fetch latency percentiles, and the control socket that
-//! `thaw stats MOUNTPOINT` reads them from.
+//! Counters of one image instance and fetch latency percentiles. They belong
+//! to the image, not to a door onto it: a FUSE mount, a virtio-fs backend and
+//! a restored VM report the same figures, and the door only adds where it is
+//! attached ([`StatsReport::transport`], [`StatsReport::attached_at`]).
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 /// Latencies kept for percentiles (the most recent ones).
 const LATENCY_SAMPLES: usize = 8192;
 
-/// Counters of one mount. All are monotonic except the cache sizes.
+/// Counters of one image instance. All are monotonic except the cache sizes.
 #[derive(Debug, Default)]
 pub struct Stats {
     pub reads: AtomicU64,
@@ -46,6 +47,11 @@ impl Stats {
 
     pub fn add(c: &AtomicU64, n: u64) {
         add(c, n);
+    }
+
+    /// Sets a gauge.
+    pub fn set(c: &AtomicU64, n: u64) {
+        c.store(n, Ordering::Relaxed);
     }
 
     /// Records the latency of one network fetch.
@@ -108,7 +114,10 @@ impl Stats {
 pub struct StatsReport {
     pub image: String,
     pub manifest: String,
-    pub mountpoint: String,
+    /// The door the image is served through (`fuse`, `virtiofs`).
+    pub transport: String,
+    /// Where that door is: a mountpoint, a socket path.
+    pub attached_at: String,
     pub image_bytes: u64,
     pub image_chunks: u64,
     pub reads: u64,
@@ -129,7 +138,7 @@ pub struct StatsReport {
     pub fetch_ms_p90: f64,
     pub fetch_ms_p99: f64,
     pub fetch_ms_max: f64,
-    /// The mount process's pid and peak resident memory.
+    /// The serving process's pid and peak resident memory.
     pub pid: u32,
     pub peak_rss_bytes: u64,
 }
@@ -143,58 +152,4 @@ fn peak_rss() -> u64 {
             line.split_whitespace().nth(1)?.parse::<u64>().ok()
         })
         .map_or(0, |kb| kb * 1024)
-}
-
-/// Where mounts keep their control sockets and logs.
-pub fn runtime_dir() -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .map(|d| PathBuf::from(d).join("thaw"))
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("thaw-{uid}")))
-        .join("mounts")
-}
-
-/// The control socket of the mount at `mountpoint`.
-pub fn socket_path(mountpoint: &Path) -> PathBuf {
-    let canon = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
-    let key = blake3::hash(canon.as_os_str().as_encoded_bytes()).to_hex();
-    runtime_dir().join(format!("{}.sock", &key[..16]))
-}
-
-/// Serves `report()` as JSON to every connection on `path`, on a thread.
-pub fn serve_socket(
-    path: PathBuf,
-    report: impl Fn() -> StatsReport + Send + 'static,
-) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(&path);
-    let listener = std::os::unix::net::UnixListener::bind(&path)?;
-    std::thread::Builder::new()
-        .name("thaw-stats".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                let body = serde_json::to_vec(&report()).unwrap_or_default();
-                let _ = std::io::Write::write_all(&mut conn, &body);
-            }
-        })?;
-    Ok(())
-}
-
-/// Reads the stats of the mount at `mountpoint` from its control socket.
-pub fn query(mountpoint: &Path) -> std::io::Result<StatsReport> {
-    let path = socket_path(mountpoint);
-    let mut conn = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("no thaw mount answers at {} ({e})", mountpoint.display()),
-        )
-    })?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut body = Vec::new();
-    std::io::Read::read_to_end(&mut conn, &mut body)?;
-    serde_json::from_slice(&body).map_err(std::io::Error::other)
 }

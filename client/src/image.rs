@@ -1,0 +1,198 @@
+//! The image core: one lazy, verified, cached image, whatever door serves it.
+//!
+//! Opening an image fetches only its manifest ([`open`]): every metadata
+//! operation is answered from it, and each chunk is fetched the first time a
+//! read or a page fault touches it ([`fs`]). Chunks come from memory, then
+//! the shared disk cache, then the chunk source, one fetch per chunk however
+//! many readers wait for it, and are verified against their BLAKE3 id before
+//! they are cached or served ([`fetch`]). [`prefetch`] decides what to fetch
+//! before it is asked for. The core knows no transport: the FUSE mount
+//! (`thaw-fuse`), the virtio-fs backend and restored VM memory are thin doors
+//! onto an [`Image`], and the network is behind the [`source::ChunkSource`]
+//! seam, so all of this is tested in-process. Counters belong to the image
+//! ([`stats`]) and are read over a [`control`] socket.
+
+pub mod control;
+pub mod disk_cache;
+pub mod fetch;
+pub mod fs;
+mod layout;
+mod prefetch;
+pub mod source;
+pub mod stats;
+#[cfg(test)]
+mod tests;
+
+use crate::error::{ClientError, Result};
+use crate::reference::ImageRef;
+use crate::remote::Remote;
+use disk_cache::DiskCache;
+use fetch::{FetchPolicy, Fetcher};
+use source::{ChunkSource, HttpSource};
+use stats::{Stats, StatsReport};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thaw_format::{Digest, Manifest};
+
+/// How long a failed chunk answers with its error before it is fetched
+/// again: long enough for the kernel's immediate retry of a failed read (it
+/// follows within microseconds), short enough that a server back up is used at
+/// once.
+const FAILURE_MEMORY: Duration = Duration::from_millis(50);
+
+/// How to serve an image.
+#[derive(Debug, Clone)]
+pub struct ImageOptions {
+    /// Shared on-disk cache directory; `None` disables the disk cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Byte budget of the disk cache (0 disables it).
+    pub cache_size: u64,
+    /// Byte budget of the in-memory chunk cache.
+    pub cache_mem: u64,
+    /// Network fetches in flight at once.
+    pub concurrency: usize,
+    /// Largest readahead window, in bytes (0 disables prefetching).
+    pub readahead_max: u64,
+    /// How long a read keeps retrying an unreachable server before it fails.
+    pub fetch_timeout: Duration,
+    /// How long a failed chunk answers with its error before it is fetched again.
+    pub failure_memory: Duration,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        ImageOptions {
+            cache_dir: Some(default_cache_dir()),
+            cache_size: 10 << 30,
+            cache_mem: 256 << 20,
+            concurrency: 32,
+            readahead_max: 16 << 20,
+            fetch_timeout: Duration::from_secs(30),
+            failure_memory: FAILURE_MEMORY,
+        }
+    }
+}
+
+impl ImageOptions {
+    fn fetch_policy(&self) -> FetchPolicy {
+        FetchPolicy {
+            concurrency: self.concurrency,
+            deadline: self.fetch_timeout,
+            failure_memory: self.failure_memory.min(self.fetch_timeout),
+            ..FetchPolicy::default()
+        }
+    }
+
+    fn disk_cache(&self) -> Result<Option<Arc<DiskCache>>> {
+        match &self.cache_dir {
+            Some(dir) if self.cache_size > 0 => DiskCache::open(dir, self.cache_size)
+                .map(Some)
+                .map_err(|e| ClientError::io(dir, e)),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// `$XDG_CACHE_HOME/thaw` or `~/.cache/thaw`.
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("thaw")
+}
+
+/// An image ready to be served: its manifest fetched and verified.
+pub struct Image {
+    pub fs: Arc<fs::ImageFs>,
+    /// The reference it was opened by.
+    pub reference: String,
+    pub manifest: Digest,
+}
+
+impl Image {
+    /// The image's counters, attached through `transport` at `attached_at`.
+    pub fn report(&self, transport: &str, attached_at: &str) -> StatsReport {
+        let m = self.fs.manifest();
+        StatsReport {
+            image: self.reference.clone(),
+            manifest: self.manifest.to_string(),
+            transport: transport.to_owned(),
+            attached_at: attached_at.to_owned(),
+            image_bytes: m.logical_bytes(),
+            image_chunks: m.chunks.len() as u64,
+            ..self.fs.stats.report()
+        }
+    }
+}
+
+/// Resolves `r`, fetches and verifies its manifest, and builds the image over
+/// the chunk server. Nothing else is fetched. Manifests are kept in the disk
+/// cache by digest, so reopening only resolves the tag (and an image named by
+/// digest needs no network at all).
+pub async fn open(r: &ImageRef, mut remote: Remote, opts: &ImageOptions) -> Result<Image> {
+    // The manifest is fetched under the same deadline as chunks.
+    remote.retry.deadline = opts.fetch_timeout;
+    remote.retry.attempts = u32::MAX;
+    remote.request_timeout = opts.fetch_timeout.max(Duration::from_millis(100));
+    let started = Instant::now();
+    let digest = remote.resolve(r).await?;
+    let disk = opts.disk_cache()?;
+    let m = match disk.as_ref().and_then(|d| cached_manifest(d, &digest)) {
+        Some(m) => m,
+        None => {
+            let fetched = remote.manifest(&digest).await?;
+            if let Some(d) = &disk {
+                if let Err(e) = d.put_manifest(&digest, &fetched.bytes) {
+                    tracing::debug!("cannot cache the manifest: {e}");
+                }
+            }
+            fetched.manifest
+        }
+    };
+    tracing::info!(
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        nodes = m.nodes.len(),
+        "manifest ready"
+    );
+    let source = Arc::new(HttpSource::new(remote));
+    Ok(Image {
+        fs: Arc::new(build_fs(m, source, disk, opts)),
+        reference: r.to_string(),
+        manifest: digest,
+    })
+}
+
+/// The manifest `digest` from the disk cache, if there and intact.
+fn cached_manifest(disk: &DiskCache, digest: &Digest) -> Option<Manifest> {
+    let bytes = disk.get_manifest(digest)?;
+    match Manifest::decode_verified(&bytes, digest) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(%digest, "cached manifest is bad, fetching it again: {e}");
+            disk.remove_manifest(digest);
+            None
+        }
+    }
+}
+
+/// The filesystem of manifest `m` over `source`.
+pub fn build_fs(
+    m: Manifest,
+    source: Arc<dyn ChunkSource>,
+    disk: Option<Arc<DiskCache>>,
+    opts: &ImageOptions,
+) -> fs::ImageFs {
+    let m = Arc::new(m);
+    let stats = Arc::new(Stats::default());
+    let fetcher = Fetcher::new(
+        source,
+        m.chunks.clone().into(),
+        opts.cache_mem,
+        disk,
+        stats.clone(),
+        opts.fetch_policy(),
+    );
+    fs::ImageFs::new(m, fetcher, stats, opts.readahead_max)
+}

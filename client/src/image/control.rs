@@ -1,0 +1,117 @@
+//! The control socket: how `thaw stats` and `thaw umount` find a serving
+//! process and read its counters, whatever door it serves through.
+//!
+//! Each served image answers on a unix socket in the runtime directory, named
+//! by a hash of where it is attached (a mountpoint, a vhost-user socket), and
+//! writes one JSON [`StatsReport`] to every connection. The runtime directory
+//! is `$XDG_RUNTIME_DIR/thaw/mounts`, or `/tmp/thaw-<uid>/mounts` without it;
+//! as `/tmp` is shared, the directory must be ours, not a symlink, and closed
+//! to others, or nothing is created in it (a local user could otherwise have
+//! root truncate a file through a planted link, or answer for a mount).
+
+use super::stats::StatsReport;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where serving processes keep their control sockets and logs; created
+/// (mode 0700) if missing, refused unless it is a directory of our own that
+/// no one else can write.
+pub fn runtime_dir() -> std::io::Result<PathBuf> {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let (base, dir) = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => (
+            PathBuf::from(&d).join("thaw"),
+            PathBuf::from(d).join("thaw/mounts"),
+        ),
+        None => {
+            let base = std::env::temp_dir().join(format!("thaw-{uid}"));
+            (base.clone(), base.join("mounts"))
+        }
+    };
+    for d in [&base, &dir] {
+        match std::fs::DirBuilder::new().mode(0o700).create(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let md = std::fs::symlink_metadata(d)?;
+        let unsafe_dir = !md.is_dir() || md.uid() != uid || md.permissions().mode() & 0o022 != 0;
+        if unsafe_dir {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is not a private directory of user {uid} (a symlink, another owner, or writable by others): remove it",
+                    d.display()
+                ),
+            ));
+        }
+    }
+    Ok(dir)
+}
+
+/// The control socket of the image attached at `place`.
+pub fn socket_path(place: &Path) -> std::io::Result<PathBuf> {
+    let canon = std::fs::canonicalize(place).unwrap_or_else(|_| place.to_path_buf());
+    let key = blake3::hash(canon.as_os_str().as_encoded_bytes()).to_hex();
+    Ok(runtime_dir()?.join(format!("{}.sock", &key[..16])))
+}
+
+/// A control socket being served; removed on drop if it is still ours (a
+/// newer server at the same place may have replaced it).
+#[derive(Debug)]
+pub struct ControlSocket {
+    path: PathBuf,
+    ino: u64,
+}
+
+impl ControlSocket {
+    /// Serves `report()` as JSON to every connection on `path`, on a thread.
+    pub fn serve(
+        path: PathBuf,
+        report: impl Fn() -> StatsReport + Send + 'static,
+    ) -> std::io::Result<ControlSocket> {
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path)?;
+        let ino = std::fs::symlink_metadata(&path)?.ino();
+        std::thread::Builder::new()
+            .name("thaw-control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(mut conn) = conn else { continue };
+                    let body = serde_json::to_vec(&report()).unwrap_or_default();
+                    let _ = std::io::Write::write_all(&mut conn, &body);
+                }
+            })?;
+        Ok(ControlSocket { path, ino })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Reads the report of the image attached at `place` from its control socket.
+pub fn query(place: &Path) -> std::io::Result<StatsReport> {
+    let path = socket_path(place)?;
+    let mut conn = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("no thaw image answers at {} ({e})", place.display()),
+        )
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(&mut conn, 1 << 20), &mut body)?;
+    serde_json::from_slice(&body).map_err(std::io::Error::other)
+}

@@ -1,0 +1,370 @@
+//! The on-disk cache shared by every mount and backend on a host: verified
+//! chunks and the manifests they belong to, within one byte budget.
+//!
+//! Layout under the cache directory (byte layouts in `docs/format.md`):
+//!
+//! ```text
+//! v2/chunks/<2 hex>/<64 hex>   chunk bytes, then a 64-byte trailer
+//! v2/manifests/<64 hex>        a manifest's encoding (named by its digest)
+//! v2/tmp/                      writes in progress
+//! ```
+//!
+//! Chunk entries hold the uncompressed bytes at offset 0 and their header at
+//! the end, so an entry's data is page-aligned in its file and can be mapped
+//! as it is (guest memory restored from a snapshot wants exactly that); the
+//! trailer repeats the chunk id and length, so an entry is checked against its
+//! name before its bytes are hashed. A warm read costs one read and a BLAKE3
+//! check, no decompression.
+//!
+//! Writes go to a temporary file and are renamed into place, so readers (other
+//! processes included) never see a partial entry. Every read is verified; a
+//! bad entry is deleted and reported as corrupt, and the caller fetches again.
+//! A failed write (a full disk) is an error the caller counts; the chunk is
+//! still served from memory and the network. Eviction is least recently used
+//! by mtime (hits refresh it) down to 90% of the budget, over chunks and
+//! manifests alike. Each process tracks the size it believes the cache has and
+//! rescans whenever it evicts, so processes sharing one directory converge on
+//! the real size. A cache of an older layout (`v1/`) is removed when a cache
+//! is opened: its entries cannot be read by this version.
+
+use bytes::Bytes;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use thaw_format::{Digest, MAX_CHUNK_LEN};
+
+const MAGIC: [u8; 4] = *b"THCE";
+const VERSION: u8 = 2;
+/// Length of a chunk entry's trailer.
+pub const TRAILER: usize = 64;
+const LAYOUT_DIR: &str = "v2";
+/// Largest manifest the cache keeps.
+const MANIFEST_MAX: u64 = crate::remote::MANIFEST_MAX as u64;
+
+/// The result of a lookup.
+#[derive(Debug)]
+pub enum Lookup {
+    Hit(Bytes),
+    Miss,
+    /// The entry existed but failed verification; it has been removed.
+    Corrupt,
+}
+
+/// A disk cache directory with a byte budget.
+#[derive(Debug)]
+pub struct DiskCache {
+    root: PathBuf,
+    budget: u64,
+    used: AtomicU64,
+    evicting: AtomicBool,
+}
+
+/// The trailer of a chunk entry of `len` bytes named `id`.
+pub fn encode_trailer(id: &Digest, len: usize) -> [u8; TRAILER] {
+    let mut h = [0u8; TRAILER];
+    h[0..4].copy_from_slice(&MAGIC);
+    h[4] = VERSION;
+    h[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+    h[12..44].copy_from_slice(&id.0);
+    h
+}
+
+impl DiskCache {
+    /// Opens (creating) the cache at `dir`. The current size is measured in the
+    /// background so opening stays fast.
+    pub fn open(dir: &Path, budget: u64) -> std::io::Result<Arc<DiskCache>> {
+        let root = dir.join(LAYOUT_DIR);
+        for sub in ["tmp", "chunks", "manifests"] {
+            std::fs::create_dir_all(root.join(sub))?;
+        }
+        let cache = Arc::new(DiskCache {
+            root,
+            budget,
+            used: AtomicU64::new(0),
+            evicting: AtomicBool::new(false),
+        });
+        let (c, old) = (cache.clone(), dir.join("v1"));
+        std::thread::spawn(move || {
+            if old.is_dir() {
+                let _ = std::fs::remove_dir_all(&old);
+            }
+            let total: u64 = c.entries().iter().map(|e| e.len).sum();
+            c.used.fetch_add(total, Ordering::Relaxed);
+            if c.used.load(Ordering::Relaxed) > c.budget {
+                c.evict();
+            }
+        });
+        Ok(cache)
+    }
+
+    fn chunk_path(&self, id: &Digest) -> PathBuf {
+        let hex = id.to_hex();
+        self.root.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    fn manifest_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("manifests").join(digest.to_hex())
+    }
+
+    /// Looks up and verifies chunk `id` of `len` bytes.
+    pub fn get(&self, id: &Digest, len: u32) -> Lookup {
+        let path = self.chunk_path(id);
+        let Some(bytes) = read_exact_file(&path, u64::from(len) + TRAILER as u64) else {
+            return Lookup::Miss;
+        };
+        let good = match bytes {
+            Ok(b) => {
+                let (data, trailer) = b.split_at(len as usize);
+                let good = trailer == encode_trailer(id, len as usize) && Digest::of(data) == *id;
+                good.then_some(b)
+            }
+            Err(_) => None,
+        };
+        let Some(bytes) = good else {
+            tracing::warn!(chunk = %id, path = %path.display(), "corrupt disk cache entry removed; fetching again");
+            self.remove(&path);
+            return Lookup::Corrupt;
+        };
+        touch(&path);
+        Lookup::Hit(Bytes::from(bytes).slice(..len as usize))
+    }
+
+    /// Stores verified chunk bytes. Returns how many entries eviction removed.
+    pub fn put(&self, id: &Digest, data: &[u8]) -> std::io::Result<u64> {
+        if data.len() > MAX_CHUNK_LEN {
+            return Err(std::io::Error::other("chunk too large for the cache"));
+        }
+        self.write(
+            &self.chunk_path(id),
+            &[data, &encode_trailer(id, data.len())],
+        )
+    }
+
+    /// A cached manifest's encoding, if there; the caller verifies it against
+    /// its digest and calls [`DiskCache::remove_manifest`] if it does not match.
+    pub fn get_manifest(&self, digest: &Digest) -> Option<Bytes> {
+        let path = self.manifest_path(digest);
+        let len = std::fs::metadata(&path).ok()?.len();
+        if len > MANIFEST_MAX {
+            self.remove(&path);
+            return None;
+        }
+        let bytes = read_exact_file(&path, len)?.ok()?;
+        touch(&path);
+        Some(Bytes::from(bytes))
+    }
+
+    pub fn put_manifest(&self, digest: &Digest, bytes: &[u8]) -> std::io::Result<u64> {
+        self.write(&self.manifest_path(digest), &[bytes])
+    }
+
+    pub fn remove_manifest(&self, digest: &Digest) {
+        self.remove(&self.manifest_path(digest));
+    }
+
+    /// Writes `parts` to `path` through a temporary file, unless it exists.
+    fn write(&self, path: &Path, parts: &[&[u8]]) -> std::io::Result<u64> {
+        if path.exists() {
+            return Ok(0);
+        }
+        let name = path
+            .file_name()
+            .expect("entries have names")
+            .to_string_lossy();
+        let tmp =
+            self.root
+                .join("tmp")
+                .join(format!("{name}.{}.{:x}", std::process::id(), rand_u64()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            for p in parts {
+                f.write_all(p)?;
+            }
+            std::fs::create_dir_all(path.parent().expect("entry has a parent"))?;
+            std::fs::rename(&tmp, path)
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let used = self.used.fetch_add(len, Ordering::Relaxed) + len;
+        Ok(if used > self.budget { self.evict() } else { 0 })
+    }
+
+    fn remove(&self, path: &Path) {
+        let len = std::fs::symlink_metadata(path).map_or(0, |m| m.len());
+        if std::fs::remove_file(path).is_ok() {
+            let _ = self
+                .used
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                    Some(u.saturating_sub(len))
+                });
+        }
+    }
+
+    /// Every entry, chunks and manifests.
+    fn entries(&self) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let mut dirs = vec![self.root.join("manifests")];
+        if let Ok(rd) = std::fs::read_dir(self.root.join("chunks")) {
+            dirs.extend(rd.flatten().map(|d| d.path()));
+        }
+        for dir in dirs {
+            let Ok(files) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for f in files.flatten() {
+                if let Ok(md) = f.metadata() {
+                    out.push(Entry {
+                        path: f.path(),
+                        len: md.len(),
+                        used_at: md.modified().unwrap_or(std::time::UNIX_EPOCH),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Deletes the least recently used entries until the cache is at 90% of its budget.
+    pub fn evict(&self) -> u64 {
+        if self.evicting.swap(true, Ordering::AcqRel) {
+            return 0;
+        }
+        let mut entries = self.entries();
+        entries.sort_by_key(|e| e.used_at);
+        let mut total: u64 = entries.iter().map(|e| e.len).sum();
+        let target = self.budget / 10 * 9;
+        let mut removed = 0;
+        for e in entries {
+            if total <= target {
+                break;
+            }
+            if std::fs::remove_file(&e.path).is_ok() {
+                total -= e.len;
+                removed += 1;
+            }
+        }
+        self.used.store(total, Ordering::Relaxed);
+        self.evicting.store(false, Ordering::Release);
+        removed
+    }
+
+    /// Bytes this process believes the cache holds.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// A cache entry as eviction sees it.
+struct Entry {
+    path: PathBuf,
+    len: u64,
+    used_at: std::time::SystemTime,
+}
+
+/// Reads a file that must be exactly `len` bytes: `None` if it is missing,
+/// an error if it has another size (never reading more than `len`).
+fn read_exact_file(path: &Path, len: u64) -> Option<std::io::Result<Vec<u8>>> {
+    let mut f = std::fs::File::open(path).ok()?;
+    Some((|| {
+        if f.metadata()?.len() != len {
+            return Err(std::io::Error::other("entry has the wrong size"));
+        }
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact(&mut buf)?;
+        Ok(buf)
+    })())
+}
+
+/// Refreshes an entry's age for LRU eviction; best effort.
+fn touch(path: &Path) {
+    let _ = filetime::set_file_mtime(path, filetime::FileTime::now());
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENTRY: u64 = TRAILER as u64 + 1000;
+
+    #[test]
+    fn hit_miss_corrupt_evict() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 3 * ENTRY).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000]).collect();
+        let ids: Vec<Digest> = chunks.iter().map(|c| Digest::of(c)).collect();
+        assert!(matches!(c.get(&ids[0], 1000), Lookup::Miss));
+        c.put(&ids[0], &chunks[0]).unwrap();
+        assert!(matches!(c.get(&ids[0], 1000), Lookup::Hit(d) if d[..] == chunks[0][..]));
+        // Flip one byte of the entry: detected and removed.
+        let p = c.chunk_path(&ids[0]);
+        let mut b = std::fs::read(&p).unwrap();
+        b[10] ^= 1;
+        std::fs::write(&p, b).unwrap();
+        assert!(matches!(c.get(&ids[0], 1000), Lookup::Corrupt));
+        assert!(!p.exists());
+        // A lookup with another length than the entry's is corrupt, not a short read.
+        c.put(&ids[1], &chunks[1]).unwrap();
+        assert!(matches!(c.get(&ids[1], 999), Lookup::Corrupt));
+        // Over budget: the oldest entries go.
+        for (i, id) in ids.iter().enumerate() {
+            c.put(id, &chunks[i]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let left: Vec<bool> = ids.iter().map(|id| c.chunk_path(id).exists()).collect();
+        assert!(left.iter().filter(|x| **x).count() <= 3, "{left:?}");
+        assert!(left[4], "the newest entry survives eviction");
+        assert!(c.entries().iter().map(|e| e.len).sum::<u64>() <= 3 * ENTRY);
+    }
+
+    #[test]
+    fn chunk_data_is_page_aligned_with_the_trailer_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 30).unwrap();
+        let data = vec![9u8; 8192];
+        let id = Digest::of(&data);
+        c.put(&id, &data).unwrap();
+        let raw = std::fs::read(c.chunk_path(&id)).unwrap();
+        assert_eq!(raw[..8192], data[..], "data starts at offset 0");
+        let t = &raw[8192..];
+        assert_eq!(
+            (&t[..4], t[4], &t[8..12], &t[12..44]),
+            (&b"THCE"[..], 2u8, &8192u32.to_le_bytes()[..], &id.0[..]),
+            "format changed: bump the version"
+        );
+    }
+
+    #[test]
+    fn manifests_share_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 2 * ENTRY).unwrap();
+        let m = vec![1u8; 1000];
+        let d = Digest::of(&m);
+        c.put_manifest(&d, &m).unwrap();
+        assert_eq!(c.get_manifest(&d).as_deref(), Some(&m[..]));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        for i in 0..3u8 {
+            let data = vec![i; 1000];
+            c.put(&Digest::of(&data), &data).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(
+            c.get_manifest(&d).is_none(),
+            "the oldest entry, a manifest, was evicted"
+        );
+    }
+}

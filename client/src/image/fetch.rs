@@ -1,0 +1,438 @@
+//! Getting a chunk's verified bytes: memory, then disk, then the source.
+//!
+//! Every lookup of a chunk not in memory goes through one in-flight table, so
+//! concurrent readers of the same chunk share a single fetch. The fetch runs as
+//! its own task: a reader that goes away does not cancel it. Network fetches
+//! take a permit from one of two pools: on-demand reads from a large one,
+//! readahead from a small one, so background work never holds the connections
+//! a blocked reader needs; a reader that joins a queued readahead fetch moves
+//! it to the demand pool. Bytes are verified against the chunk id and the
+//! manifest's length before they are cached or served; a mismatch is an error
+//! naming the chunk, never data.
+//!
+//! Retries live here, not in the source: transient failures are retried with
+//! backoff until one deadline (the mount's `--fetch-timeout`) measured from
+//! when the read first asked, so a read fails within that time however the
+//! server misbehaves. A failed chunk answers with its error for a moment
+//! before it is fetched again, so the kernel's immediate retry of a failed
+//! read does not wait out a second deadline.
+
+use super::disk_cache::{DiskCache, Lookup};
+use super::source::{ChunkSource, SourceError};
+use super::stats::Stats;
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thaw_format::{frame, BudgetLru, ChunkRef, Digest};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+
+/// Why a chunk could not be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("chunk {0} does not match its digest")]
+    Corrupt(Digest),
+    #[error("chunk {id} holds {actual} bytes, the manifest says {expected}")]
+    WrongLength {
+        id: Digest,
+        expected: u32,
+        actual: usize,
+    },
+    #[error("chunk {0} is not on the server")]
+    Missing(Digest),
+    #[error("cannot fetch chunk {id}: {message}")]
+    Unavailable { id: Digest, message: String },
+    #[error("gave up on chunk {id} after {:.1}s: {last}", after.as_secs_f64())]
+    TimedOut {
+        id: Digest,
+        after: Duration,
+        last: String,
+    },
+}
+
+/// Who is asking: a blocked reader, or readahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    Demand,
+    Background,
+}
+
+/// How the fetcher talks to its source.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchPolicy {
+    /// Demand fetches in flight at once (readahead gets a quarter as many).
+    pub concurrency: usize,
+    /// How long a read may wait for a chunk, retries included.
+    pub deadline: Duration,
+    pub first_backoff: Duration,
+    /// How long a failed chunk answers with its error before a new fetch.
+    pub failure_memory: Duration,
+}
+
+impl Default for FetchPolicy {
+    fn default() -> Self {
+        FetchPolicy {
+            concurrency: 32,
+            deadline: Duration::from_secs(30),
+            first_backoff: Duration::from_millis(50),
+            failure_memory: Duration::from_millis(50),
+        }
+    }
+}
+
+type Pending = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
+
+/// A fetch in flight, which readers join.
+struct InFlight {
+    result: Pending,
+    /// Signalled when a reader joins a readahead fetch still queued for a permit.
+    upgrade: Arc<Notify>,
+}
+
+/// A chunk whose last fetch failed, and when.
+struct Failure {
+    at: Instant,
+    error: FetchError,
+}
+
+/// Loads chunks of one image.
+pub struct Fetcher {
+    source: Arc<dyn ChunkSource>,
+    chunks: Arc<[ChunkRef]>,
+    mem: Mutex<BudgetLru<u32, Bytes>>,
+    inflight: Mutex<HashMap<u32, InFlight>>,
+    failed: Mutex<HashMap<u32, Failure>>,
+    disk: Option<Arc<DiskCache>>,
+    stats: Arc<Stats>,
+    demand: Semaphore,
+    background: Semaphore,
+    policy: FetchPolicy,
+    /// Loads and disk cache writes not yet finished; [`Fetcher::flush`] waits for them.
+    busy: Arc<AtomicUsize>,
+}
+
+impl Fetcher {
+    pub fn new(
+        source: Arc<dyn ChunkSource>,
+        chunks: Arc<[ChunkRef]>,
+        mem_budget: u64,
+        disk: Option<Arc<DiskCache>>,
+        stats: Arc<Stats>,
+        policy: FetchPolicy,
+    ) -> Arc<Fetcher> {
+        Arc::new(Fetcher {
+            source,
+            chunks,
+            mem: Mutex::new(BudgetLru::new(mem_budget)),
+            inflight: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+            disk,
+            stats,
+            demand: Semaphore::new(policy.concurrency.max(1)),
+            background: Semaphore::new((policy.concurrency / 4).max(1)),
+            policy,
+            busy: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    fn mem_get(&self, chunk: u32) -> Option<Bytes> {
+        self.mem
+            .lock()
+            .expect("mem cache lock")
+            .get(&chunk)
+            .cloned()
+    }
+
+    /// Whether the chunk is in memory or already being fetched.
+    pub fn is_resident_or_pending(&self, chunk: u32) -> bool {
+        self.mem.lock().expect("mem cache lock").contains(&chunk)
+            || self
+                .inflight
+                .lock()
+                .expect("inflight lock")
+                .contains_key(&chunk)
+    }
+
+    /// The error of a recent failed fetch of `chunk`, if it is still remembered.
+    fn recent_failure(&self, chunk: u32) -> Option<FetchError> {
+        let mut failed = self.failed.lock().expect("failed lock");
+        match failed.get(&chunk) {
+            Some(f) if f.at.elapsed() < self.policy.failure_memory => Some(f.error.clone()),
+            Some(_) => {
+                failed.remove(&chunk);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The verified bytes of chunk `chunk`.
+    pub async fn get(self: &Arc<Self>, chunk: u32, prio: Priority) -> Result<Bytes, FetchError> {
+        if let Some(b) = self.mem_get(chunk) {
+            Stats::inc(&self.stats.mem_hits);
+            return Ok(b);
+        }
+        if let Some(e) = self.recent_failure(chunk) {
+            return Err(e);
+        }
+        let pending = {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            // Checked again under the lock: a fetch may have just finished.
+            if let Some(b) = self.mem_get(chunk) {
+                Stats::inc(&self.stats.mem_hits);
+                return Ok(b);
+            }
+            match inflight.get(&chunk) {
+                Some(f) => {
+                    Stats::inc(&self.stats.joined);
+                    if prio == Priority::Demand {
+                        f.upgrade.notify_one();
+                    }
+                    f.result.clone()
+                }
+                None => {
+                    let f = self.start(chunk, prio);
+                    let result = f.result.clone();
+                    inflight.insert(chunk, f);
+                    result
+                }
+            }
+        };
+        pending.await
+    }
+
+    /// Spawns the load of `chunk`; called with the in-flight table locked.
+    fn start(self: &Arc<Self>, chunk: u32, prio: Priority) -> InFlight {
+        let upgrade = Arc::new(Notify::new());
+        let (this, up) = (self.clone(), upgrade.clone());
+        let busy = BusyGuard::new(&self.busy);
+        let task = tokio::spawn(async move {
+            let _busy = busy;
+            this.load(chunk, prio, &up).await
+        });
+        let id = self.chunks[chunk as usize].id;
+        let result = async move {
+            task.await.unwrap_or_else(|e| {
+                Err(FetchError::Unavailable {
+                    id,
+                    message: format!("fetch task failed: {e}"),
+                })
+            })
+        }
+        .boxed()
+        .shared();
+        InFlight { result, upgrade }
+    }
+
+    /// Starts fetching `chunk` in the background if it is not cached or pending.
+    pub fn prefetch(self: &Arc<Self>, chunk: u32) {
+        if self.is_resident_or_pending(chunk) || self.recent_failure(chunk).is_some() {
+            return;
+        }
+        let (this, busy) = (self.clone(), BusyGuard::new(&self.busy));
+        tokio::spawn(async move {
+            let _busy = busy;
+            let _ = this.get(chunk, Priority::Background).await;
+        });
+    }
+
+    /// Waits (up to `timeout`) for fetches and disk cache writes in flight, so
+    /// a remount finds every chunk this one fetched.
+    pub fn flush(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.busy.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    async fn load(
+        self: Arc<Self>,
+        chunk: u32,
+        prio: Priority,
+        upgrade: &Notify,
+    ) -> Result<Bytes, FetchError> {
+        let result = self.load_uncached(chunk, prio, upgrade).await;
+        match &result {
+            Ok(b) => {
+                let mut mem = self.mem.lock().expect("mem cache lock");
+                mem.insert(chunk, b.clone());
+                Stats::set(&self.stats.mem_cache_bytes, mem.bytes());
+            }
+            Err(e) => {
+                let failure = Failure {
+                    at: Instant::now(),
+                    error: e.clone(),
+                };
+                self.failed
+                    .lock()
+                    .expect("failed lock")
+                    .insert(chunk, failure);
+            }
+        }
+        self.inflight.lock().expect("inflight lock").remove(&chunk);
+        result
+    }
+
+    async fn load_uncached(
+        &self,
+        chunk: u32,
+        prio: Priority,
+        upgrade: &Notify,
+    ) -> Result<Bytes, FetchError> {
+        let asked = Instant::now();
+        let ChunkRef { id, len } = self.chunks[chunk as usize];
+        if let Some(data) = self.disk_lookup(id, len).await {
+            return Ok(data);
+        }
+        let deadline = asked + self.policy.deadline;
+        let timed_out = |last: String| FetchError::TimedOut {
+            id,
+            after: asked.elapsed(),
+            last,
+        };
+        let permit = tokio::time::timeout_at(deadline.into(), self.permit(prio, upgrade))
+            .await
+            .map_err(|_| timed_out("waiting for a connection".into()))?;
+        let started = Instant::now();
+        let frame = self.fetch_retrying(id, deadline, asked).await?;
+        drop(permit);
+        self.stats.record_fetch(
+            started.elapsed(),
+            frame.len() as u64,
+            prio == Priority::Background,
+        );
+        let data = tokio::task::spawn_blocking(move || frame::decode_verified(&frame, &id))
+            .await
+            .map_err(|e| FetchError::Unavailable {
+                id,
+                message: format!("verification task failed: {e}"),
+            })?
+            .map_err(|e| {
+                Stats::inc(&self.stats.digest_mismatches);
+                tracing::error!(chunk = %id, "chunk from the server failed verification, refusing to serve it: {e}");
+                FetchError::Corrupt(id)
+            })?;
+        if data.len() != len as usize {
+            Stats::inc(&self.stats.digest_mismatches);
+            tracing::error!(chunk = %id, expected = len, actual = data.len(), "chunk length does not match the manifest");
+            return Err(FetchError::WrongLength {
+                id,
+                expected: len,
+                actual: data.len(),
+            });
+        }
+        let data = Bytes::from(data);
+        self.disk_store(id, data.clone());
+        Ok(data)
+    }
+
+    /// A permit from the pool `prio` draws on. A readahead fetch still waiting
+    /// when a reader joins it switches to the demand pool.
+    async fn permit(&self, prio: Priority, upgrade: &Notify) -> SemaphorePermit<'_> {
+        match prio {
+            Priority::Demand => self.demand.acquire().await,
+            Priority::Background => tokio::select! {
+                p = self.background.acquire() => p,
+                _ = upgrade.notified() => self.demand.acquire().await,
+            },
+        }
+        .expect("fetch semaphores are never closed")
+    }
+
+    /// One frame from the source, retrying transient failures until `deadline`.
+    async fn fetch_retrying(
+        &self,
+        id: Digest,
+        deadline: Instant,
+        asked: Instant,
+    ) -> Result<Bytes, FetchError> {
+        let mut backoff = self.policy.first_backoff;
+        loop {
+            let attempt = tokio::time::timeout_at(deadline.into(), self.source.frame(id)).await;
+            let error = match attempt {
+                Ok(Ok(frame)) => return Ok(frame),
+                Ok(Err(SourceError::NotFound(_))) => {
+                    Stats::inc(&self.stats.fetch_errors);
+                    return Err(FetchError::Missing(id));
+                }
+                Ok(Err(e)) if !e.is_transient() => {
+                    Stats::inc(&self.stats.fetch_errors);
+                    tracing::warn!(chunk = %id, "fetch failed: {e}");
+                    return Err(FetchError::Unavailable {
+                        id,
+                        message: e.to_string(),
+                    });
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer".to_owned(),
+            };
+            Stats::inc(&self.stats.fetch_errors);
+            let now = Instant::now();
+            if now + backoff >= deadline {
+                tracing::warn!(chunk = %id, "fetch failed, giving up: {error}");
+                return Err(FetchError::TimedOut {
+                    id,
+                    after: asked.elapsed(),
+                    last: error,
+                });
+            }
+            tracing::debug!(chunk = %id, "fetch failed, retrying: {error}");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// The chunk from the disk cache, if there and intact.
+    async fn disk_lookup(&self, id: Digest, len: u32) -> Option<Bytes> {
+        let disk = self.disk.clone()?;
+        match tokio::task::spawn_blocking(move || disk.get(&id, len)).await {
+            Ok(Lookup::Hit(data)) => {
+                Stats::inc(&self.stats.disk_hits);
+                Some(data)
+            }
+            Ok(Lookup::Corrupt) => {
+                Stats::inc(&self.stats.disk_corrupt);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Writes a verified chunk to the disk cache in the background. A full or
+    /// failing disk degrades to serving from memory and the network.
+    fn disk_store(&self, id: Digest, data: Bytes) {
+        let Some(disk) = self.disk.clone() else {
+            return;
+        };
+        let (stats, busy) = (self.stats.clone(), BusyGuard::new(&self.busy));
+        tokio::task::spawn_blocking(move || {
+            let _busy = busy;
+            match disk.put(&id, &data) {
+                Ok(evicted) => Stats::add(&stats.disk_evicted, evicted),
+                Err(e) => {
+                    if stats.disk_write_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                        tracing::warn!("cannot write the disk cache, continuing without it: {e}");
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Counts one unit of unfinished work until dropped, however it ends.
+struct BusyGuard(Arc<AtomicUsize>);
+
+impl BusyGuard {
+    fn new(count: &Arc<AtomicUsize>) -> BusyGuard {
+        count.fetch_add(1, Ordering::AcqRel);
+        BusyGuard(count.clone())
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}

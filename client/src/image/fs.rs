@@ -1,0 +1,354 @@
+//! The filesystem logic of an image, free of any transport.
+//!
+//! Inode numbers are node indices plus one (FUSE's root is inode 1), with a
+//! hardlink answering as the file it names, so both names are one inode.
+//! Metadata comes straight from the manifest; reads map a byte range onto
+//! extents, fetch the chunks it touches concurrently, and copy the bytes out.
+//! Holes read as zeros without a fetch.
+//!
+//! The read-only policy is decided here, once for every door: which opens are
+//! allowed, what `access` answers, how long the kernel may cache entries,
+//! attributes and pages ([`TTL`], [`Opened::keep_cache`]), and that every
+//! operation that would change the image gets [`FsError::ReadOnly`]. The FUSE
+//! adapter and the virtio-fs backend only translate calls and replies.
+
+use super::fetch::{FetchError, Fetcher, Priority};
+use super::layout::Layout;
+use super::prefetch::Prefetch;
+use super::stats::Stats;
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Duration;
+use thaw_format::{Extent, Manifest, Node, NodeKind, ROOT};
+
+/// The image never changes, so entries, attributes and pages may be cached for long.
+pub const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Errors of filesystem operations; the adapter maps them to errno in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such entry")]
+    NotFound,
+    #[error("not a directory")]
+    NotDir,
+    #[error("not a symlink")]
+    NotSymlink,
+    #[error("no such attribute")]
+    NoXattr,
+    #[error("read-only filesystem")]
+    ReadOnly,
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+}
+
+pub type FsResult<T> = Result<T, FsError>;
+
+/// Attributes of an inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    /// 512-byte blocks of data (holes excluded).
+    pub blocks: u64,
+    /// Full `st_mode`.
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub mtime_ns: i64,
+}
+
+/// A directory entry as listed.
+#[derive(Debug, Clone, Copy)]
+pub struct DirEntry<'a> {
+    /// The offset to resume listing after this entry.
+    pub next_offset: i64,
+    pub ino: u64,
+    pub mode: u32,
+    pub name: &'a [u8],
+}
+
+/// How an open went: the kernel may keep a file's pages across opens when
+/// `keep_cache` is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    pub keep_cache: bool,
+}
+
+/// Totals for `statfs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    /// 4 KiB blocks of file data.
+    pub blocks: u64,
+    pub files: u64,
+    pub block_size: u32,
+    pub max_name: u32,
+}
+
+/// One piece of a read: `len` bytes at `within` of extent `extent`, landing
+/// at `at` in the output.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    at: usize,
+    extent: Extent,
+    within: u64,
+    len: u64,
+}
+
+/// An image's filesystem.
+pub struct ImageFs {
+    m: Arc<Manifest>,
+    layout: Layout,
+    fetcher: Arc<Fetcher>,
+    pub stats: Arc<Stats>,
+    prefetch: Prefetch,
+}
+
+impl ImageFs {
+    pub fn new(
+        m: Arc<Manifest>,
+        fetcher: Arc<Fetcher>,
+        stats: Arc<Stats>,
+        readahead_max: u64,
+    ) -> ImageFs {
+        ImageFs {
+            layout: Layout::of(&m),
+            m,
+            fetcher,
+            stats,
+            prefetch: Prefetch::new(readahead_max),
+        }
+    }
+
+    /// Waits for fetches and disk cache writes in flight (call before exiting).
+    pub fn flush(&self) {
+        self.fetcher.flush(std::time::Duration::from_secs(10));
+    }
+
+    #[cfg(test)]
+    pub(crate) fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.m
+    }
+
+    fn node(&self, ino: u64) -> FsResult<(u32, &Node)> {
+        let i = ino
+            .checked_sub(1)
+            .filter(|&i| i < self.m.nodes.len() as u64)
+            .ok_or(FsError::NotFound)? as u32;
+        let i = self.m.resolve(i);
+        Ok((i, &self.m.nodes[i as usize]))
+    }
+
+    fn attr_of(&self, i: u32) -> Attr {
+        let i = self.m.resolve(i);
+        let n = &self.m.nodes[i as usize];
+        let rdev = match n.kind {
+            NodeKind::CharDev { rdev } | NodeKind::BlockDev { rdev } => rdev,
+            _ => 0,
+        };
+        Attr {
+            ino: u64::from(i) + 1,
+            size: n.size,
+            blocks: self.layout.blocks[i as usize],
+            mode: n.mode,
+            nlink: self.layout.nlink[i as usize],
+            uid: n.uid,
+            gid: n.gid,
+            rdev,
+            mtime_ns: n.mtime_ns,
+        }
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let (i, _) = self.node(ino)?;
+        Ok(self.attr_of(i))
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        let (p, node) = self.node(parent)?;
+        if !node.is_dir() {
+            return Err(FsError::NotDir);
+        }
+        let i = self.m.lookup(p, name).ok_or(FsError::NotFound)?;
+        Ok(self.attr_of(i))
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<&[u8]> {
+        match &self.node(ino)?.1.kind {
+            NodeKind::Symlink { target } => Ok(target),
+            _ => Err(FsError::NotSymlink),
+        }
+    }
+
+    /// Entries of a directory from `offset` on: `.`, `..`, then the children.
+    pub fn readdir(&self, ino: u64, offset: i64) -> FsResult<Vec<DirEntry<'_>>> {
+        let (i, node) = self.node(ino)?;
+        let NodeKind::Dir { children } = &node.kind else {
+            return Err(FsError::NotDir);
+        };
+        let parent = if i == ROOT {
+            ino
+        } else {
+            u64::from(node.parent) + 1
+        };
+        let mut out = Vec::new();
+        let dir_mode = libc::S_IFDIR;
+        if offset < 1 {
+            out.push(DirEntry {
+                next_offset: 1,
+                ino,
+                mode: dir_mode,
+                name: b".",
+            });
+        }
+        if offset < 2 {
+            out.push(DirEntry {
+                next_offset: 2,
+                ino: parent,
+                mode: dir_mode,
+                name: b"..",
+            });
+        }
+        let skip = (offset.max(2) - 2) as usize;
+        for (k, c) in (children.start..children.end).enumerate().skip(skip) {
+            let a = self.attr_of(c);
+            out.push(DirEntry {
+                next_offset: k as i64 + 3,
+                ino: a.ino,
+                mode: a.mode,
+                name: &self.m.nodes[c as usize].name,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<&[u8]> {
+        let (_, node) = self.node(ino)?;
+        self.m.xattrs[node.xattrs.start as usize..node.xattrs.end as usize]
+            .iter()
+            .find(|x| x.name == name)
+            .map(|x| x.value.as_slice())
+            .ok_or(FsError::NoXattr)
+    }
+
+    /// xattr names, each followed by a NUL.
+    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let (_, node) = self.node(ino)?;
+        let mut out = Vec::new();
+        for x in &self.m.xattrs[node.xattrs.start as usize..node.xattrs.end as usize] {
+            out.extend_from_slice(&x.name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        StatFs {
+            blocks: self.m.logical_bytes().div_ceil(4096),
+            files: self.m.nodes.len() as u64,
+            block_size: 4096,
+            max_name: 255,
+        }
+    }
+
+    /// Opens `ino` with open(2) `flags`: only for reading.
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return Err(FsError::ReadOnly);
+        }
+        self.node(ino)?;
+        // The data never changes: keep the page cache across opens.
+        Ok(Opened { keep_cache: true })
+    }
+
+    /// access(2): anything but writing, on an entry that exists.
+    pub fn access(&self, ino: u64, mask: i32) -> FsResult<()> {
+        self.node(ino)?;
+        if mask & libc::W_OK != 0 {
+            return Err(FsError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// The answer to every operation that would change the image.
+    pub fn modify(&self) -> FsResult<()> {
+        Err(FsError::ReadOnly)
+    }
+
+    /// Reads up to `size` bytes at `offset` of file `ino`.
+    /// A read inside one chunk returns a slice of the cached chunk, without a copy.
+    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let (i, node) = self.node(ino)?;
+        let NodeKind::File { extents } = &node.kind else {
+            return Ok(Bytes::new());
+        };
+        let end = offset.saturating_add(u64::from(size)).min(node.size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        Stats::inc(&self.stats.reads);
+        Stats::add(&self.stats.read_bytes, end - offset);
+        let pieces = self.pieces(extents.start as usize..extents.end as usize, offset, end);
+        // Readahead starts before this read waits, so the two overlap.
+        self.prefetch
+            .on_read(&self.m, &self.layout, &self.fetcher, i, offset, end);
+        let mut wanted: Vec<u32> = pieces.iter().filter_map(|p| p.extent.chunk).collect();
+        wanted.dedup();
+        for &c in &wanted {
+            if !self.fetcher.is_resident_or_pending(c) {
+                self.prefetch
+                    .on_miss(&self.m, &self.layout, &self.fetcher, i, c);
+            }
+        }
+        let got = futures::future::try_join_all(
+            wanted
+                .iter()
+                .map(|&c| self.fetcher.get(c, Priority::Demand)),
+        )
+        .await?;
+        if let [p] = pieces[..] {
+            if p.extent.chunk.is_some() {
+                let from = (u64::from(p.extent.offset) + p.within) as usize;
+                return Ok(got[0].slice(from..from + p.len as usize));
+            }
+        }
+        let mut out = vec![0u8; (end - offset) as usize];
+        for p in pieces {
+            if let Some(c) = p.extent.chunk {
+                let data = &got[wanted.iter().position(|&w| w == c).expect("fetched")];
+                let from = (u64::from(p.extent.offset) + p.within) as usize;
+                out[p.at..p.at + p.len as usize]
+                    .copy_from_slice(&data[from..from + p.len as usize]);
+            }
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// The pieces of extents `range` (one file's) that `[offset, end)` covers.
+    fn pieces(&self, range: std::ops::Range<usize>, offset: u64, end: u64) -> Vec<Piece> {
+        let starts = &self.layout.extent_starts[range.clone()];
+        let first = starts.partition_point(|&s| s <= offset).saturating_sub(1);
+        let mut pieces = Vec::new();
+        let mut at = offset;
+        let mut e = range.start + first;
+        while at < end && e < range.end {
+            let extent = self.m.extents[e];
+            let start = self.layout.extent_starts[e];
+            let len = (start + extent.len).min(end) - at;
+            pieces.push(Piece {
+                at: (at - offset) as usize,
+                extent,
+                within: at - start,
+                len,
+            });
+            at += len;
+            e += 1;
+        }
+        pieces
+    }
+}

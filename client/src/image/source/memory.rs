@@ -1,0 +1,142 @@
+//! An in-memory [`ChunkSource`] that counts requests and can misbehave on
+//! purpose: fail transiently, hold chosen chunks until released, or serve a
+//! corrupt frame. For tests of the image core (and of the transports built on
+//! it) without a server or a kernel.
+
+use super::{ChunkSource, SourceError};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+use thaw_format::{frame, Digest};
+use tokio::sync::Notify;
+
+/// Frames in memory, with request counts and injected faults.
+#[derive(Debug, Default)]
+pub struct MemorySource {
+    frames: Mutex<HashMap<Digest, Bytes>>,
+    /// Every request, in the order made.
+    log: Mutex<Vec<Digest>>,
+    /// The next this-many requests fail as a transient error.
+    fail_next: AtomicU32,
+    /// Chunks whose requests wait until [`MemorySource::release`].
+    held: Mutex<HashSet<Digest>>,
+    released: Notify,
+    /// Every request waits this long first.
+    delay: Mutex<Duration>,
+}
+
+impl MemorySource {
+    pub fn new() -> MemorySource {
+        MemorySource::default()
+    }
+
+    /// Stores `frame` as the frame of `id` (not checked: tests plant bad ones).
+    pub fn insert(&self, id: Digest, frame: Bytes) {
+        self.lock_frames().insert(id, frame);
+    }
+
+    /// Stores the bytes of a chunk, framed at zstd level 1.
+    pub fn insert_chunk(&self, data: &[u8]) -> Digest {
+        let id = Digest::of(data);
+        self.insert(id, Bytes::from(frame::encode(data, 1)));
+        id
+    }
+
+    /// Replaces the frame of `id` with a valid frame of other bytes.
+    pub fn corrupt(&self, id: &Digest) {
+        let mut frames = self.lock_frames();
+        let bad = match frames.get(id).map(|f| frame::decode(f)) {
+            Some(Ok(mut data)) if !data.is_empty() => {
+                data[0] ^= 0xff;
+                data
+            }
+            _ => b"not the chunk".to_vec(),
+        };
+        frames.insert(*id, Bytes::from(frame::encode(&bad, 1)));
+    }
+
+    /// Makes the next `n` requests fail as if the server were unreachable.
+    pub fn fail_next(&self, n: u32) {
+        self.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes requests for `id` wait until [`MemorySource::release`].
+    pub fn hold(&self, id: Digest) {
+        self.held.lock().expect("held lock").insert(id);
+    }
+
+    /// Lets every held request go on.
+    pub fn release(&self) {
+        self.held.lock().expect("held lock").clear();
+        self.released.notify_waiters();
+    }
+
+    /// Makes every request wait `d` first, as a slow link would.
+    pub fn set_delay(&self, d: Duration) {
+        *self.delay.lock().expect("delay lock") = d;
+    }
+
+    /// Every request so far, in order.
+    pub fn requests(&self) -> Vec<Digest> {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// How many requests so far.
+    pub fn request_count(&self) -> usize {
+        self.log.lock().expect("log lock").len()
+    }
+
+    /// How many requests so far asked for `id`.
+    pub fn requests_for(&self, id: &Digest) -> usize {
+        self.log
+            .lock()
+            .expect("log lock")
+            .iter()
+            .filter(|r| *r == id)
+            .count()
+    }
+
+    fn lock_frames(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Bytes>> {
+        self.frames.lock().expect("frames lock")
+    }
+
+    async fn wait_while_held(&self, id: &Digest) {
+        loop {
+            let released = self.released.notified();
+            if !self.held.lock().expect("held lock").contains(id) {
+                return;
+            }
+            released.await;
+        }
+    }
+}
+
+impl ChunkSource for MemorySource {
+    fn frame(&self, id: Digest) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        Box::pin(async move {
+            self.log.lock().expect("log lock").push(id);
+            let delay = *self.delay.lock().expect("delay lock");
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            self.wait_while_held(&id).await;
+            let failing = self
+                .fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if failing {
+                return Err(SourceError::Unavailable {
+                    message: "injected failure".into(),
+                    transient: true,
+                });
+            }
+            self.lock_frames()
+                .get(&id)
+                .cloned()
+                .ok_or(SourceError::NotFound(id))
+        })
+    }
+}

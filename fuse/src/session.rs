@@ -1,0 +1,142 @@
+//! A mount's lifecycle: mount, answer on the control socket, serve until a
+//! signal or an unmount from elsewhere, then clean up (flush the disk cache
+//! writes, remove the control socket if it is still ours).
+
+use crate::adapter::FuseAdapter;
+use crate::{FuseError, FuseOptions};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thaw_client::image::control::{self, ControlSocket};
+use thaw_client::image::Image;
+
+/// A mounted image. Dropping it unmounts.
+pub struct Session {
+    fuse: fuser::BackgroundSession,
+    image: Arc<Image>,
+    _control: ControlSocket,
+    mountpoint: PathBuf,
+}
+
+/// How serving ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The shutdown future resolved (a signal): the session unmounted.
+    Shutdown,
+    /// Someone else unmounted (`thaw umount`, `fusermount3 -u`).
+    UnmountedElsewhere,
+}
+
+impl Session {
+    /// Mounts `image` at `mountpoint` and returns once the mount answers.
+    pub fn mount(
+        image: Arc<Image>,
+        mountpoint: &Path,
+        opts: &FuseOptions,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Session, FuseError> {
+        recover_stale(mountpoint);
+        let started = Instant::now();
+        let adapter = FuseAdapter {
+            fs: image.fs.clone(),
+            rt,
+        };
+        let fuse = fuser::spawn_mount2(adapter, mountpoint, &opts.mount_options(&image.reference))
+            .map_err(|source| FuseError::Mount {
+                mountpoint: mountpoint.to_path_buf(),
+                source,
+            })?;
+        // The mount answers once a getattr through it succeeds.
+        std::fs::metadata(mountpoint).map_err(|source| FuseError::NotAnswering {
+            mountpoint: mountpoint.to_path_buf(),
+            source,
+        })?;
+        tracing::info!(ms = started.elapsed().as_secs_f64() * 1000.0, "mounted");
+        if opts.kernel_readahead > 0 {
+            crate::set_readahead(mountpoint, opts.kernel_readahead);
+        }
+        let control = serve_control(&image, mountpoint)?;
+        Ok(Session {
+            fuse,
+            image,
+            _control: control,
+            mountpoint: mountpoint.to_path_buf(),
+        })
+    }
+
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Serves until `shutdown` resolves or the mount goes away, then cleans up.
+    pub fn run_until(
+        self,
+        rt: &tokio::runtime::Handle,
+        shutdown: impl Future<Output = ()>,
+    ) -> Ended {
+        let ended = rt.block_on(async {
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => return Ended::Shutdown,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                        if self.fuse.guard.is_finished() {
+                            return Ended::UnmountedElsewhere;
+                        }
+                    }
+                }
+            }
+        });
+        self.close(ended);
+        ended
+    }
+
+    /// Unmounts (unless already unmounted elsewhere) and waits for the
+    /// fetches and cache writes in flight, so a remount finds them.
+    fn close(self, ended: Ended) {
+        let Session {
+            fuse,
+            image,
+            _control,
+            ..
+        } = self;
+        if ended == Ended::UnmountedElsewhere {
+            // Dropping the session would unmount again, and could hit a newer
+            // mount at the same path.
+            std::mem::forget(fuse);
+        } else {
+            drop(fuse);
+        }
+        image.fs.flush();
+    }
+}
+
+fn serve_control(image: &Arc<Image>, mountpoint: &Path) -> Result<ControlSocket, FuseError> {
+    let control_err = |source| FuseError::Control {
+        mountpoint: mountpoint.to_path_buf(),
+        source,
+    };
+    let path = control::socket_path(mountpoint).map_err(control_err)?;
+    let at = std::fs::canonicalize(mountpoint)
+        .unwrap_or_else(|_| mountpoint.to_path_buf())
+        .display()
+        .to_string();
+    let image = image.clone();
+    ControlSocket::serve(path, move || image.report("fuse", &at)).map_err(control_err)
+}
+
+/// A mount whose process died leaves its mountpoint answering ENOTCONN;
+/// detach it so a new mount can take its place.
+fn recover_stale(mountpoint: &Path) {
+    let stale =
+        std::fs::metadata(mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+    if stale {
+        tracing::warn!(mountpoint = %mountpoint.display(), "detaching the stale mount of a process that died");
+        let _ = crate::detach(mountpoint);
+    }
+}
