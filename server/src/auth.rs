@@ -80,7 +80,7 @@ pub(crate) async fn require_token(
     request: Request,
     next: Next,
 ) -> Response {
-    let needed = access(request.method(), crate::routes::matched_route(&request));
+    let needed = access(request.method(), crate::http::matched_route(&request));
     if auth.allows(needed, bearer(&request)) {
         next.run(request).await
     } else {

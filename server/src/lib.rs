@@ -17,9 +17,11 @@
 mod auth;
 mod cache;
 mod error;
+mod http;
 mod layout;
 mod metrics;
 mod routes;
+mod state;
 
 pub use error::ServerError;
 

@@ -15,37 +15,25 @@ mod tags;
 use crate::auth::{self, Auth};
 use crate::cache::HotCache;
 use crate::error::ApiError;
+use crate::http::matched_route;
 use crate::metrics::{self, Metrics};
+use crate::state::{AppState, Shared};
 use crate::ServerConfig;
 use axum::body::HttpBody;
-use axum::extract::{
-    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Request, State,
-};
-use axum::http::{header, request::Parts, HeaderValue, Method, StatusCode};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self as mw, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bytes::Bytes;
 use object_store::ObjectStore;
-use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::Instant;
 use thaw_format::wire::{
     id_list_body_max, BATCH_MAX_IDS, FRAME_MAX as CHUNK_BODY_MAX, MISSING_MAX_IDS, TAG_BODY_MAX,
 };
-use thaw_format::Digest;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
-
-/// What every handler shares.
-pub(crate) struct AppState {
-    pub(crate) store: Arc<dyn ObjectStore>,
-    pub(crate) cache: HotCache,
-    pub(crate) metrics: Metrics,
-}
-
-type Shared = Arc<AppState>;
 
 pub(crate) fn build(store: Arc<dyn ObjectStore>, config: &ServerConfig) -> Router {
     let state = Arc::new(AppState {
@@ -95,14 +83,6 @@ pub(crate) fn build(store: Arc<dyn ObjectStore>, config: &ServerConfig) -> Route
         .layer(mw::from_fn_with_state(auth, auth::require_token))
         .layer(mw::from_fn_with_state(state.clone(), observe))
         .with_state(state)
-}
-
-/// The route template a request matched (`/v1/chunks/{id}`), if any.
-pub(crate) fn matched_route(request: &Request) -> Option<&str> {
-    request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str)
 }
 
 /// Middleware: a span per request, and the request and bytes-out counters.
@@ -177,111 +157,4 @@ async fn unknown_route() -> ApiError {
 async fn method_not_allowed() -> ApiError {
     let msg = "this route does not take that method: see docs/api.md for the API";
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", msg)
-}
-
-/// Parses a `blake3:<hex>` path segment or body string.
-pub(crate) fn parse_digest(raw: &str) -> Result<Digest, ApiError> {
-    raw.parse().map_err(|_| ApiError::bad_id(raw))
-}
-
-/// Headers of an immutable, content-addressed object named `id`.
-fn immutable_headers(id: &Digest) -> [(header::HeaderName, HeaderValue); 3] {
-    let etag =
-        HeaderValue::from_str(&format!("\"{id}\"")).expect("a digest is a valid header value");
-    [
-        (
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        ),
-        (
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("public, max-age=31536000, immutable"),
-        ),
-        (header::ETAG, etag),
-    ]
-}
-
-/// A GET response carrying the immutable object `id`.
-pub(crate) fn immutable(id: &Digest, body: Bytes) -> Response {
-    (immutable_headers(id), body).into_response()
-}
-
-/// A HEAD response for the immutable object `id` of `len` bytes.
-pub(crate) fn immutable_head(id: &Digest, len: u64) -> Response {
-    let mut response = immutable_headers(id).into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    response
-}
-
-/// A path parameter whose rejection is rendered as JSON.
-pub(crate) struct Param<T>(pub(crate) T);
-
-impl<T, S> FromRequestParts<S> for Param<T>
-where
-    T: DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        match Path::<T>::from_request_parts(parts, state).await {
-            Ok(Path(value)) => Ok(Param(value)),
-            Err(rejection) => Err(ApiError::bad_request(format!(
-                "bad URL path: {}",
-                rejection.body_text()
-            ))),
-        }
-    }
-}
-
-/// The whole request body, within the route's limit, counted in bytes-in.
-pub(crate) struct RawBody(pub(crate) Bytes);
-
-impl FromRequest<Shared> for RawBody {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &Shared) -> Result<Self, ApiError> {
-        match Bytes::from_request(request, state).await {
-            Ok(body) => {
-                state.metrics.bytes_in(body.len() as u64);
-                Ok(RawBody(body))
-            }
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(
-                ApiError::too_large("request body exceeds this route's limit (see docs/api.md)"),
-            ),
-            Err(rejection) => Err(ApiError::bad_request(format!(
-                "cannot read the body: {}",
-                rejection.body_text()
-            ))),
-        }
-    }
-}
-
-/// A JSON request body. The content type is not checked: the body is.
-pub(crate) struct JsonBody<T>(pub(crate) T);
-
-impl<T: DeserializeOwned> FromRequest<Shared> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &Shared) -> Result<Self, ApiError> {
-        let RawBody(body) = RawBody::from_request(request, state).await?;
-        serde_json::from_slice(&body).map(JsonBody).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_json",
-                format!("malformed JSON body: {e}"),
-            )
-        })
-    }
-}
-
-/// Runs CPU-bound work (decompression, hashing) off the async workers.
-pub(crate) async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(ApiError::internal)
 }

@@ -3,7 +3,7 @@
 //!
 //! A [`ChunkSource`] makes one attempt to get one chunk's frame and says
 //! whether a failure is worth retrying; it neither verifies, caches, retries
-//! nor times out, because the [`Fetcher`](super::fetch::Fetcher) does all of
+//! nor times out, because the `Fetcher` does all of
 //! that once for every source. [`HttpSource`] is the chunk server;
 //! [`MemorySource`] holds frames in memory and counts what was asked of it, so
 //! fetch counts, prefetch and single-flight are unit tests (as mountpoint-s3's

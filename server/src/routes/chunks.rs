@@ -6,11 +6,10 @@
 //! the hot cache, which also takes every accepted upload (a fresh push is
 //! usually followed by pulls of the same chunks).
 
-use super::{
-    blocking, immutable, immutable_head, parse_digest, AppState, JsonBody, Param, RawBody, Shared,
-};
 use crate::error::ApiError;
+use crate::http::{blocking, immutable, immutable_head, parse_digest, JsonBody, Param, RawBody};
 use crate::layout;
+use crate::state::{AppState, Shared};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, StatusCode};

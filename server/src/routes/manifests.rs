@@ -5,9 +5,10 @@
 //! therefore always fully readable, and a pusher uploads chunks first and the
 //! manifest last.
 
-use super::{blocking, immutable, immutable_head, parse_digest, Param, RawBody, Shared};
 use crate::error::ApiError;
+use crate::http::{blocking, immutable, immutable_head, parse_digest, Param, RawBody};
 use crate::layout;
+use crate::state::Shared;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;

@@ -4,9 +4,10 @@
 //! tag is one atomic put and listing an image's tags is one prefix listing.
 //! Tags may only point at stored manifests.
 
-use super::{parse_digest, Param, RawBody, Shared};
 use crate::error::ApiError;
+use crate::http::{parse_digest, Param, RawBody};
 use crate::layout;
+use crate::state::Shared;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
