@@ -3,7 +3,7 @@
 //! writes, remove the control socket if it is still ours).
 
 use crate::adapter::FuseAdapter;
-use crate::{FuseError, FuseOptions};
+use crate::options::{FuseError, FuseOptions};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,7 +54,7 @@ impl Session {
         })?;
         tracing::info!(ms = started.elapsed().as_secs_f64() * 1000.0, "mounted");
         if opts.kernel_readahead > 0 {
-            crate::set_readahead(mountpoint, opts.kernel_readahead);
+            crate::kernel::set_readahead(mountpoint, opts.kernel_readahead);
         }
         let control = serve_control(&image, mountpoint)?;
         Ok(Session {
@@ -137,6 +137,6 @@ fn recover_stale(mountpoint: &Path) {
         std::fs::metadata(mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
     if stale {
         tracing::warn!(mountpoint = %mountpoint.display(), "detaching the stale mount of a process that died");
-        let _ = crate::detach(mountpoint);
+        let _ = crate::kernel::detach(mountpoint);
     }
 }
