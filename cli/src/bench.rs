@@ -225,7 +225,12 @@ fn sample_full_pull(t: &Target, rt: &tokio::runtime::Runtime, work: &Path) -> Re
     let s = Instant::now();
     let r = ImageRef::parse(&t.pull_ref)?;
     let remote = Remote::for_ref(&r, None)?;
-    let report = rt.block_on(thaw_client::export::export(&r, &remote, &dest, 8))?;
+    let report = rt.block_on(thaw_client::export::export(
+        &r,
+        &remote,
+        &dest,
+        &Default::default(),
+    ))?;
     t.startup.run(&dest)?;
     let seconds = s.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&dest);
@@ -409,7 +414,12 @@ pub fn run(a: BenchArgs, rt: tokio::runtime::Runtime) -> Result<()> {
                 let remote = Remote::for_ref(&r, None)?;
                 let local = a.work_dir.join("local-copy");
                 let _ = std::fs::remove_dir_all(&local);
-                rt.block_on(thaw_client::export::export(&r, &remote, &local, 8))?;
+                rt.block_on(thaw_client::export::export(
+                    &r,
+                    &remote,
+                    &local,
+                    &Default::default(),
+                ))?;
                 let sel = match &r.selector {
                     thaw_client::reference::Selector::Tag(t) => format!("{}:{t}", r.name),
                     thaw_client::reference::Selector::Digest(d) => format!("{}@{d}", r.name),

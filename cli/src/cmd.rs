@@ -191,6 +191,10 @@ pub struct ExportArgs {
     /// Batch reads in flight at once.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// For images you do not trust: no device nodes, no setuid/setgid bits,
+    /// no ownership, only user.* xattrs (by default, as root, all are kept).
+    #[arg(long)]
+    safe: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -344,7 +348,11 @@ async fn push(a: PushArgs) -> Result<()> {
 async fn export(a: ExportArgs) -> Result<()> {
     let r = ImageRef::parse(&a.reference)?;
     let remote = remote_for(&r, &a.client)?;
-    let report = thaw_client::export::export(&r, &remote, &a.dir, a.concurrency)
+    let opts = thaw_client::export::ExportOptions {
+        concurrency: a.concurrency,
+        safe: a.safe,
+    };
+    let report = thaw_client::export::export(&r, &remote, &a.dir, &opts)
         .await
         .with_context(|| format!("export of {r} failed"))?;
     if a.client.json {
@@ -360,6 +368,12 @@ async fn export(a: ExportArgs) -> Result<()> {
         human(report.bytes_fetched),
         report.seconds
     );
+    if report.skipped > 0 {
+        println!(
+            "  safe export: left out {} device nodes, privileged mode bits or xattrs",
+            report.skipped
+        );
+    }
     Ok(())
 }
 

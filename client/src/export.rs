@@ -6,6 +6,13 @@
 //! are fetched in batches with bounded concurrency, verified, and written with
 //! positioned writes to every place that uses them; metadata is applied last,
 //! deepest first, so directory mtimes survive their children being written.
+//!
+//! By default an export trusts the image as a build pipeline's own output:
+//! as root it recreates device nodes, setuid and setgid bits, ownership and
+//! every xattr (`security.capability` included), as `tar` does as root. With
+//! [`ExportOptions::safe`] (`thaw export --safe`), for images from elsewhere, it
+//! creates no device nodes, clears setuid and setgid bits, keeps the exporting
+//! user as owner, and sets only `user.*` xattrs; what it skipped is counted.
 
 use crate::error::{ClientError, Result};
 use crate::reference::ImageRef;
@@ -28,7 +35,28 @@ pub struct ExportReport {
     pub bytes: u64,
     pub chunks_fetched: u64,
     pub bytes_fetched: u64,
+    /// Entries or attributes left out by a safe export.
+    pub skipped: u64,
     pub seconds: f64,
+}
+
+/// How to export.
+#[derive(Debug, Clone, Copy)]
+pub struct ExportOptions {
+    /// Batch reads in flight at once.
+    pub concurrency: usize,
+    /// Do not trust the image's devices, setuid/setgid bits, ownership and
+    /// non-`user.*` xattrs (see the module docs).
+    pub safe: bool,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            concurrency: 8,
+            safe: false,
+        }
+    }
 }
 
 /// Uncompressed bytes one batch read asks for at most.
@@ -39,13 +67,13 @@ pub async fn export(
     r: &ImageRef,
     remote: &Remote,
     dest: &Path,
-    concurrency: usize,
+    opts: &ExportOptions,
 ) -> Result<ExportReport> {
     let started = Instant::now();
     let fetched = remote.image(r).await?;
     let (digest, m) = (fetched.digest, fetched.manifest);
     prepare_dest(dest)?;
-    create_tree(&m, dest)?;
+    let mut skipped = create_tree(&m, dest, opts.safe)?;
 
     let uses = chunk_uses(&m);
     let fetched = std::sync::atomic::AtomicU64::new(0);
@@ -67,10 +95,10 @@ pub async fn export(
             }
             Ok::<_, ClientError>(())
         })
-        .buffer_unordered(concurrency.max(1))
+        .buffer_unordered(opts.concurrency.max(1))
         .try_collect::<()>()
         .await?;
-    apply_metadata(&m, dest)?;
+    skipped += apply_metadata(&m, dest, opts.safe)?;
     Ok(ExportReport {
         manifest: digest,
         files: m
@@ -81,6 +109,7 @@ pub async fn export(
         bytes: m.logical_bytes(),
         chunks_fetched: uses.len() as u64,
         bytes_fetched: fetched.into_inner(),
+        skipped,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -201,9 +230,19 @@ fn mknod(path: &Path, mode: u32, rdev: u64) -> std::io::Result<()> {
     }
 }
 
-/// Creates every entry; regular files get their final size (holes stay sparse).
-fn create_tree(m: &Manifest, dest: &Path) -> Result<()> {
+/// Creates every entry; regular files get their final size (holes stay
+/// sparse). A safe export creates no device nodes. Returns how many were left out.
+fn create_tree(m: &Manifest, dest: &Path, safe: bool) -> Result<u64> {
+    let device = |n: &thaw_format::Node| {
+        matches!(n.kind, NodeKind::CharDev { .. } | NodeKind::BlockDev { .. })
+    };
+    let mut skipped = 0;
     for (i, n) in m.nodes.iter().enumerate().skip(1) {
+        if safe && device(n) {
+            tracing::warn!(path = %String::from_utf8_lossy(&m.path(i as u32)), "safe export: device node left out");
+            skipped += 1;
+            continue;
+        }
         let path = node_path(m, dest, i as u32);
         let io = |e| ClientError::io(&path, e);
         match &n.kind {
@@ -229,34 +268,54 @@ fn create_tree(m: &Manifest, dest: &Path) -> Result<()> {
     }
     for (i, n) in m.nodes.iter().enumerate() {
         if let NodeKind::Hardlink { target } = n.kind {
+            if safe && device(&m.nodes[target as usize]) {
+                skipped += 1;
+                continue;
+            }
             let path = node_path(m, dest, i as u32);
             std::fs::hard_link(node_path(m, dest, target), &path)
                 .map_err(|e| ClientError::io(&path, e))?;
         }
     }
-    Ok(())
+    Ok(skipped)
 }
 
-/// Ownership (as root), modes, xattrs and mtimes, deepest entries first.
-fn apply_metadata(m: &Manifest, dest: &Path) -> Result<()> {
+/// Ownership (as root), modes, xattrs and mtimes, deepest entries first; a
+/// safe export keeps the owner, clears setuid and setgid, and sets only
+/// `user.*` xattrs. Returns how many attributes were left out.
+fn apply_metadata(m: &Manifest, dest: &Path, safe: bool) -> Result<u64> {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
+    let mut skipped = 0;
     for (i, n) in m.nodes.iter().enumerate().rev() {
         if matches!(n.kind, NodeKind::Hardlink { .. }) {
             continue; // same inode as its target
         }
         let path = node_path(m, dest, i as u32);
+        if std::fs::symlink_metadata(&path).is_err() {
+            continue; // left out by a safe export
+        }
         let io = |e| ClientError::io(&path, e);
         let symlink = matches!(n.kind, NodeKind::Symlink { .. });
-        if root {
+        if root && !safe {
             std::os::unix::fs::lchown(&path, Some(n.uid), Some(n.gid)).map_err(io)?;
         }
+        let privileged = (libc::S_ISUID | libc::S_ISGID) as u32;
+        let mode = if safe {
+            n.mode & 0o7777 & !privileged
+        } else {
+            n.mode & 0o7777
+        };
+        skipped += u64::from(mode != n.mode & 0o7777);
         if !symlink {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(n.mode & 0o7777))
-                .map_err(io)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
         }
         // After chown and chmod: chown clears security.capability.
         for x in &m.xattrs[n.xattrs.start as usize..n.xattrs.end as usize] {
+            if safe && !x.name.starts_with(b"user.") {
+                skipped += 1;
+                continue;
+            }
             if let Err(e) = xattr::set(&path, OsStr::from_bytes(&x.name), &x.value) {
                 tracing::warn!(path = %path.display(), name = %String::from_utf8_lossy(&x.name), "cannot set xattr: {e}");
             }
@@ -267,5 +326,86 @@ fn apply_metadata(m: &Manifest, dest: &Path) -> Result<()> {
         );
         filetime::set_symlink_file_times(&path, t, t).map_err(io)?;
     }
-    Ok(())
+    Ok(skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    /// As root: a device node, a setuid-root file and a capability xattr.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_safe_export_does_not_trust_the_image() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            panic!("this test needs root (to make device nodes); the test suite runs as root");
+        }
+        let src = tempfile::tempdir().unwrap();
+        let dev = src.path().join("mem");
+        mknod(&dev, libc::S_IFCHR | 0o666, libc::makedev(1, 1)).unwrap();
+        std::os::unix::fs::symlink("mem", src.path().join("link")).unwrap();
+        let suid = src.path().join("su");
+        std::fs::write(&suid, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+        // cap_net_raw, in the VFS v2 layout.
+        let cap = [
+            0u8, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        xattr::set(&suid, "security.capability", &cap).unwrap();
+        xattr::set(&suid, "user.note", b"kept").unwrap();
+        let server = crate::testing::TestServer::start().await;
+        let (r, remote) = server.image("untrusted:v1");
+        crate::push::push(src.path(), &r, &remote, &Default::default())
+            .await
+            .unwrap();
+
+        let trusted = tempfile::tempdir().unwrap();
+        let t = trusted.path().join("out");
+        export(&r, &remote, &t, &ExportOptions::default())
+            .await
+            .unwrap();
+        assert!(std::fs::symlink_metadata(t.join("mem"))
+            .unwrap()
+            .file_type()
+            .is_char_device());
+        assert_eq!(
+            std::fs::metadata(t.join("su")).unwrap().mode() & 0o7777,
+            0o4755
+        );
+        assert!(xattr::get(t.join("su"), "security.capability")
+            .unwrap()
+            .is_some());
+
+        let safe = tempfile::tempdir().unwrap();
+        let s = safe.path().join("out");
+        let opts = ExportOptions {
+            safe: true,
+            ..ExportOptions::default()
+        };
+        let report = export(&r, &remote, &s, &opts).await.unwrap();
+        assert!(
+            std::fs::symlink_metadata(s.join("mem")).is_err(),
+            "no device node"
+        );
+        assert_eq!(
+            std::fs::metadata(s.join("su")).unwrap().mode() & 0o7777,
+            0o755
+        );
+        assert!(xattr::get(s.join("su"), "security.capability")
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            xattr::get(s.join("su"), "user.note").unwrap().as_deref(),
+            Some(&b"kept"[..])
+        );
+        assert!(
+            std::fs::read_link(s.join("link")).is_ok(),
+            "a symlink is harmless"
+        );
+        assert_eq!(
+            report.skipped, 3,
+            "the device, the setuid bit, the capability"
+        );
+    }
 }

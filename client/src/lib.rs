@@ -16,6 +16,8 @@ pub mod inspect;
 pub mod push;
 pub mod reference;
 pub mod remote;
+#[cfg(test)]
+mod testing;
 
 pub use error::{chain, ClientError, Result};
 pub use reference::ImageRef;

@@ -349,3 +349,36 @@ pub async fn push(
         seconds,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes this process has read through read(2) and friends.
+    fn rchar() -> u64 {
+        let io = std::fs::read_to_string("/proc/self/io").unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("rchar: "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn holes_of_a_sparse_file_are_seeked_over_not_read() {
+        let src = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(src.path().join("disk.img")).unwrap();
+        f.set_len(4 << 30).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"data at the end", (4 << 30) - 100).unwrap();
+        let server = crate::testing::TestServer::start().await;
+        let (r, remote) = server.image("sparse:v1");
+        let before = rchar();
+        let report = push(src.path(), &r, &remote, &PushOptions::default())
+            .await
+            .unwrap();
+        let read = rchar() - before;
+        assert_eq!(report.bytes, 4 << 30);
+        assert_eq!(report.chunks, 1, "one chunk of data, the rest holes");
+        assert!(read < 64 << 20, "read {read} bytes of a 4 GiB sparse file");
+    }
+}

@@ -405,3 +405,50 @@ async fn check(resp: reqwest::Response, what: &str) -> Result<reqwest::Response>
         message,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers every request with `head` and then streams
+    /// zeros until the client goes away; returns its address.
+    async fn endless(head: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = c.read(&mut buf).await;
+                    c.write_all(head.as_bytes()).await?;
+                    let zeros = vec![0u8; 1 << 20];
+                    loop {
+                        c.write_all(&zeros).await?;
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<_, std::io::Error>(())
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn an_endless_body_is_refused_at_its_cap() {
+        let id = Digest::of(b"x");
+        for head in [
+            "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 99999999999\r\n\r\n",
+        ] {
+            let remote = Remote::new(&endless(head).await, None).unwrap();
+            let started = Instant::now();
+            let e = remote.chunk_once(&id).await.unwrap_err();
+            assert!(matches!(e, ClientError::BadResponse { .. }), "{e:?}");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "stopped reading early"
+            );
+        }
+    }
+}

@@ -20,35 +20,33 @@ use std::time::Duration;
 pub fn runtime_dir() -> std::io::Result<PathBuf> {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
-    let (base, dir) = match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) => (
-            PathBuf::from(&d).join("thaw"),
-            PathBuf::from(d).join("thaw/mounts"),
-        ),
-        None => {
-            let base = std::env::temp_dir().join(format!("thaw-{uid}"));
-            (base.clone(), base.join("mounts"))
-        }
+    let base = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("thaw"),
+        None => std::env::temp_dir().join(format!("thaw-{uid}")),
     };
-    for d in [&base, &dir] {
-        match std::fs::DirBuilder::new().mode(0o700).create(d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-        let md = std::fs::symlink_metadata(d)?;
-        let unsafe_dir = !md.is_dir() || md.uid() != uid || md.permissions().mode() & 0o022 != 0;
-        if unsafe_dir {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "{} is not a private directory of user {uid} (a symlink, another owner, or writable by others): remove it",
-                    d.display()
-                ),
-            ));
-        }
+    private_dir(&base, uid)?;
+    private_dir(&base.join("mounts"), uid)
+}
+
+/// Creates `dir` (mode 0700) if missing; refuses it unless it is a real
+/// directory owned by `uid` that no one else can write.
+fn private_dir(dir: &Path, uid: u32) -> std::io::Result<PathBuf> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
     }
-    Ok(dir)
+    let md = std::fs::symlink_metadata(dir)?;
+    if !md.is_dir() || md.uid() != uid || md.permissions().mode() & 0o022 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a private directory of user {uid} (a symlink, another owner, or writable by others): remove it",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(dir.to_path_buf())
 }
 
 /// The control socket of the image attached at `place`.
@@ -114,4 +112,37 @@ pub fn query(place: &Path) -> std::io::Result<StatsReport> {
     let mut body = Vec::new();
     std::io::Read::read_to_end(&mut std::io::Read::take(&mut conn, 1 << 20), &mut body)?;
     serde_json::from_slice(&body).map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_private_directory_of_our_own_is_used() {
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        let tmp = tempfile::tempdir().unwrap();
+        let fresh = tmp.path().join("fresh");
+        assert_eq!(private_dir(&fresh, uid).unwrap(), fresh);
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // A planted symlink to a directory someone else chose.
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        assert!(private_dir(&link, uid).is_err(), "a symlink is refused");
+        // Writable by others.
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(
+            private_dir(&open, uid).is_err(),
+            "a world-writable directory is refused"
+        );
+        // Another owner.
+        assert!(
+            private_dir(&fresh, uid + 1).is_err(),
+            "another user's directory is refused"
+        );
+    }
 }

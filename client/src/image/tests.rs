@@ -8,7 +8,6 @@ use super::fetch::{FetchError, Priority};
 use super::fs::{FsError, ImageFs};
 use super::source::MemorySource;
 use super::{build_fs, ImageOptions};
-use crate::{ImageRef, Remote};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thaw_format::{Digest, Manifest, ROOT};
@@ -44,18 +43,8 @@ async fn pushed(files: &[(&str, Vec<u8>)]) -> (Manifest, Arc<MemorySource>) {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, data).unwrap();
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(thaw_server::run(
-        listener,
-        thaw_server::ServerConfig::default(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let r = ImageRef::parse(&format!("{addr}/test:v1")).unwrap();
-    let remote = Remote::for_ref(&r, None).unwrap();
+    let server = crate::testing::TestServer::start().await;
+    let (r, remote) = server.image("test:v1");
     crate::push::push(dir.path(), &r, &remote, &Default::default())
         .await
         .unwrap();
@@ -64,8 +53,6 @@ async fn pushed(files: &[(&str, Vec<u8>)]) -> (Manifest, Arc<MemorySource>) {
     for c in &m.chunks {
         source.insert(c.id, remote.chunk(&c.id).await.unwrap());
     }
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
     (m, source)
 }
 

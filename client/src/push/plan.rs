@@ -176,6 +176,20 @@ pub(crate) fn read_unit(w: &Walked, unit: &Unit, offset: u64, len: u64) -> Resul
     Ok(buf)
 }
 
+/// Whether `[offset, offset + len)` of `f` is entirely a hole, by
+/// `SEEK_DATA`: the next data at or after `offset` starts past the range (or
+/// there is none). Any doubt (a filesystem without `SEEK_DATA`) says no.
+fn in_hole(f: &File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a descriptor we own; it only moves the file offset,
+    // which positioned reads do not use.
+    let next = unsafe { libc::lseek(f.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+    if next < 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    next as u64 >= offset + len
+}
+
 fn piece(data: &[u8]) -> Piece {
     let id = (!is_zero(data)).then(|| Digest::of(data));
     Piece {
@@ -192,7 +206,17 @@ pub(crate) fn hash_unit(
     emit: &mut dyn FnMut(Piece, Vec<u8>) -> Result<()>,
 ) -> Result<()> {
     match unit {
-        Unit::Range { len, .. } => {
+        Unit::Range { file, offset, len } => {
+            if in_hole(&open(w, *file)?, *offset, *len) {
+                // Never read: a sparse file's holes cost a seek, not a read of zeros.
+                return emit(
+                    Piece {
+                        id: None,
+                        len: *len,
+                    },
+                    Vec::new(),
+                );
+            }
             let data = read_unit(w, unit, 0, *len)?;
             emit(piece(&data), data)
         }
