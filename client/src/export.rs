@@ -300,7 +300,7 @@ fn apply_metadata(m: &Manifest, dest: &Path, safe: bool) -> Result<u64> {
         if root && !safe {
             std::os::unix::fs::lchown(&path, Some(n.uid), Some(n.gid)).map_err(io)?;
         }
-        let privileged = (libc::S_ISUID | libc::S_ISGID) as u32;
+        let privileged = libc::S_ISUID | libc::S_ISGID;
         let mode = if safe {
             n.mode & 0o7777 & !privileged
         } else {
