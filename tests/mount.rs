@@ -517,3 +517,26 @@ fn tampered_manifest_is_refused_at_mount() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("digest mismatch"), "{err}");
 }
+
+#[test]
+fn a_crashed_mount_is_replaced_by_the_next_one() {
+    let w = World::new(&[]);
+    let src = w.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), b"still here").unwrap();
+    let r = w.push(&src, "crash:v1");
+    let m = w.mount(&r, "mnt", &[]);
+    let pid = m.stats()["pid"].as_u64().unwrap() as i32;
+    // SAFETY: kill(2) on the mount process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dead = std::fs::read_dir(&m.dir).unwrap_err();
+    assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN), "{dead}");
+    // A new mount at the same place detaches the dead one by itself.
+    let again = w.mount(&r, "mnt", &[]);
+    assert_eq!(std::fs::read(again.dir.join("a")).unwrap(), b"still here");
+    std::mem::forget(m);
+}

@@ -133,8 +133,10 @@ fn serve_control(image: &Arc<Image>, mountpoint: &Path) -> Result<ControlSocket,
 /// A mount whose process died leaves its mountpoint answering ENOTCONN;
 /// detach it so a new mount can take its place.
 fn recover_stale(mountpoint: &Path) {
+    // Listing asks the kernel's FUSE connection (a stat may be answered
+    // from cached attributes).
     let stale =
-        std::fs::metadata(mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+        std::fs::read_dir(mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
     if stale {
         tracing::warn!(mountpoint = %mountpoint.display(), "detaching the stale mount of a process that died");
         let _ = crate::kernel::detach(mountpoint);
