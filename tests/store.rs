@@ -3,154 +3,30 @@
 //! raw HTTP where a test must send what the client never would.
 //!
 //! Every test has its own directory and its own server. Trees are compared by
-//! walking both without following symlinks: type, mode, owner, link count,
-//! size, mtime in ns, device numbers, symlink target, content digest, xattrs,
-//! and which names share an inode.
+//! walking both without following symlinks (`thaw_testkit::compare`): type,
+//! mode, owner, link count, size, mtime in ns, device numbers, symlink target,
+//! content digest, xattrs, and which names share an inode.
 
-mod common;
-
-use common::{thaw, thaw_bin, thaw_json, Server};
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::{CString, OsStr};
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{symlink, FileExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
+use thaw_testkit::tree::{chmod, is_root, mknod, set_mtime_ns, set_xattr, write};
+use thaw_testkit::{assert_same_tree, noise, thaw, thaw_bin, thaw_json, Server};
 
 const MIB: usize = 1 << 20;
 
 // ---------------------------------------------------------------------------
 // Building trees
-
-/// `len` incompressible bytes, the same for the same seed (BLAKE3's output
-/// stream: fast even in a debug build).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0; len];
-    blake3::Hasher::new()
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut out);
-    out
-}
-
-fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("no NUL in test paths")
-}
-
-fn errno() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
-
-/// Sets an xattr on `p` itself (a symlink is not followed).
-fn set_xattr(p: &Path, name: &str, value: &[u8]) {
-    let (c, n) = (cpath(p), CString::new(name).unwrap());
-    // SAFETY: both strings are NUL-terminated and outlive the call; `value`
-    // is readable for `value.len()` bytes.
-    let rc = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(rc, 0, "setxattr {name} on {}: {}", p.display(), errno());
-}
-
-/// Every xattr of `p` itself, sorted by name.
-fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let c = cpath(p);
-    // SAFETY: a null buffer of size 0 asks for the size of the name list.
-    let len = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
-    if len <= 0 {
-        return Vec::new(); // none, or no xattr support for this kind of file
-    }
-    let mut names = vec![0u8; len as usize];
-    // SAFETY: `names` is writable for `names.len()` bytes.
-    let len = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    assert!(len >= 0, "listxattr {}: {}", p.display(), errno());
-    names.truncate(len as usize);
-    let mut out = Vec::new();
-    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let n = CString::new(name).unwrap();
-        // SAFETY: a null buffer of size 0 asks for the size of the value.
-        let len = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
-        assert!(len >= 0, "getxattr {}: {}", p.display(), errno());
-        let mut value = vec![0u8; len as usize];
-        // SAFETY: `value` is writable for `value.len()` bytes.
-        let len = unsafe {
-            libc::lgetxattr(
-                c.as_ptr(),
-                n.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            )
-        };
-        assert!(len >= 0, "getxattr {}: {}", p.display(), errno());
-        value.truncate(len as usize);
-        out.push((name.to_vec(), value));
-    }
-    out.sort();
-    out
-}
-
-/// Sets the mtime of `p` itself to `ns` nanoseconds since the epoch.
-fn set_mtime_ns(p: &Path, ns: i64) {
-    let times = [
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        libc::timespec {
-            tv_sec: ns.div_euclid(1_000_000_000),
-            tv_nsec: ns.rem_euclid(1_000_000_000),
-        },
-    ];
-    let c = cpath(p);
-    // SAFETY: `c` is a valid path and `times` holds the two timespecs utimensat reads.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    assert_eq!(rc, 0, "utimensat {}: {}", p.display(), errno());
-}
-
-fn mknod(p: &Path, mode: u32, dev: libc::dev_t) -> std::io::Result<()> {
-    let c = cpath(p);
-    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-    match unsafe { libc::mknod(c.as_ptr(), mode as libc::mode_t, dev) } {
-        0 => Ok(()),
-        _ => Err(errno()),
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn chmod(p: &Path, mode: u32) {
-    fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
-}
-
-fn write(p: &Path, data: &[u8]) {
-    if let Some(parent) = p.parent() {
-        fs::create_dir_all(parent).unwrap();
-    }
-    fs::write(p, data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
-}
 
 /// A tree with every kind of entry and edge case push and export must keep.
 fn build_edge_tree(root: &Path) {
@@ -333,142 +209,6 @@ fn build_edge_tree(root: &Path) {
         set_mtime_ns(&deep, 1_500_000_000_000_000_000 + level);
     }
     set_mtime_ns(root, 1_600_000_000_000_000_007);
-}
-
-// ---------------------------------------------------------------------------
-// Comparing trees
-
-/// Bytes shown as escaped ASCII in failure messages.
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
-struct Bytes(Vec<u8>);
-
-impl std::fmt::Debug for Bytes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "\"{}\"", self.0.escape_ascii())
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-struct Entry {
-    kind: &'static str,
-    /// In octal.
-    mode: String,
-    uid: u32,
-    gid: u32,
-    nlink: u64,
-    /// Not compared for directories (a filesystem detail).
-    size: Option<u64>,
-    mtime_ns: i128,
-    rdev: u64,
-    target: Option<Bytes>,
-    blake3: Option<String>,
-    xattrs: Vec<(Bytes, Bytes)>,
-}
-
-struct Snapshot {
-    entries: BTreeMap<Vec<u8>, Entry>,
-    /// Names that share an inode, for inodes with more than one name.
-    links: BTreeSet<Vec<Vec<u8>>>,
-}
-
-fn hash_file(p: &Path) -> String {
-    let mut h = blake3::Hasher::new();
-    h.update_reader(File::open(p).unwrap()).unwrap();
-    h.finalize().to_hex().to_string()
-}
-
-fn snapshot(root: &Path) -> Snapshot {
-    let mut s = Snapshot {
-        entries: BTreeMap::new(),
-        links: BTreeSet::new(),
-    };
-    let mut inodes: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
-    let mut todo = vec![(root.to_path_buf(), b".".to_vec())];
-    while let Some((path, rel)) = todo.pop() {
-        let md = fs::symlink_metadata(&path).unwrap();
-        let ft = md.file_type();
-        let kind = if ft.is_dir() {
-            "dir"
-        } else if ft.is_file() {
-            "file"
-        } else if ft.is_symlink() {
-            "symlink"
-        } else if ft.is_fifo() {
-            "fifo"
-        } else if ft.is_socket() {
-            "socket"
-        } else if ft.is_char_device() {
-            "char"
-        } else {
-            "block"
-        };
-        if ft.is_dir() {
-            for child in fs::read_dir(&path).unwrap() {
-                let name = child.unwrap().file_name();
-                let mut r = rel.clone();
-                r.push(b'/');
-                r.extend_from_slice(name.as_bytes());
-                todo.push((path.join(&name), r));
-            }
-        }
-        if md.nlink() > 1 && !ft.is_dir() {
-            inodes.entry(md.ino()).or_default().push(rel.clone());
-        }
-        let entry = Entry {
-            kind,
-            mode: format!("{:o}", md.mode()),
-            uid: md.uid(),
-            gid: md.gid(),
-            nlink: md.nlink(),
-            size: (!ft.is_dir()).then(|| md.size()),
-            mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
-            rdev: md.rdev(),
-            target: ft
-                .is_symlink()
-                .then(|| Bytes(fs::read_link(&path).unwrap().into_os_string().into_vec())),
-            blake3: ft.is_file().then(|| hash_file(&path)),
-            xattrs: xattrs(&path)
-                .into_iter()
-                .map(|(n, v)| (Bytes(n), Bytes(v)))
-                .collect(),
-        };
-        s.entries.insert(rel, entry);
-    }
-    for (_, mut names) in inodes {
-        names.sort();
-        s.links.insert(names);
-    }
-    s
-}
-
-/// Asserts that two trees are the same in everything push records; returns
-/// the number of entries.
-fn assert_same_tree(source: &Path, exported: &Path) -> usize {
-    let (a, b) = (snapshot(source), snapshot(exported));
-    let keys: BTreeSet<&Vec<u8>> = a.entries.keys().chain(b.entries.keys()).collect();
-    let diffs: Vec<String> = keys
-        .into_iter()
-        .filter(|k| a.entries.get(*k) != b.entries.get(*k))
-        .map(|k| {
-            format!(
-                "{:?}\n  source:   {:?}\n  exported: {:?}",
-                String::from_utf8_lossy(k),
-                a.entries.get(k),
-                b.entries.get(k)
-            )
-        })
-        .collect();
-    assert!(
-        diffs.is_empty(),
-        "{} of {} entries differ between {} and {} (first 10):\n{}",
-        diffs.len(),
-        a.entries.len(),
-        source.display(),
-        exported.display(),
-        diffs[..diffs.len().min(10)].join("\n")
-    );
-    assert_eq!(a.links, b.links, "hardlink groups differ");
-    a.entries.len()
 }
 
 // ---------------------------------------------------------------------------
