@@ -65,6 +65,14 @@ impl World {
         r
     }
 
+    /// Pushes the [`edge_tree`]; returns where it is and its reference.
+    fn push_edge_tree(&self, name_tag: &str) -> (PathBuf, String) {
+        let src = self.path("src");
+        edge_tree(&src);
+        let r = self.push(&src, name_tag);
+        (src, r)
+    }
+
     /// Pushes an image of one file, `name`, holding `data`.
     fn push_file(&self, name: &str, data: &[u8], name_tag: &str) -> String {
         let src = self.path("src");
@@ -105,9 +113,7 @@ fn edge_tree(src: &Path) {
 #[test]
 fn mounted_tree_matches_source_and_is_read_only() {
     let w = World::new(&[]);
-    let src = w.path("src");
-    edge_tree(&src);
-    let r = w.push(&src, "edge:v1");
+    let (src, r) = w.push_edge_tree("edge:v1");
     let t = Instant::now();
     let m = w.mount(&r, "mnt", &[]);
     eprintln!("mounted in {:?}", t.elapsed());
@@ -363,9 +369,7 @@ fn walk_sizes(dir: &Path) -> u64 {
 #[test]
 fn remount_reads_everything_from_the_disk_cache() {
     let w = World::new(&[]);
-    let src = w.path("src");
-    edge_tree(&src);
-    let r = w.push(&src, "warm:v1");
+    let (src, r) = w.push_edge_tree("warm:v1");
     {
         let m = w.mount(&r, "mnt", &[]);
         assert_same_tree(&src, &m.dir);

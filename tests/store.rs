@@ -237,6 +237,20 @@ fn export(reference: &str, dir: &Path, extra: &[&str]) -> Value {
     thaw_json(&args)
 }
 
+/// Pushes a tree of one small file, `src/file`, as `name_tag`; returns `src`.
+fn push_one_small_file(tmp: &TempDir, server: &Server, name_tag: &str) -> PathBuf {
+    let src = tmp.path().join("src");
+    write(&src.join("file"), b"data");
+    push(&src, &server.reference(name_tag), &[]);
+    src
+}
+
+/// Exports `reference` into `out` and asserts it is the same tree as `source`.
+fn assert_exports_as(reference: &str, out: &Path, source: &Path) {
+    export(reference, out, &[]);
+    assert_same_tree(source, out);
+}
+
 fn num(v: &Value, key: &str) -> u64 {
     v[key]
         .as_u64()
@@ -519,9 +533,7 @@ fn unchanged_repush_uploads_nothing_and_one_changed_byte_uploads_one_chunk() {
     assert!(sent > 0 && sent <= MIB as u64 + 64, "{changed}");
     assert_eq!(stored_chunks(&server.store).0.len(), stored.len() + 1);
 
-    let out = tmp.path().join("out");
-    export(&server.reference("img:v3"), &out, &[]);
-    assert_same_tree(&src, &out);
+    assert_exports_as(&server.reference("img:v3"), &tmp.path().join("out"), &src);
 }
 
 #[test]
@@ -555,9 +567,7 @@ fn content_defined_chunking_round_trips_and_resyncs_after_an_insertion() {
         num(&first, "chunks") >= 10,
         "24 MiB should make many chunks: {first}"
     );
-    let out1 = tmp.path().join("out1");
-    export(&server.reference("model:v1"), &out1, &[]);
-    assert_same_tree(&v1, &out1);
+    assert_exports_as(&server.reference("model:v1"), &tmp.path().join("out1"), &v1);
 
     let second = push(&v2, &server.reference("model:v2"), &cdc);
     assert!(
@@ -566,9 +576,7 @@ fn content_defined_chunking_round_trips_and_resyncs_after_an_insertion() {
         num(&second, "chunks_uploaded"),
         num(&second, "chunks")
     );
-    let out2 = tmp.path().join("out2");
-    export(&server.reference("model:v2"), &out2, &[]);
-    assert_same_tree(&v2, &out2);
+    assert_exports_as(&server.reference("model:v2"), &tmp.path().join("out2"), &v2);
 
     // Fixed-size chunks (here 64 KiB, zstd level 1) round-trip too, but the
     // same insertion shifts every chunk after it.
@@ -579,9 +587,7 @@ fn content_defined_chunking_round_trips_and_resyncs_after_an_insertion() {
         num(&f2, "chunks_uploaded") * 10 >= num(&f2, "chunks") * 9,
         "{f2}"
     );
-    let out3 = tmp.path().join("out3");
-    export(&server.reference("model:f2"), &out3, &[]);
-    assert_same_tree(&v2, &out3);
+    assert_exports_as(&server.reference("model:f2"), &tmp.path().join("out3"), &v2);
 }
 
 // ---------------------------------------------------------------------------
@@ -716,9 +722,7 @@ fn manifest_with_missing_chunks_is_refused_with_409() {
     assert_eq!(chunk.status(), 201);
     let again = client.put(&manifest_url).body(manifest).send().unwrap();
     assert_eq!(again.status(), 201);
-    let out = tmp.path().join("out");
-    export(&server.reference("img:v1"), &out, &[]);
-    assert_same_tree(&src, &out);
+    assert_exports_as(&server.reference("img:v1"), &tmp.path().join("out"), &src);
 }
 
 // ---------------------------------------------------------------------------
@@ -735,14 +739,28 @@ fn two_versions(tmp: &Path) -> (PathBuf, PathBuf) {
     (v1, v2)
 }
 
-#[test]
-fn push_killed_half_way_keeps_the_old_tag_and_a_usable_store() {
+/// A server whose `img:latest` is v1 of [`two_versions`], and a push of v2
+/// under way that has stored a few chunks and is surely not done.
+struct PushUnderWay {
+    tmp: TempDir,
+    server: Server,
+    v1: PathBuf,
+    v2: PathBuf,
+    reference: String,
+    /// The report of v1's push.
+    first: Value,
+    /// Chunks stored before v2's push started.
+    before: usize,
+    /// `thaw push` of v2, one upload at a time.
+    child: Child,
+}
+
+fn push_under_way() -> PushUnderWay {
     let (tmp, server) = setup();
     let (v1, v2) = two_versions(tmp.path());
     let reference = server.reference("img:latest");
     let first = push(&v1, &reference, &[]);
     let before = stored_chunks(&server.store).0.len();
-
     // One upload at a time, so the push is surely still running after a few.
     let mut child = spawn_push(&v2, &reference, &["--concurrency", "1"]);
     let early = wait_for_chunks(&server.store, before + 3, &mut child);
@@ -750,54 +768,57 @@ fn push_killed_half_way_keeps_the_old_tag_and_a_usable_store() {
         early.is_none(),
         "the push ended ({early:?}) before it could be interrupted"
     );
-    child.kill().unwrap();
-    let status = child.wait().unwrap();
+    PushUnderWay {
+        tmp,
+        server,
+        v1,
+        v2,
+        reference,
+        first,
+        before,
+        child,
+    }
+}
+
+#[test]
+fn push_killed_half_way_keeps_the_old_tag_and_a_usable_store() {
+    let mut w = push_under_way();
+    w.child.kill().unwrap();
+    let status = w.child.wait().unwrap();
     assert!(!status.success(), "killed push reported success");
     std::thread::sleep(Duration::from_millis(300)); // requests in flight settle
 
     assert_eq!(
-        tag_of(&server, "img", "latest").as_deref(),
-        Some(text(&first, "manifest").as_str()),
+        tag_of(&w.server, "img", "latest").as_deref(),
+        Some(text(&w.first, "manifest").as_str()),
         "the tag moved to an image whose push never finished"
     );
-    let (ids, staging) = stored_chunks(&server.store);
+    let (ids, staging) = stored_chunks(&w.server.store);
     assert_eq!(staging, 0, "partial chunk files left in the store");
-    let salvaged = ids.len() - before;
+    let salvaged = ids.len() - w.before;
     assert!((3..96).contains(&salvaged), "{salvaged} chunks stored");
 
-    let out1 = tmp.path().join("out1");
-    export(&reference, &out1, &[]);
-    assert_same_tree(&v1, &out1);
+    assert_exports_as(&w.reference, &w.tmp.path().join("out1"), &w.v1);
 
     // A complete push reuses what the killed one uploaded.
-    let second = push(&v2, &reference, &[]);
+    let second = push(&w.v2, &w.reference, &[]);
     assert_eq!(
         num(&second, "chunks_uploaded") as usize,
         num(&second, "chunks") as usize - salvaged,
         "{second}"
     );
     assert_eq!(
-        tag_of(&server, "img", "latest"),
+        tag_of(&w.server, "img", "latest"),
         Some(text(&second, "manifest"))
     );
-    let out2 = tmp.path().join("out2");
-    export(&reference, &out2, &[]);
-    assert_same_tree(&v2, &out2);
+    assert_exports_as(&w.reference, &w.tmp.path().join("out2"), &w.v2);
 }
 
 #[test]
 fn server_killed_mid_push_fails_the_push_and_keeps_the_old_tag() {
-    let (tmp, mut server) = setup();
-    let (v1, v2) = two_versions(tmp.path());
-    let reference = server.reference("img:latest");
-    let first = push(&v1, &reference, &[]);
-    let before = stored_chunks(&server.store).0.len();
-
-    let mut child = spawn_push(&v2, &reference, &["--concurrency", "1"]);
-    let early = wait_for_chunks(&server.store, before + 3, &mut child);
-    assert!(early.is_none(), "the push ended ({early:?}) too soon");
-    server.kill();
-    let out = finish_within(child, Duration::from_secs(60), "push to a killed server");
+    let mut w = push_under_way();
+    w.server.kill();
+    let out = finish_within(w.child, Duration::from_secs(60), "push to a killed server");
     assert!(!out.status.success(), "push to a killed server succeeded");
     let err = stderr(&out);
     assert!(
@@ -805,20 +826,16 @@ fn server_killed_mid_push_fails_the_push_and_keeps_the_old_tag() {
         "unclear error: {err}"
     );
 
-    server.restart();
+    w.server.restart();
     assert_eq!(
-        tag_of(&server, "img", "latest"),
-        Some(text(&first, "manifest"))
+        tag_of(&w.server, "img", "latest"),
+        Some(text(&w.first, "manifest"))
     );
-    let out1 = tmp.path().join("out1");
-    export(&reference, &out1, &[]);
-    assert_same_tree(&v1, &out1);
-    let second = push(&v2, &reference, &[]);
+    assert_exports_as(&w.reference, &w.tmp.path().join("out1"), &w.v1);
+    let second = push(&w.v2, &w.reference, &[]);
     assert!(num(&second, "chunks_uploaded") < num(&second, "chunks"));
-    let out2 = tmp.path().join("out2");
-    export(&reference, &out2, &[]);
-    assert_same_tree(&v2, &out2);
-    stored_chunks(&server.store); // every stored chunk is whole
+    assert_exports_as(&w.reference, &w.tmp.path().join("out2"), &w.v2);
+    stored_chunks(&w.server.store); // every stored chunk is whole
 }
 
 #[test]
@@ -1039,9 +1056,7 @@ fn bad_input_gets_a_clear_error() {
 #[test]
 fn dead_server_gives_a_clear_error_not_a_hang() {
     let (tmp, mut server) = setup();
-    let src = tmp.path().join("src");
-    write(&src.join("file"), b"data");
-    push(&src, &server.reference("img:v1"), &[]);
+    let src = push_one_small_file(&tmp, &server, "img:v1");
     server.kill();
     let limit = Duration::from_secs(60);
     let out_dir = tmp.path().join("out");
@@ -1070,9 +1085,7 @@ fn dead_server_gives_a_clear_error_not_a_hang() {
 #[test]
 fn sigterm_stops_the_server_cleanly() {
     let (tmp, mut server) = setup();
-    let src = tmp.path().join("src");
-    write(&src.join("file"), b"data");
-    push(&src, &server.reference("img:v1"), &[]);
+    push_one_small_file(&tmp, &server, "img:v1");
     let status = server.terminate();
     assert!(
         status.success(),
@@ -1176,7 +1189,5 @@ fn file_capabilities_survive_export() {
         .collect();
     set_xattr(&src.join("ping"), "security.capability", &cap);
     push(&src, &server.reference("caps:v1"), &[]);
-    let out = tmp.path().join("out");
-    export(&server.reference("caps:v1"), &out, &[]);
-    assert_same_tree(&src, &out);
+    assert_exports_as(&server.reference("caps:v1"), &tmp.path().join("out"), &src);
 }

@@ -10,6 +10,7 @@
 
 use crate::startup::StartupReport;
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -66,20 +67,20 @@ pub fn startup(report: &StartupReport) -> Result<String> {
     Ok(svg)
 }
 
-fn draw(report: &StartupReport, svg: &mut String) -> Result<(), Box<dyn std::error::Error>> {
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
+fn draw(report: &StartupReport, svg: &mut String) -> DrawResult {
     let bars = bars(report);
     let finite = || {
         bars.iter()
             .map(|b| b.ratio)
             .filter(|r| r.is_finite() && *r > 0.0)
     };
+    // Room below local's 1.0x for its bar, and above the tallest for its labels.
     let lo = finite().fold(0.5f64, f64::min) / 1.5;
-    let hi = finite().fold(2.0f64, f64::max) * 4.0;
-    let names: Vec<&str> = report
-        .workloads
-        .iter()
-        .map(|w| w.workload.as_str())
-        .collect();
+    let hi = finite().fold(2.0f64, f64::max) * 3.0;
+    let groups = report.workloads.len().max(1) as f64;
     let root = SVGBackend::with_string(svg, (960, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let caption = format!(
@@ -89,9 +90,9 @@ fn draw(report: &StartupReport, svg: &mut String) -> Result<(), Box<dyn std::err
     let mut chart = ChartBuilder::on(&root)
         .caption(caption, ("sans-serif", 21))
         .margin(14)
-        .x_label_area_size(32)
+        .x_label_area_size(60)
         .y_label_area_size(64)
-        .build_cartesian_2d(0f64..names.len().max(1) as f64, (lo..hi).log_scale())?;
+        .build_cartesian_2d(0f64..groups, (lo..hi).log_scale())?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -101,48 +102,54 @@ fn draw(report: &StartupReport, svg: &mut String) -> Result<(), Box<dyn std::err
         .y_desc("time to ready, x local (log scale)")
         .y_label_formatter(&|y| format!("{y}x"))
         .draw()?;
+    chart.draw_series(bars.iter().map(|b| {
+        let top = b.ratio.max(lo);
+        Rectangle::new([(b.x.0, lo), (b.x.1, top)], color(b.mode).filled())
+    }))?;
+    label_bars(&mut chart, &bars, lo)?;
+    // Workload names under their groups, then the legend in one row below.
+    let (left, axis) = chart.backend_coord(&(0.0, lo));
+    let below = TextStyle::from(("sans-serif", 17)).pos(Pos::new(HPos::Center, VPos::Top));
+    for (g, w) in report.workloads.iter().enumerate() {
+        let (x, _) = chart.backend_coord(&(g as f64 + 0.5, lo));
+        root.draw(&Text::new(w.workload.clone(), (x, axis + 8), below.clone()))?;
+    }
+    legend(&root, &bars, (left, axis + 34))
+}
+
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, LogCoord<f64>>>;
+
+/// Above each bar its multiple of local, and above that its seconds.
+fn label_bars(chart: &mut Chart<'_, '_>, bars: &[Bar<'_>], lo: f64) -> DrawResult {
+    let above =
+        |size| TextStyle::from(("sans-serif", size)).pos(Pos::new(HPos::Center, VPos::Bottom));
+    chart.draw_series(bars.iter().map(|b| {
+        let at = ((b.x.0 + b.x.1) / 2.0, b.ratio.max(lo));
+        let seconds = above(13).color(&SECONDS_GREY);
+        EmptyElement::at(at)
+            + Text::new(format!("{:.1}x", b.ratio), (0, -2), above(15))
+            + Text::new(format!("{:.2}s", b.seconds), (0, -17), seconds)
+    }))?;
+    Ok(())
+}
+
+/// One swatch and name per mode that has a bar, left to right from `at`.
+fn legend(root: &Area<'_>, bars: &[Bar<'_>], at: (i32, i32)) -> DrawResult {
     let mut modes: Vec<&str> = Vec::new();
-    for b in &bars {
+    for b in bars {
         if !modes.contains(&b.mode) {
             modes.push(b.mode);
         }
     }
-    for mode in modes {
-        let c = color(mode);
-        let rects = bars
-            .iter()
-            .filter(|b| b.mode == mode)
-            .map(|b| Rectangle::new([(b.x.0, lo), (b.x.1, b.ratio.max(lo))], c.filled()));
-        chart
-            .draw_series(rects)?
-            .label(mode)
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+    let style = TextStyle::from(("sans-serif", 15)).pos(Pos::new(HPos::Left, VPos::Center));
+    for (i, mode) in modes.into_iter().enumerate() {
+        let (x, y) = (at.0 + 20 + 120 * i as i32, at.1);
+        root.draw(&Rectangle::new(
+            [(x, y - 6), (x + 12, y + 6)],
+            color(mode).filled(),
+        ))?;
+        root.draw(&Text::new(mode.to_string(), (x + 18, y), style.clone()))?;
     }
-    let above =
-        |size: u32| TextStyle::from(("sans-serif", size)).pos(Pos::new(HPos::Center, VPos::Bottom));
-    chart.draw_series(bars.iter().map(|b| {
-        let at = ((b.x.0 + b.x.1) / 2.0, b.ratio.max(lo));
-        EmptyElement::at(at)
-            + Text::new(format!("{:.1}x", b.ratio), (0, -2), above(15))
-            + Text::new(
-                format!("{:.2}s", b.seconds),
-                (0, -17),
-                above(13).color(&SECONDS_GREY),
-            )
-    }))?;
-    // Workload names under their groups (the x axis has no numbers to show).
-    let below = TextStyle::from(("sans-serif", 17)).pos(Pos::new(HPos::Center, VPos::Top));
-    for (g, name) in names.iter().enumerate() {
-        let (x, y) = chart.backend_coord(&(g as f64 + 0.5, lo));
-        root.draw(&Text::new(name.to_string(), (x, y + 8), below.clone()))?;
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 15))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK.mix(0.3))
-        .draw()?;
     root.present()?;
     Ok(())
 }
@@ -209,7 +216,7 @@ mod tests {
         assert!(min * 10.0 > max, "bar heights {heights:?}");
     }
 
-    /// Heights of the filled bars (the legend's swatches are 10 px high).
+    /// Heights of the filled bars (the legend's swatches are 12 px high).
     fn rect_heights(svg: &str) -> Vec<f64> {
         svg.split("<rect")
             .skip(1)
@@ -221,7 +228,7 @@ mod tests {
                     .next()?
                     .parse()
                     .ok()?;
-                (r.contains("fill=\"#") && h > 11.0 && h < 400.0).then_some(h)
+                (r.contains("fill=\"#") && h > 20.0 && h < 400.0).then_some(h)
             })
             .collect()
     }

@@ -9,7 +9,7 @@ use crate::startup::{ModeResult, Sample, Target};
 use crate::{sys, thaw};
 use anyhow::{bail, Context, Result};
 use http::StaticServer;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 use tokio::runtime::Runtime;
@@ -102,71 +102,115 @@ pub fn nydus(t: &Target, rt: &Runtime, work: &Path, runs: usize) -> Result<ModeR
         let why = "nydusd not installed (apt-get install cmake; cargo install nydus-rs --locked)";
         return Ok(ModeResult::skipped(MODE, why));
     }
-    let dir = work.join("nydus");
-    let (blobs, boot, mp, cache) = (
-        dir.join("blobs"),
-        dir.join("bootstrap"),
-        dir.join("mnt"),
-        dir.join("cache"),
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&blobs)?;
-    std::fs::create_dir_all(&mp)?;
+    let files = NydusFiles::new(&work.join("nydus"))?;
     eprintln!("thaw bench: nydus-image create");
-    let mut create = Command::new("nydus-image");
-    create
-        .arg("create")
-        .arg("--blob-dir")
-        .arg(&blobs)
-        .arg("--bootstrap")
-        .arg(&boot)
-        .args(["--compressor", "zstd", "--chunk-size", "0x100000"])
-        .args(["--log-level", "warn"])
-        .arg(&t.local);
-    if let Err(skipped) = build(MODE, &mut create) {
+    if let Err(skipped) = build(MODE, &mut files.create_command(&t.local)) {
         return Ok(skipped);
     }
-    std::fs::copy(&boot, blobs.join(BOOTSTRAP))?;
-    let registry = dir.join("registry");
-    registry_layout(&blobs, &registry)?;
-    let http = StaticServer::start(rt, &registry, t.link)?;
-    let config = dir.join("nydusd.json");
-    let backend = serde_json::json!({
-        "scheme": "http", "host": http.addr.to_string(), "repo": REPO,
-        "timeout": 30, "connect_timeout": 5, "retry_limit": 2
-    });
-    std::fs::write(&config, nydusd_config(backend, &cache))?;
-    let log = dir.join("nydusd.log");
+    std::fs::copy(&files.bootstrap, files.blobs.join(BOOTSTRAP))?;
+    registry_layout(&files.blobs, &files.registry)?;
+    let http = StaticServer::start(rt, &files.registry, t.link)?;
+    files.write_config(&http)?;
     let mut samples = Vec::new();
     for _ in 0..runs {
-        let _ = std::fs::remove_dir_all(&cache);
-        std::fs::create_dir_all(&cache)?;
-        let sample = cold_start(t, &mp, || {
-            let bytes = http.get(rt, &format!("/v2/{REPO}/blobs/sha256:{BOOTSTRAP}"))?;
-            std::fs::write(&boot, bytes)?;
-            Command::new("nydusd")
-                .arg("--config")
-                .arg(&config)
-                .arg("--mountpoint")
-                .arg(&mp)
-                .arg("--bootstrap")
-                .arg(&boot)
-                .args(["--log-level", "warn", "--rlimit-nofile", "0"])
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log)?)
-                .spawn()
-                .context("nydusd")
+        let _ = std::fs::remove_dir_all(&files.cache);
+        std::fs::create_dir_all(&files.cache)?;
+        let sample = cold_start(t, &files.mountpoint, || {
+            let bootstrap = http.get(rt, &format!("/v2/{REPO}/blobs/sha256:{BOOTSTRAP}"))?;
+            std::fs::write(&files.bootstrap, bootstrap)?;
+            files.start_nydusd()
         });
         match sample {
             Ok(s) => samples.push(s),
-            Err(e) => {
-                let log = std::fs::read_to_string(&log).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(10).collect();
-                bail!("nydus run failed: {e:#}\n{}", tail.join("\n"));
-            }
+            Err(e) => bail!("nydus run failed: {e:#}\n{}", files.log_tail()),
         }
     }
     Ok(ModeResult::from_samples(MODE, samples))
+}
+
+/// Where the nydus peer keeps its image, its mount and its logs.
+struct NydusFiles {
+    blobs: PathBuf,
+    bootstrap: PathBuf,
+    registry: PathBuf,
+    mountpoint: PathBuf,
+    cache: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl NydusFiles {
+    /// Empties `dir` and lays out the files of a run in it.
+    fn new(dir: &Path) -> Result<NydusFiles> {
+        let _ = std::fs::remove_dir_all(dir);
+        let files = NydusFiles {
+            blobs: dir.join("blobs"),
+            bootstrap: dir.join("bootstrap"),
+            registry: dir.join("registry"),
+            mountpoint: dir.join("mnt"),
+            cache: dir.join("cache"),
+            config: dir.join("nydusd.json"),
+            log: dir.join("nydusd.log"),
+        };
+        std::fs::create_dir_all(&files.blobs)?;
+        std::fs::create_dir_all(&files.mountpoint)?;
+        Ok(files)
+    }
+
+    /// `nydus-image create` of `tree`: zstd, 1 MiB chunks, as thaw's defaults.
+    fn create_command(&self, tree: &Path) -> Command {
+        let mut create = Command::new("nydus-image");
+        create
+            .arg("create")
+            .arg("--blob-dir")
+            .arg(&self.blobs)
+            .arg("--bootstrap")
+            .arg(&self.bootstrap)
+            .args(["--compressor", "zstd", "--chunk-size", "0x100000"])
+            .args(["--log-level", "warn"])
+            .arg(tree);
+        create
+    }
+
+    /// nydusd's configuration: the registry backend at `http`, a blob cache,
+    /// no prefetch (thaw prefetches nothing at mount either).
+    fn write_config(&self, http: &StaticServer) -> Result<()> {
+        let config = serde_json::json!({
+            "device": {
+                "backend": {"type": "registry", "config": {
+                    "scheme": "http", "host": http.addr.to_string(), "repo": REPO,
+                    "timeout": 30, "connect_timeout": 5, "retry_limit": 2
+                }},
+                "cache": {"type": "blobcache", "config": {"work_dir": self.cache}}
+            },
+            "mode": "direct", "digest_validate": false, "iostats_files": false,
+            "enable_xattr": true, "fs_prefetch": {"enable": false}
+        });
+        std::fs::write(&self.config, serde_json::to_vec_pretty(&config)?)?;
+        Ok(())
+    }
+
+    fn start_nydusd(&self) -> Result<Child> {
+        Command::new("nydusd")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--mountpoint")
+            .arg(&self.mountpoint)
+            .arg("--bootstrap")
+            .arg(&self.bootstrap)
+            .args(["--log-level", "warn", "--rlimit-nofile", "0"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&self.log)?)
+            .spawn()
+            .context("cannot start nydusd")
+    }
+
+    /// The last ten lines of nydusd's log.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
 }
 
 /// Links every blob under `registry` where a registry serves it.
@@ -181,16 +225,37 @@ fn registry_layout(blobs: &Path, registry: &Path) -> Result<()> {
     Ok(())
 }
 
-/// nydusd's configuration: the registry backend, a blob cache in `cache`, no
-/// prefetch (thaw prefetches nothing at mount either).
-fn nydusd_config(backend: serde_json::Value, cache: &Path) -> Vec<u8> {
-    let config = serde_json::json!({
-        "device": {
-            "backend": {"type": "registry", "config": backend},
-            "cache": {"type": "blobcache", "config": {"work_dir": cache.display().to_string()}}
-        },
-        "mode": "direct", "digest_validate": false, "iostats_files": false, "enable_xattr": true,
-        "fs_prefetch": {"enable": false}
-    });
-    serde_json::to_vec_pretty(&config).expect("JSON values serialize")
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What nydusd's registry backend asks for: a blob by digest, in ranges.
+    #[test]
+    fn registry_route_serves_blob_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let (blobs, registry) = (dir.path().join("blobs"), dir.path().join("registry"));
+        std::fs::create_dir_all(&blobs).unwrap();
+        let blob: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        std::fs::write(blobs.join(BOOTSTRAP), &blob).unwrap();
+        registry_layout(&blobs, &registry).unwrap();
+        let rt = Runtime::new().unwrap();
+        let http = StaticServer::start(&rt, &registry, None).unwrap();
+        let path = format!("/v2/{REPO}/blobs/sha256:{BOOTSTRAP}");
+        assert_eq!(http.get(&rt, &path).unwrap(), blob);
+        let url = format!("http://{}{path}", http.addr);
+        let resp = rt.block_on(async {
+            let client = reqwest::Client::new();
+            let resp = client
+                .get(&url)
+                .header("range", "bytes=1000-1999")
+                .send()
+                .await?;
+            Ok::<_, reqwest::Error>((resp.status().as_u16(), resp.bytes().await?))
+        });
+        let (status, body) = resp.unwrap();
+        assert_eq!((status, &body[..]), (206, &blob[1000..2000]));
+        assert!(http
+            .get(&rt, &format!("/v2/{REPO}/blobs/sha256:0000"))
+            .is_err());
+    }
 }
