@@ -2,9 +2,7 @@
 //! and the startup reads find the bytes they expect (the reader checks each
 //! read's BLAKE3, so a mismatch fails the run). Timing is not asserted.
 
-mod common;
-
-use common::thaw_ok;
+use thaw_testkit::thaw_ok;
 
 #[test]
 fn bench_runs_every_mode_on_every_workload() {

@@ -3,154 +3,30 @@
 //! raw HTTP where a test must send what the client never would.
 //!
 //! Every test has its own directory and its own server. Trees are compared by
-//! walking both without following symlinks: type, mode, owner, link count,
-//! size, mtime in ns, device numbers, symlink target, content digest, xattrs,
-//! and which names share an inode.
+//! walking both without following symlinks (`thaw_testkit::compare`): type,
+//! mode, owner, link count, size, mtime in ns, device numbers, symlink target,
+//! content digest, xattrs, and which names share an inode.
 
-mod common;
-
-use common::{thaw, thaw_bin, thaw_json, Server};
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::{CString, OsStr};
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{symlink, FileExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
+use thaw_testkit::tree::{chmod, is_root, mknod, set_mtime_ns, set_xattr, write};
+use thaw_testkit::{assert_same_tree, noise, thaw, thaw_bin, thaw_json, Server};
 
 const MIB: usize = 1 << 20;
 
 // ---------------------------------------------------------------------------
 // Building trees
-
-/// `len` incompressible bytes, the same for the same seed (BLAKE3's output
-/// stream: fast even in a debug build).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0; len];
-    blake3::Hasher::new()
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut out);
-    out
-}
-
-fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("no NUL in test paths")
-}
-
-fn errno() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
-
-/// Sets an xattr on `p` itself (a symlink is not followed).
-fn set_xattr(p: &Path, name: &str, value: &[u8]) {
-    let (c, n) = (cpath(p), CString::new(name).unwrap());
-    // SAFETY: both strings are NUL-terminated and outlive the call; `value`
-    // is readable for `value.len()` bytes.
-    let rc = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(rc, 0, "setxattr {name} on {}: {}", p.display(), errno());
-}
-
-/// Every xattr of `p` itself, sorted by name.
-fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let c = cpath(p);
-    // SAFETY: a null buffer of size 0 asks for the size of the name list.
-    let len = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
-    if len <= 0 {
-        return Vec::new(); // none, or no xattr support for this kind of file
-    }
-    let mut names = vec![0u8; len as usize];
-    // SAFETY: `names` is writable for `names.len()` bytes.
-    let len = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    assert!(len >= 0, "listxattr {}: {}", p.display(), errno());
-    names.truncate(len as usize);
-    let mut out = Vec::new();
-    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let n = CString::new(name).unwrap();
-        // SAFETY: a null buffer of size 0 asks for the size of the value.
-        let len = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
-        assert!(len >= 0, "getxattr {}: {}", p.display(), errno());
-        let mut value = vec![0u8; len as usize];
-        // SAFETY: `value` is writable for `value.len()` bytes.
-        let len = unsafe {
-            libc::lgetxattr(
-                c.as_ptr(),
-                n.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            )
-        };
-        assert!(len >= 0, "getxattr {}: {}", p.display(), errno());
-        value.truncate(len as usize);
-        out.push((name.to_vec(), value));
-    }
-    out.sort();
-    out
-}
-
-/// Sets the mtime of `p` itself to `ns` nanoseconds since the epoch.
-fn set_mtime_ns(p: &Path, ns: i64) {
-    let times = [
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        libc::timespec {
-            tv_sec: ns.div_euclid(1_000_000_000),
-            tv_nsec: ns.rem_euclid(1_000_000_000),
-        },
-    ];
-    let c = cpath(p);
-    // SAFETY: `c` is a valid path and `times` holds the two timespecs utimensat reads.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    assert_eq!(rc, 0, "utimensat {}: {}", p.display(), errno());
-}
-
-fn mknod(p: &Path, mode: u32, dev: libc::dev_t) -> std::io::Result<()> {
-    let c = cpath(p);
-    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-    match unsafe { libc::mknod(c.as_ptr(), mode as libc::mode_t, dev) } {
-        0 => Ok(()),
-        _ => Err(errno()),
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn chmod(p: &Path, mode: u32) {
-    fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
-}
-
-fn write(p: &Path, data: &[u8]) {
-    if let Some(parent) = p.parent() {
-        fs::create_dir_all(parent).unwrap();
-    }
-    fs::write(p, data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
-}
 
 /// A tree with every kind of entry and edge case push and export must keep.
 fn build_edge_tree(root: &Path) {
@@ -336,142 +212,6 @@ fn build_edge_tree(root: &Path) {
 }
 
 // ---------------------------------------------------------------------------
-// Comparing trees
-
-/// Bytes shown as escaped ASCII in failure messages.
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
-struct Bytes(Vec<u8>);
-
-impl std::fmt::Debug for Bytes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "\"{}\"", self.0.escape_ascii())
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-struct Entry {
-    kind: &'static str,
-    /// In octal.
-    mode: String,
-    uid: u32,
-    gid: u32,
-    nlink: u64,
-    /// Not compared for directories (a filesystem detail).
-    size: Option<u64>,
-    mtime_ns: i128,
-    rdev: u64,
-    target: Option<Bytes>,
-    blake3: Option<String>,
-    xattrs: Vec<(Bytes, Bytes)>,
-}
-
-struct Snapshot {
-    entries: BTreeMap<Vec<u8>, Entry>,
-    /// Names that share an inode, for inodes with more than one name.
-    links: BTreeSet<Vec<Vec<u8>>>,
-}
-
-fn hash_file(p: &Path) -> String {
-    let mut h = blake3::Hasher::new();
-    h.update_reader(File::open(p).unwrap()).unwrap();
-    h.finalize().to_hex().to_string()
-}
-
-fn snapshot(root: &Path) -> Snapshot {
-    let mut s = Snapshot {
-        entries: BTreeMap::new(),
-        links: BTreeSet::new(),
-    };
-    let mut inodes: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
-    let mut todo = vec![(root.to_path_buf(), b".".to_vec())];
-    while let Some((path, rel)) = todo.pop() {
-        let md = fs::symlink_metadata(&path).unwrap();
-        let ft = md.file_type();
-        let kind = if ft.is_dir() {
-            "dir"
-        } else if ft.is_file() {
-            "file"
-        } else if ft.is_symlink() {
-            "symlink"
-        } else if ft.is_fifo() {
-            "fifo"
-        } else if ft.is_socket() {
-            "socket"
-        } else if ft.is_char_device() {
-            "char"
-        } else {
-            "block"
-        };
-        if ft.is_dir() {
-            for child in fs::read_dir(&path).unwrap() {
-                let name = child.unwrap().file_name();
-                let mut r = rel.clone();
-                r.push(b'/');
-                r.extend_from_slice(name.as_bytes());
-                todo.push((path.join(&name), r));
-            }
-        }
-        if md.nlink() > 1 && !ft.is_dir() {
-            inodes.entry(md.ino()).or_default().push(rel.clone());
-        }
-        let entry = Entry {
-            kind,
-            mode: format!("{:o}", md.mode()),
-            uid: md.uid(),
-            gid: md.gid(),
-            nlink: md.nlink(),
-            size: (!ft.is_dir()).then(|| md.size()),
-            mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
-            rdev: md.rdev(),
-            target: ft
-                .is_symlink()
-                .then(|| Bytes(fs::read_link(&path).unwrap().into_os_string().into_vec())),
-            blake3: ft.is_file().then(|| hash_file(&path)),
-            xattrs: xattrs(&path)
-                .into_iter()
-                .map(|(n, v)| (Bytes(n), Bytes(v)))
-                .collect(),
-        };
-        s.entries.insert(rel, entry);
-    }
-    for (_, mut names) in inodes {
-        names.sort();
-        s.links.insert(names);
-    }
-    s
-}
-
-/// Asserts that two trees are the same in everything push records; returns
-/// the number of entries.
-fn assert_same_tree(source: &Path, exported: &Path) -> usize {
-    let (a, b) = (snapshot(source), snapshot(exported));
-    let keys: BTreeSet<&Vec<u8>> = a.entries.keys().chain(b.entries.keys()).collect();
-    let diffs: Vec<String> = keys
-        .into_iter()
-        .filter(|k| a.entries.get(*k) != b.entries.get(*k))
-        .map(|k| {
-            format!(
-                "{:?}\n  source:   {:?}\n  exported: {:?}",
-                String::from_utf8_lossy(k),
-                a.entries.get(k),
-                b.entries.get(k)
-            )
-        })
-        .collect();
-    assert!(
-        diffs.is_empty(),
-        "{} of {} entries differ between {} and {} (first 10):\n{}",
-        diffs.len(),
-        a.entries.len(),
-        source.display(),
-        exported.display(),
-        diffs[..diffs.len().min(10)].join("\n")
-    );
-    assert_eq!(a.links, b.links, "hardlink groups differ");
-    a.entries.len()
-}
-
-// ---------------------------------------------------------------------------
 // Running thaw and talking to the server
 
 fn s(p: &Path) -> &str {
@@ -495,6 +235,20 @@ fn export(reference: &str, dir: &Path, extra: &[&str]) -> Value {
     let mut args = vec!["export", reference, s(dir)];
     args.extend_from_slice(extra);
     thaw_json(&args)
+}
+
+/// Pushes a tree of one small file, `src/file`, as `name_tag`; returns `src`.
+fn push_one_small_file(tmp: &TempDir, server: &Server, name_tag: &str) -> PathBuf {
+    let src = tmp.path().join("src");
+    write(&src.join("file"), b"data");
+    push(&src, &server.reference(name_tag), &[]);
+    src
+}
+
+/// Exports `reference` into `out` and asserts it is the same tree as `source`.
+fn assert_exports_as(reference: &str, out: &Path, source: &Path) {
+    export(reference, out, &[]);
+    assert_same_tree(source, out);
 }
 
 fn num(v: &Value, key: &str) -> u64 {
@@ -779,9 +533,7 @@ fn unchanged_repush_uploads_nothing_and_one_changed_byte_uploads_one_chunk() {
     assert!(sent > 0 && sent <= MIB as u64 + 64, "{changed}");
     assert_eq!(stored_chunks(&server.store).0.len(), stored.len() + 1);
 
-    let out = tmp.path().join("out");
-    export(&server.reference("img:v3"), &out, &[]);
-    assert_same_tree(&src, &out);
+    assert_exports_as(&server.reference("img:v3"), &tmp.path().join("out"), &src);
 }
 
 #[test]
@@ -815,9 +567,7 @@ fn content_defined_chunking_round_trips_and_resyncs_after_an_insertion() {
         num(&first, "chunks") >= 10,
         "24 MiB should make many chunks: {first}"
     );
-    let out1 = tmp.path().join("out1");
-    export(&server.reference("model:v1"), &out1, &[]);
-    assert_same_tree(&v1, &out1);
+    assert_exports_as(&server.reference("model:v1"), &tmp.path().join("out1"), &v1);
 
     let second = push(&v2, &server.reference("model:v2"), &cdc);
     assert!(
@@ -826,9 +576,7 @@ fn content_defined_chunking_round_trips_and_resyncs_after_an_insertion() {
         num(&second, "chunks_uploaded"),
         num(&second, "chunks")
     );
-    let out2 = tmp.path().join("out2");
-    export(&server.reference("model:v2"), &out2, &[]);
-    assert_same_tree(&v2, &out2);
+    assert_exports_as(&server.reference("model:v2"), &tmp.path().join("out2"), &v2);
 
     // Fixed-size chunks (here 64 KiB, zstd level 1) round-trip too, but the
     // same insertion shifts every chunk after it.
@@ -839,9 +587,7 @@ fn content_defined_chunking_round_trips_and_resyncs_after_an_insertion() {
         num(&f2, "chunks_uploaded") * 10 >= num(&f2, "chunks") * 9,
         "{f2}"
     );
-    let out3 = tmp.path().join("out3");
-    export(&server.reference("model:f2"), &out3, &[]);
-    assert_same_tree(&v2, &out3);
+    assert_exports_as(&server.reference("model:f2"), &tmp.path().join("out3"), &v2);
 }
 
 // ---------------------------------------------------------------------------
@@ -976,9 +722,7 @@ fn manifest_with_missing_chunks_is_refused_with_409() {
     assert_eq!(chunk.status(), 201);
     let again = client.put(&manifest_url).body(manifest).send().unwrap();
     assert_eq!(again.status(), 201);
-    let out = tmp.path().join("out");
-    export(&server.reference("img:v1"), &out, &[]);
-    assert_same_tree(&src, &out);
+    assert_exports_as(&server.reference("img:v1"), &tmp.path().join("out"), &src);
 }
 
 // ---------------------------------------------------------------------------
@@ -995,14 +739,28 @@ fn two_versions(tmp: &Path) -> (PathBuf, PathBuf) {
     (v1, v2)
 }
 
-#[test]
-fn push_killed_half_way_keeps_the_old_tag_and_a_usable_store() {
+/// A server whose `img:latest` is v1 of [`two_versions`], and a push of v2
+/// under way that has stored a few chunks and is surely not done.
+struct PushUnderWay {
+    tmp: TempDir,
+    server: Server,
+    v1: PathBuf,
+    v2: PathBuf,
+    reference: String,
+    /// The report of v1's push.
+    first: Value,
+    /// Chunks stored before v2's push started.
+    before: usize,
+    /// `thaw push` of v2, one upload at a time.
+    child: Child,
+}
+
+fn push_under_way() -> PushUnderWay {
     let (tmp, server) = setup();
     let (v1, v2) = two_versions(tmp.path());
     let reference = server.reference("img:latest");
     let first = push(&v1, &reference, &[]);
     let before = stored_chunks(&server.store).0.len();
-
     // One upload at a time, so the push is surely still running after a few.
     let mut child = spawn_push(&v2, &reference, &["--concurrency", "1"]);
     let early = wait_for_chunks(&server.store, before + 3, &mut child);
@@ -1010,54 +768,57 @@ fn push_killed_half_way_keeps_the_old_tag_and_a_usable_store() {
         early.is_none(),
         "the push ended ({early:?}) before it could be interrupted"
     );
-    child.kill().unwrap();
-    let status = child.wait().unwrap();
+    PushUnderWay {
+        tmp,
+        server,
+        v1,
+        v2,
+        reference,
+        first,
+        before,
+        child,
+    }
+}
+
+#[test]
+fn push_killed_half_way_keeps_the_old_tag_and_a_usable_store() {
+    let mut w = push_under_way();
+    w.child.kill().unwrap();
+    let status = w.child.wait().unwrap();
     assert!(!status.success(), "killed push reported success");
     std::thread::sleep(Duration::from_millis(300)); // requests in flight settle
 
     assert_eq!(
-        tag_of(&server, "img", "latest").as_deref(),
-        Some(text(&first, "manifest").as_str()),
+        tag_of(&w.server, "img", "latest").as_deref(),
+        Some(text(&w.first, "manifest").as_str()),
         "the tag moved to an image whose push never finished"
     );
-    let (ids, staging) = stored_chunks(&server.store);
+    let (ids, staging) = stored_chunks(&w.server.store);
     assert_eq!(staging, 0, "partial chunk files left in the store");
-    let salvaged = ids.len() - before;
+    let salvaged = ids.len() - w.before;
     assert!((3..96).contains(&salvaged), "{salvaged} chunks stored");
 
-    let out1 = tmp.path().join("out1");
-    export(&reference, &out1, &[]);
-    assert_same_tree(&v1, &out1);
+    assert_exports_as(&w.reference, &w.tmp.path().join("out1"), &w.v1);
 
     // A complete push reuses what the killed one uploaded.
-    let second = push(&v2, &reference, &[]);
+    let second = push(&w.v2, &w.reference, &[]);
     assert_eq!(
         num(&second, "chunks_uploaded") as usize,
         num(&second, "chunks") as usize - salvaged,
         "{second}"
     );
     assert_eq!(
-        tag_of(&server, "img", "latest"),
+        tag_of(&w.server, "img", "latest"),
         Some(text(&second, "manifest"))
     );
-    let out2 = tmp.path().join("out2");
-    export(&reference, &out2, &[]);
-    assert_same_tree(&v2, &out2);
+    assert_exports_as(&w.reference, &w.tmp.path().join("out2"), &w.v2);
 }
 
 #[test]
 fn server_killed_mid_push_fails_the_push_and_keeps_the_old_tag() {
-    let (tmp, mut server) = setup();
-    let (v1, v2) = two_versions(tmp.path());
-    let reference = server.reference("img:latest");
-    let first = push(&v1, &reference, &[]);
-    let before = stored_chunks(&server.store).0.len();
-
-    let mut child = spawn_push(&v2, &reference, &["--concurrency", "1"]);
-    let early = wait_for_chunks(&server.store, before + 3, &mut child);
-    assert!(early.is_none(), "the push ended ({early:?}) too soon");
-    server.kill();
-    let out = finish_within(child, Duration::from_secs(60), "push to a killed server");
+    let mut w = push_under_way();
+    w.server.kill();
+    let out = finish_within(w.child, Duration::from_secs(60), "push to a killed server");
     assert!(!out.status.success(), "push to a killed server succeeded");
     let err = stderr(&out);
     assert!(
@@ -1065,20 +826,16 @@ fn server_killed_mid_push_fails_the_push_and_keeps_the_old_tag() {
         "unclear error: {err}"
     );
 
-    server.restart();
+    w.server.restart();
     assert_eq!(
-        tag_of(&server, "img", "latest"),
-        Some(text(&first, "manifest"))
+        tag_of(&w.server, "img", "latest"),
+        Some(text(&w.first, "manifest"))
     );
-    let out1 = tmp.path().join("out1");
-    export(&reference, &out1, &[]);
-    assert_same_tree(&v1, &out1);
-    let second = push(&v2, &reference, &[]);
+    assert_exports_as(&w.reference, &w.tmp.path().join("out1"), &w.v1);
+    let second = push(&w.v2, &w.reference, &[]);
     assert!(num(&second, "chunks_uploaded") < num(&second, "chunks"));
-    let out2 = tmp.path().join("out2");
-    export(&reference, &out2, &[]);
-    assert_same_tree(&v2, &out2);
-    stored_chunks(&server.store); // every stored chunk is whole
+    assert_exports_as(&w.reference, &w.tmp.path().join("out2"), &w.v2);
+    stored_chunks(&w.server.store); // every stored chunk is whole
 }
 
 #[test]
@@ -1299,9 +1056,7 @@ fn bad_input_gets_a_clear_error() {
 #[test]
 fn dead_server_gives_a_clear_error_not_a_hang() {
     let (tmp, mut server) = setup();
-    let src = tmp.path().join("src");
-    write(&src.join("file"), b"data");
-    push(&src, &server.reference("img:v1"), &[]);
+    let src = push_one_small_file(&tmp, &server, "img:v1");
     server.kill();
     let limit = Duration::from_secs(60);
     let out_dir = tmp.path().join("out");
@@ -1330,9 +1085,7 @@ fn dead_server_gives_a_clear_error_not_a_hang() {
 #[test]
 fn sigterm_stops_the_server_cleanly() {
     let (tmp, mut server) = setup();
-    let src = tmp.path().join("src");
-    write(&src.join("file"), b"data");
-    push(&src, &server.reference("img:v1"), &[]);
+    push_one_small_file(&tmp, &server, "img:v1");
     let status = server.terminate();
     assert!(
         status.success(),
@@ -1436,7 +1189,5 @@ fn file_capabilities_survive_export() {
         .collect();
     set_xattr(&src.join("ping"), "security.capability", &cap);
     push(&src, &server.reference("caps:v1"), &[]);
-    let out = tmp.path().join("out");
-    export(&server.reference("caps:v1"), &out, &[]);
-    assert_same_tree(&src, &out);
+    assert_exports_as(&server.reference("caps:v1"), &tmp.path().join("out"), &src);
 }

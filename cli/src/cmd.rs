@@ -37,12 +37,9 @@ pub enum Command {
     /// Show an image's counters (by mountpoint): chunks and bytes fetched, cache hits, fetch latency.
     Stats(StatsArgs),
     /// Serve, push, mount and read a generated image, with no setup, and report.
-    Demo(crate::demo::DemoArgs),
+    Demo(crate::bench::DemoArgs),
     /// Measure cold starts: full pull, lazy cold, lazy warm, local and peers.
     Bench(crate::bench::BenchArgs),
-    /// Run a built-in workload's startup reads against ROOT (used by `thaw bench`).
-    #[command(hide = true)]
-    BenchRead { plan: PathBuf, root: PathBuf },
 }
 
 #[derive(Args)]
@@ -220,15 +217,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Mount(_) => unreachable!("handled above"),
         Command::Umount(a) => umount(a),
         Command::Stats(a) => stats(a),
-        Command::Demo(a) => crate::demo::run(a, rt),
-        Command::Bench(a) => crate::bench::run(a, rt),
-        Command::BenchRead { plan, root } => {
-            let plan: crate::bench::workload::Plan =
-                serde_json::from_slice(&std::fs::read(&plan)?)?;
-            let n = crate::bench::workload::execute(&root, &plan)?;
-            println!("{n}");
-            Ok(())
-        }
+        Command::Demo(a) => crate::bench::demo(a),
+        Command::Bench(a) => crate::bench::run(a),
     }
 }
 

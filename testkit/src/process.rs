@@ -1,18 +1,58 @@
-//! Shared helpers for the integration tests: a real `thaw serve` process on
-//! port 0 over a temporary `file://` store, and running the `thaw` binary.
-#![allow(dead_code)]
+//! The `thaw` binary as a process: run it, and run a real `thaw serve` child.
+//!
+//! The binary is the one cargo built beside the running test or bench
+//! (`target/<profile>/thaw`, the parent of the test's `deps/`), or `$THAW_BIN`.
+//! A server binds port 0 and tells its port on its first line of output, so
+//! tests run in parallel without picking ports.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `thaw` binary under test.
+/// The `thaw` binary under test: `$THAW_BIN`, or the one beside this test's `deps/`.
 pub fn thaw_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_thaw"))
+    if let Some(bin) = std::env::var_os("THAW_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("the running test's path");
+    let dir = exe.parent().expect("a test binary lives in a directory");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("deps/ has a parent")
+    } else {
+        dir
+    };
+    dir.join("thaw")
 }
 
-/// A `thaw serve` child process; killed on drop.
+/// Runs `thaw ARGS` and returns its output.
+pub fn thaw(args: &[&str]) -> Output {
+    Command::new(thaw_bin())
+        .args(args)
+        .output()
+        .expect("run thaw")
+}
+
+/// Runs `thaw ARGS`, asserts success, and returns stdout.
+pub fn thaw_ok(args: &[&str]) -> String {
+    let out = thaw(args);
+    assert!(
+        out.status.success(),
+        "thaw {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).expect("thaw prints UTF-8")
+}
+
+/// Runs `thaw ARGS --json` and parses the JSON it prints.
+pub fn thaw_json(args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    serde_json::from_str(&thaw_ok(&a)).expect("thaw printed JSON")
+}
+
+/// A `thaw serve` child process over a `file://` store; killed on drop.
 pub struct Server {
     child: Option<Child>,
     pub port: u16,
@@ -21,6 +61,10 @@ pub struct Server {
 }
 
 impl Server {
+    pub fn start(store: &Path) -> Server {
+        Server::start_with(store, &[])
+    }
+
     /// Starts a server over `store` (a directory) with extra `thaw serve` arguments.
     pub fn start_with(store: &Path, extra: &[&str]) -> Server {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -31,10 +75,6 @@ impl Server {
             store: store.to_path_buf(),
             extra,
         }
-    }
-
-    pub fn start(store: &Path) -> Server {
-        Server::start_with(store, &[])
     }
 
     /// `127.0.0.1:PORT`
@@ -65,14 +105,10 @@ impl Server {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let (child, _) = spawn(
-                &self.store,
-                &format!("127.0.0.1:{}", self.port),
-                &self.extra,
-            );
-            let mut child = child;
+            let listen = format!("127.0.0.1:{}", self.port);
+            let (mut child, _) = spawn(&self.store, &listen, &self.extra);
             std::thread::sleep(Duration::from_millis(100));
-            if child.try_wait().unwrap().is_none() {
+            if child.try_wait().expect("poll thaw serve").is_none() {
                 self.child = Some(child);
                 return;
             }
@@ -87,9 +123,8 @@ impl Server {
     /// The value of a Prometheus counter at `/metrics` (summed over labels).
     pub fn metric(&self, name: &str) -> f64 {
         let body = reqwest::blocking::get(format!("{}/metrics", self.url()))
-            .unwrap()
-            .text()
-            .unwrap();
+            .and_then(|r| r.text())
+            .expect("GET /metrics");
         body.lines()
             .filter(|l| !l.starts_with('#'))
             .filter(|l| l.split(['{', ' ']).next() == Some(name))
@@ -102,7 +137,7 @@ impl Server {
         let mut c = self.child.take().expect("server running");
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        c.wait().unwrap()
+        c.wait().expect("wait for thaw serve")
     }
 }
 
@@ -112,6 +147,7 @@ impl Drop for Server {
     }
 }
 
+/// Starts `thaw serve` and reads the port from its first line.
 fn spawn(store: &Path, listen: &str, extra: &[String]) -> (Child, u16) {
     let mut child = Command::new(thaw_bin())
         .args(["serve", "--listen", listen, "--store"])
@@ -120,10 +156,12 @@ fn spawn(store: &Path, listen: &str, extra: &[String]) -> (Child, u16) {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn thaw serve");
-    let stdout = child.stdout.take().unwrap();
+        .unwrap_or_else(|e| panic!("spawn {} serve: {e}", thaw_bin().display()));
+    let stdout = child.stdout.take().expect("piped stdout");
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the first line of thaw serve");
     let port = line
         .split("listening on ")
         .nth(1)
@@ -132,45 +170,4 @@ fn spawn(store: &Path, listen: &str, extra: &[String]) -> (Child, u16) {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("unexpected first line from thaw serve: {line:?}"));
     (child, port)
-}
-
-/// Runs `thaw ARGS` and returns its output.
-pub fn thaw(args: &[&str]) -> Output {
-    Command::new(thaw_bin())
-        .args(args)
-        .output()
-        .expect("run thaw")
-}
-
-/// Runs `thaw ARGS`, asserts success, and returns stdout.
-pub fn thaw_ok(args: &[&str]) -> String {
-    let out = thaw(args);
-    assert!(
-        out.status.success(),
-        "thaw {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs `thaw ARGS --json` and parses the JSON it prints.
-pub fn thaw_json(args: &[&str]) -> serde_json::Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    serde_json::from_str(&thaw_ok(&a)).expect("thaw printed JSON")
-}
-
-/// Deterministic pseudo-random bytes (xorshift), incompressible.
-pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }

@@ -2,8 +2,10 @@
 //! loopback TCP bandwidth, zstd decompression, BLAKE3, and sequential reads
 //! through a local FUSE filesystem (squashfuse over a squashfs of the same data).
 
+use crate::link::{self, Link};
+use crate::{sys, thaw};
 use anyhow::{bail, Context, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,7 +21,7 @@ pub struct Ceilings {
 
 /// One TCP stream of `bytes` into a sink on loopback, optionally through a
 /// shaped link, timed until the sink has everything.
-pub async fn tcp_bandwidth(link: Option<super::proxy::Link>, bytes: usize) -> Result<f64> {
+pub async fn tcp_bandwidth(link: Option<Link>, bytes: usize) -> Result<f64> {
     let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sink_addr = sink.local_addr()?;
     let reader = tokio::spawn(async move {
@@ -36,10 +38,7 @@ pub async fn tcp_bandwidth(link: Option<super::proxy::Link>, bytes: usize) -> Re
         s.write_all(b"k").await?;
         Ok::<_, std::io::Error>(total)
     });
-    let target = match link {
-        Some(link) => super::proxy::start(sink_addr, link).await?,
-        None => sink_addr,
-    };
+    let target = link::through(link, sink_addr).await?;
     let t = Instant::now();
     let mut c = tokio::net::TcpStream::connect(target).await?;
     let buf = vec![0x5au8; 1 << 20];
@@ -60,7 +59,7 @@ pub async fn tcp_bandwidth(link: Option<super::proxy::Link>, bytes: usize) -> Re
 }
 
 /// Measures every ceiling. `sample` is representative data for zstd and BLAKE3.
-pub async fn measure(sample: &[u8], link: Option<super::proxy::Link>) -> Result<Ceilings> {
+pub async fn measure(sample: &[u8], link: Option<Link>) -> Result<Ceilings> {
     let loopback = tcp_bandwidth(None, 1 << 30).await?;
     let link_bw = match link {
         Some(l) => {
@@ -97,7 +96,7 @@ pub async fn measure(sample: &[u8], link: Option<super::proxy::Link>) -> Result<
 
 /// A squashfs of `dir` mounted with squashfuse: the local-FUSE ceiling.
 pub struct Squash {
-    pub mountpoint: std::path::PathBuf,
+    pub mountpoint: PathBuf,
 }
 
 impl Squash {
@@ -109,15 +108,7 @@ impl Squash {
         mountpoint: &Path,
         readahead: u64,
     ) -> Result<Option<Squash>> {
-        let have = |c: &str| {
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!("command -v {c}"))
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        };
-        if !have("mksquashfs") || !have("squashfuse") {
+        if !sys::installed("mksquashfs") || !sys::installed("squashfuse") {
             return Ok(None);
         }
         if !image.exists() {
@@ -150,7 +141,7 @@ impl Squash {
         }
         // The same kernel readahead as the thaw mount it is compared with.
         if readahead > 0 {
-            thaw_fuse::set_readahead(mountpoint, readahead);
+            thaw::set_readahead(mountpoint, readahead);
         }
         Ok(Some(Squash {
             mountpoint: mountpoint.to_path_buf(),
@@ -160,13 +151,33 @@ impl Squash {
 
 impl Drop for Squash {
     fn drop(&mut self) {
-        let _ = thaw_fuse::unmount(&self.mountpoint);
+        let _ = thaw::unmount(&self.mountpoint);
     }
 }
 
-/// Drops the page cache (root only); returns whether it could.
-pub fn drop_caches() -> bool {
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
-    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+/// Up to `max` bytes of the files under `dir`: representative data for the
+/// zstd and BLAKE3 ceilings.
+pub fn sample_bytes(dir: &Path, max: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                if let Ok(f) = std::fs::File::open(e.path()) {
+                    let want = (max - out.len()) as u64;
+                    let _ = std::io::Read::read_to_end(&mut std::io::Read::take(f, want), &mut out);
+                }
+            }
+            if out.len() >= max {
+                return out;
+            }
+        }
+    }
+    out
 }

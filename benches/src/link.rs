@@ -51,6 +51,11 @@ impl Link {
     }
 }
 
+/// How a run's link reads in reports: the link, or "loopback" when unshaped.
+pub fn describe(link: Option<Link>) -> String {
+    link.map_or_else(|| "loopback".into(), |l| l.to_string())
+}
+
 impl std::fmt::Display for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.bytes_per_sec > 0.0 {
@@ -84,8 +89,17 @@ impl Wire {
     }
 }
 
+/// The address that reaches `upstream` through `link`: a new proxy, or
+/// `upstream` itself when the link is not shaped.
+pub async fn through(link: Option<Link>, upstream: SocketAddr) -> std::io::Result<SocketAddr> {
+    match link {
+        Some(link) => proxy(upstream, link).await,
+        None => Ok(upstream),
+    }
+}
+
 /// Starts a proxy to `upstream` on a free loopback port; returns its address.
-pub async fn start(upstream: SocketAddr, link: Link) -> std::io::Result<SocketAddr> {
+pub async fn proxy(upstream: SocketAddr, link: Link) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let up = Arc::new(Wire {
@@ -176,7 +190,7 @@ mod tests {
             bytes_per_sec: 25e6,
             latency: Duration::from_millis(20),
         };
-        let addr = start(echo_addr, link).await.unwrap();
+        let addr = proxy(echo_addr, link).await.unwrap();
         let t = Instant::now();
         let mut c = TcpStream::connect(addr).await.unwrap();
         let mut got = Vec::new();

@@ -1,0 +1,118 @@
+//! thaw's own modes, one sample at a time, and the runs of all modes of one
+//! workload with their ratios to the full pull and to local.
+
+use super::{ModeResult, Sample, Target};
+use crate::thaw::{self, MountFlags};
+use crate::{peers, sys};
+use anyhow::{Context, Result};
+use std::path::Path;
+use std::time::Instant;
+use tokio::runtime::Runtime;
+
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    FullPull,
+    LazyCold,
+    LazyWarm,
+    Local,
+}
+
+const MODES: [Mode; 4] = [Mode::FullPull, Mode::LazyCold, Mode::LazyWarm, Mode::Local];
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::FullPull => "full pull",
+            Mode::LazyCold => "lazy cold",
+            Mode::LazyWarm => "lazy warm",
+            Mode::Local => "local",
+        }
+    }
+
+    /// One cold start in this mode, the page cache dropped first.
+    fn sample(self, t: &Target, rt: &Runtime, work: &Path) -> Result<Sample> {
+        match self {
+            Mode::FullPull => full_pull(t, rt, work),
+            Mode::LazyCold => lazy(t, work, true),
+            Mode::LazyWarm => lazy(t, work, false),
+            Mode::Local => {
+                sys::drop_caches();
+                let s = Instant::now();
+                t.startup.run(&t.local)?;
+                Ok(Sample::new(s, 0))
+            }
+        }
+    }
+}
+
+fn full_pull(t: &Target, rt: &Runtime, work: &Path) -> Result<Sample> {
+    let dest = work.join("pulled");
+    let _ = std::fs::remove_dir_all(&dest);
+    sys::drop_caches();
+    let s = Instant::now();
+    let report = thaw::export(rt, &t.pull_ref, &dest)?;
+    t.startup.run(&dest)?;
+    let sample = Sample::new(s, report.bytes_fetched);
+    let _ = std::fs::remove_dir_all(&dest);
+    Ok(sample)
+}
+
+fn lazy(t: &Target, work: &Path, cold: bool) -> Result<Sample> {
+    let (mp, cache) = (work.join("mnt"), work.join("cache"));
+    if cold {
+        let _ = std::fs::remove_dir_all(&cache);
+    }
+    sys::drop_caches();
+    let s = Instant::now();
+    t.thaw
+        .mount(&t.pull_ref, &mp, &cache, MountFlags::default())?;
+    let result = t.startup.run(&mp);
+    let seconds = s.elapsed().as_secs_f64();
+    let fetched = thaw::mount_stats(&mp).map_or(0, |s| s.bytes_fetched);
+    t.thaw.umount(&mp);
+    result?;
+    Ok(Sample {
+        seconds,
+        bytes_fetched: fetched,
+    })
+}
+
+/// Every mode `runs` times (interleaved, so drift hits all alike), then the
+/// peers, then each mode's ratios.
+pub(super) fn run_all(
+    t: &Target,
+    rt: &Runtime,
+    work: &Path,
+    runs: usize,
+    with_peers: bool,
+) -> Result<Vec<ModeResult>> {
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); MODES.len()];
+    for i in 0..runs {
+        eprintln!("  run {}/{runs}", i + 1);
+        for (mode, samples) in MODES.iter().zip(&mut samples) {
+            samples.push(mode.sample(t, rt, work).context(mode.name())?);
+        }
+    }
+    let mut modes: Vec<ModeResult> = MODES
+        .iter()
+        .zip(samples)
+        .map(|(m, s)| ModeResult::from_samples(m.name(), s))
+        .collect();
+    if with_peers {
+        modes.push(peers::casync(t, rt, work, runs).context("casync")?);
+        modes.push(peers::nydus(t, rt, work, runs).context("nydus")?);
+    }
+    let seconds_of = |name: &str| {
+        let m = modes.iter().find(|m| m.mode == name);
+        m.map_or(0.0, |m| m.median_seconds)
+    };
+    let (full, local) = (
+        seconds_of(Mode::FullPull.name()),
+        seconds_of(Mode::Local.name()),
+    );
+    for m in modes.iter_mut().filter(|m| m.skipped.is_none()) {
+        m.vs_full_pull = m.median_seconds / full;
+        m.vs_local = m.median_seconds / local;
+    }
+    Ok(modes)
+}

@@ -1,0 +1,20 @@
+//! What thaw's integration tests and its benchmark lab both need, in one place.
+//!
+//! - [`process`]: the `thaw` binary cargo built beside the running test or
+//!   bench, run as a process, and a real `thaw serve` child on port 0 over a
+//!   temporary `file://` store (the tier above in-process servers).
+//! - [`data`]: deterministic bytes, so runs compare and tests need no
+//!   fixtures: incompressible noise, and a Python environment's source files
+//!   and shared libraries with a real one's compressibility.
+//! - [`tree`]: building trees with what push must keep (modes, mtimes to the
+//!   nanosecond, xattrs, device nodes); [`compare`]: asserting two trees are
+//!   the same in all of it (content, symlinks, hardlinks).
+
+pub mod compare;
+pub mod data;
+pub mod process;
+pub mod tree;
+
+pub use compare::assert_same_tree;
+pub use data::{noise, Python, PythonEnv, Rng};
+pub use process::{thaw, thaw_bin, thaw_json, thaw_ok, Server};
