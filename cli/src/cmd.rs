@@ -73,9 +73,50 @@ pub struct MountArgs {
     /// Let other users access the mount.
     #[arg(long)]
     allow_other: bool,
+    #[command(flatten)]
+    access: AccessArgs,
+}
+
+/// How to reach a chunk server.
+#[derive(Args)]
+pub struct AccessArgs {
     /// File holding the bearer token for the server.
-    #[arg(long)]
+    #[arg(long, global = true)]
     token_file: Option<PathBuf>,
+    /// PEM bundle of the certificate authorities to trust for an https:// server.
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
+}
+
+/// What [`AccessArgs`] name, read before anything starts.
+struct Access {
+    token: Option<String>,
+    ca_pem: Option<Vec<u8>>,
+}
+
+impl AccessArgs {
+    fn read(&self) -> Result<Access> {
+        let ca_pem = match &self.ca_file {
+            Some(p) => Some(
+                std::fs::read(p).with_context(|| format!("cannot read CA file {}", p.display()))?,
+            ),
+            None => None,
+        };
+        Ok(Access {
+            token: read_token(self.token_file.as_deref())?,
+            ca_pem,
+        })
+    }
+}
+
+impl Access {
+    fn remote(self, r: &ImageRef) -> Result<Remote> {
+        let remote = Remote::for_ref(r, self.token)?;
+        Ok(match self.ca_pem {
+            Some(pem) => remote.with_ca_pem(&pem)?,
+            None => remote,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -152,9 +193,8 @@ enum ChunkingArg {
 
 #[derive(Args)]
 pub struct ClientArgs {
-    /// File holding the bearer token for the server.
-    #[arg(long, global = true)]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    access: AccessArgs,
     /// Print one JSON object instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -279,7 +319,7 @@ pub(crate) async fn shutdown_signal() {
 }
 
 fn remote_for(r: &ImageRef, c: &ClientArgs) -> Result<Remote> {
-    Ok(Remote::for_ref(r, read_token(c.token_file.as_deref())?)?)
+    c.access.read()?.remote(r)
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
@@ -433,9 +473,9 @@ fn mount(a: MountArgs) -> Result<()> {
         bail!("mountpoint {} is not a directory", a.mountpoint.display());
     }
     let r = ImageRef::parse(&a.reference)?;
-    let token = read_token(a.token_file.as_deref())?;
+    let access = a.access.read()?;
     if a.foreground {
-        return serve_mount(&a, &r, token, |m| {
+        return serve_mount(&a, &r, access, |m| {
             eprintln!("thaw: mounted {m} (Ctrl-C to unmount)")
         });
     }
@@ -454,7 +494,7 @@ fn mount(a: MountArgs) -> Result<()> {
         },
         Forked::Child(notifier) => {
             let mut notifier = Some(notifier);
-            let result = serve_mount(&a, &r, token, |_| {
+            let result = serve_mount(&a, &r, access, |_| {
                 notifier.take().expect("ready once").ready()
             });
             if let (Err(e), Some(n)) = (&result, notifier) {
@@ -469,11 +509,11 @@ fn mount(a: MountArgs) -> Result<()> {
 fn serve_mount(
     a: &MountArgs,
     r: &ImageRef,
-    token: Option<String>,
+    access: Access,
     ready: impl FnOnce(String),
 ) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let remote = Remote::for_ref(r, token)?;
+    let remote = access.remote(r)?;
     let image = rt
         .block_on(thaw_client::image::open(r, remote, &a.image_options()))
         .with_context(|| format!("cannot mount {r}"))?;

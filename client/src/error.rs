@@ -18,6 +18,8 @@ pub enum ClientError {
     Aborted,
     #[error("cannot reach the chunk server at {url}: is `thaw serve` running?")]
     Unreachable { url: String, source: reqwest::Error },
+    #[error("cannot use the CA bundle: is it PEM?")]
+    BadCertificate { source: reqwest::Error },
     #[error("chunk server answered {status} for {what}: {message}")]
     Status {
         status: u16,

@@ -64,17 +64,25 @@ pub const MANIFEST_MAX: usize = 256 << 20;
 /// Largest tag answer (a digest and a newline, with room).
 const TAG_MAX: usize = wire::TAG_BODY_MAX;
 
+fn http_client(ca_pem: Option<&[u8]>) -> reqwest::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    if let Some(pem) = ca_pem {
+        for cert in reqwest::Certificate::from_pem_bundle(pem)? {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    b.build()
+}
+
 impl Remote {
     pub fn new(base: &str, token: Option<String>) -> Result<Remote> {
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| ClientError::Unreachable {
-                url: base.to_owned(),
-                source: e,
-            })?;
+        let http = http_client(None).map_err(|e| ClientError::Unreachable {
+            url: base.to_owned(),
+            source: e,
+        })?;
         Ok(Remote {
             base: base.trim_end_matches('/').to_owned(),
             token,
@@ -86,6 +94,15 @@ impl Remote {
 
     pub fn for_ref(r: &ImageRef, token: Option<String>) -> Result<Remote> {
         Remote::new(&r.server, token)
+    }
+
+    /// Trusts the certificate authorities in `pem` (a PEM bundle) for
+    /// `https://` servers, beside the usual web roots: for a server whose
+    /// certificate a private CA signed.
+    pub fn with_ca_pem(mut self, pem: &[u8]) -> Result<Remote> {
+        self.http =
+            http_client(Some(pem)).map_err(|source| ClientError::BadCertificate { source })?;
+        Ok(self)
     }
 
     fn unreachable(&self, source: reqwest::Error) -> ClientError {
