@@ -218,11 +218,17 @@ impl Manifest {
                 KIND_SYMLINK => NodeKind::Symlink {
                     target: string(a, b)?,
                 },
-                KIND_HARDLINK => NodeKind::Hardlink { target: a },
+                KIND_HARDLINK if b == 0 => NodeKind::Hardlink { target: a },
                 KIND_CHARDEV => NodeKind::CharDev { rdev },
                 KIND_BLOCKDEV => NodeKind::BlockDev { rdev },
-                KIND_FIFO => NodeKind::Fifo,
-                KIND_SOCKET => NodeKind::Socket,
+                KIND_FIFO if rdev == 0 => NodeKind::Fifo,
+                KIND_SOCKET if rdev == 0 => NodeKind::Socket,
+                // One encoding per manifest: fields a kind does not use are zero.
+                KIND_HARDLINK | KIND_FIFO | KIND_SOCKET => {
+                    return Err(ManifestError::Invalid(format!(
+                        "node {i}: unused fields are not zero"
+                    )))
+                }
                 k => {
                     return Err(ManifestError::Invalid(format!(
                         "node {i}: unknown kind {k}"
