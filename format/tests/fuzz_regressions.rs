@@ -26,3 +26,11 @@ fn check_manifest(name: &str) {
 fn manifest_unused_field() {
     check_manifest("manifest-unused-field.bin");
 }
+
+/// A name placed elsewhere in the string table than the encoder puts it
+/// decoded fine and re-encoded differently: the decoder now accepts only the
+/// encoder's layout.
+#[test]
+fn manifest_string_layout() {
+    check_manifest("manifest-string-layout.bin");
+}

@@ -286,6 +286,13 @@ impl Manifest {
             xattrs,
         };
         m.validate()?;
+        // One encoding per manifest, so one digest per tree: the string table
+        // may only be laid out as the encoder lays it out.
+        if m.encode() != bytes {
+            return Err(ManifestError::Invalid(
+                "not in canonical form (the encoder would lay it out differently)".into(),
+            ));
+        }
         Ok(m)
     }
 
