@@ -305,7 +305,11 @@ impl Manifest {
                 | NodeKind::Fifo
                 | NodeKind::Socket => {}
             }
-            if i != ROOT && !self.nodes[node.parent as usize].is_dir() {
+            let parent_is_dir = self
+                .nodes
+                .get(node.parent as usize)
+                .is_some_and(Node::is_dir);
+            if i != ROOT && !parent_is_dir {
                 return Err(ctx("parent is not a directory"));
             }
         }

@@ -34,3 +34,10 @@ fn manifest_unused_field() {
 fn manifest_string_layout() {
     check_manifest("manifest-string-layout.bin");
 }
+
+/// A node outside every directory whose parent index points past the nodes
+/// made validation index out of bounds (a panic) before it reported the orphan.
+#[test]
+fn manifest_orphan_parent() {
+    check_manifest("manifest-orphan-parent.bin");
+}
