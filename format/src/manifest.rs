@@ -270,7 +270,8 @@ impl Manifest {
                                 .chunks
                                 .get(c as usize)
                                 .ok_or_else(|| ctx("extent names a missing chunk"))?;
-                            if u64::from(e.offset) + e.len > u64::from(c.len) {
+                            let end = u64::from(e.offset).checked_add(e.len);
+                            if end.is_none_or(|end| end > u64::from(c.len)) {
                                 return Err(ctx("extent overruns its chunk"));
                             }
                         } else if e.offset != 0 {

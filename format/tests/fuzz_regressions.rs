@@ -41,3 +41,11 @@ fn manifest_string_layout() {
 fn manifest_orphan_parent() {
     check_manifest("manifest-orphan-parent.bin");
 }
+
+/// An extent whose offset plus length overflows u64: a panic in debug builds,
+/// and in release a wrapped sum that passed the "extent overruns its chunk"
+/// check.
+#[test]
+fn manifest_extent_overflow() {
+    check_manifest("manifest-extent-overflow.bin");
+}
