@@ -5,7 +5,7 @@
 //! 4  version           u8       1
 //! 5  flags             u8       bit 0: payload is zstd; other bits must be 0
 //! 6  reserved          u16      0
-//! 8  uncompressed len  u32 LE   at most MAX_CHUNK_LEN
+//! 8  uncompressed len  u32 LE   1 ..= MAX_CHUNK_LEN
 //! 12 payload
 //! ```
 //! A chunk that does not shrink under zstd is stored raw. Decoding bounds the
@@ -35,6 +35,10 @@ pub enum FrameError {
     UnsupportedVersion(u8),
     #[error("unknown chunk frame flags {0:#x}")]
     UnknownFlags(u8),
+    #[error("chunk frame reserved bytes are not zero")]
+    ReservedBytes,
+    #[error("chunk frame declares an empty chunk (chunks are 1 byte or more)")]
+    Empty,
     #[error("chunk of {0} bytes exceeds the {MAX_CHUNK_LEN}-byte limit")]
     TooLarge(usize),
     #[error("chunk payload does not decode to its declared {expected} bytes")]
@@ -65,11 +69,12 @@ impl Encoder {
     /// Encodes `data` as a frame, zstd-compressed when that makes it smaller.
     ///
     /// # Panics
-    /// If `data` is longer than [`MAX_CHUNK_LEN`]: chunkers never produce such chunks.
+    /// If `data` is empty or longer than [`MAX_CHUNK_LEN`]: chunkers never
+    /// produce such chunks (empty files and zeros are holes, not chunks).
     pub fn encode(&mut self, data: &[u8]) -> Vec<u8> {
         assert!(
-            data.len() <= MAX_CHUNK_LEN,
-            "chunk larger than MAX_CHUNK_LEN"
+            !data.is_empty() && data.len() <= MAX_CHUNK_LEN,
+            "chunk empty or larger than MAX_CHUNK_LEN"
         );
         let mut out =
             Vec::with_capacity(FRAME_HEADER_LEN + zstd::zstd_safe::compress_bound(data.len()));
@@ -121,10 +126,16 @@ pub fn declared_len(frame: &[u8]) -> Result<usize, FrameError> {
     if frame[4] != FRAME_VERSION {
         return Err(FrameError::UnsupportedVersion(frame[4]));
     }
-    if frame[5] & !FLAG_ZSTD != 0 || frame[6] != 0 || frame[7] != 0 {
+    if frame[5] & !FLAG_ZSTD != 0 {
         return Err(FrameError::UnknownFlags(frame[5]));
     }
+    if frame[6..8] != [0, 0] {
+        return Err(FrameError::ReservedBytes);
+    }
     let len = u32::from_le_bytes(frame[8..12].try_into().expect("4 bytes")) as usize;
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
     if len > MAX_CHUNK_LEN {
         return Err(FrameError::TooLarge(len));
     }
@@ -170,7 +181,7 @@ mod tests {
 
     #[test]
     fn frames_fit_their_bound() {
-        for len in [0usize, 1, 100, 4096, 200_000] {
+        for len in [1usize, 100, 4096, 200_000] {
             let noise: Vec<u8> = (0..len as u64)
                 .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
                 .collect();
@@ -225,9 +236,28 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn reserved_bytes_have_their_own_error() {
+        let mut bad = encode(b"abc", 3);
+        bad[6] = 1;
+        let err = decode(&bad).unwrap_err();
+        assert!(matches!(err, FrameError::ReservedBytes), "{err}");
+        assert!(!err.to_string().contains("flags"), "{err}");
+        bad[6] = 0;
+        bad[7] = 0x80;
+        assert!(matches!(decode(&bad), Err(FrameError::ReservedBytes)));
+    }
+
+    #[test]
+    fn empty_chunks_are_refused() {
+        let empty = [b'T', b'H', b'C', b'K', 1, 0, 0, 0, 0, 0, 0, 0];
+        assert!(matches!(declared_len(&empty), Err(FrameError::Empty)));
+        assert!(matches!(decode(&empty), Err(FrameError::Empty)));
+    }
+
     proptest! {
         #[test]
-        fn frame_round_trip(data in proptest::collection::vec(any::<u8>(), 0..20_000), level in 1i32..6, zeros in 0usize..50_000) {
+        fn frame_round_trip(data in proptest::collection::vec(any::<u8>(), 1..20_000), level in 1i32..6, zeros in 0usize..50_000) {
             let mut data = data;
             data.extend(std::iter::repeat_n(0u8, zeros));
             let id = Digest::of(&data);

@@ -256,6 +256,13 @@ async fn bad_uploads_are_refused_and_not_stored() {
     let response = server.send(Method::PUT, &path, truncated).await;
     assert_error(response, StatusCode::BAD_REQUEST, "bad_frame").await;
     assert_error(server.get(&path).await, StatusCode::NOT_FOUND, "not_found").await;
+
+    // There are no empty chunks: empty files and zeros are holes.
+    let empty = [b'T', b'H', b'C', b'K', 1, 0, 0, 0, 0, 0, 0, 0];
+    let path = format!("/v1/chunks/{}", Digest::of(b""));
+    let response = server.send(Method::PUT, &path, empty.to_vec()).await;
+    assert_error(response, StatusCode::BAD_REQUEST, "bad_frame").await;
+    assert_error(server.get(&path).await, StatusCode::NOT_FOUND, "not_found").await;
     server.stop().await;
 }
 
