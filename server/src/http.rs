@@ -4,12 +4,16 @@
 //! depend on it and not on each other.
 
 use crate::error::ApiError;
-use crate::state::Shared;
+use crate::state::{AppState, Shared};
+use axum::body::{Body, HttpBody};
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Request};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
+use std::time::Duration;
+use thaw_format::wire::FRAME_MAX;
 use thaw_format::Digest;
 
 /// The route template a request matched (`/v1/chunks/{id}`), if any.
@@ -77,26 +81,69 @@ where
     }
 }
 
-/// The whole request body, within the route's limit, counted in bytes-in.
+/// Most bytes reserved for a body before they arrive: a larger body grows
+/// as it comes, so a declared length that is a lie costs nothing.
+const RESERVE_MAX: usize = FRAME_MAX;
+
+/// Reads a request body of at most `limit` bytes within `timeout`. A body is
+/// refused (413) before a byte is read when its declared length is over the
+/// limit, and as soon as the bytes that came exceed it, so nothing beyond the
+/// limit is ever held; one that does not arrive in time gets 408.
+pub(crate) async fn read_body(
+    body: Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::too_large(format!(
+            "request body exceeds this route's limit of {limit} bytes (see docs/api.md)"
+        ))
+    };
+    let declared = body.size_hint().lower();
+    if declared > limit as u64 {
+        return Err(too_large());
+    }
+    let mut buf = BytesMut::with_capacity((declared as usize).min(RESERVE_MAX));
+    let mut body = body.into_data_stream();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let data = match tokio::time::timeout_at(deadline, body.next()).await {
+            Err(_elapsed) => return Err(ApiError::body_timeout()),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(format!("cannot read the body: {e}")))
+            }
+            Ok(Some(Ok(data))) => data,
+        };
+        if buf.len() + data.len() > limit {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&data);
+    }
+}
+
+/// A request whose body was read ahead ([`read_body`] with its route's limit).
+pub(crate) async fn with_body_read(
+    request: Request,
+    state: &AppState,
+) -> Result<Request, ApiError> {
+    let limit = state.body_limit(matched_route(&request));
+    let (parts, body) = request.into_parts();
+    let bytes = read_body(body, limit, state.body_timeout).await?;
+    Ok(Request::from_parts(parts, Body::from(bytes)))
+}
+
+/// The whole request body ([`read_body`]), counted in bytes-in.
 pub(crate) struct RawBody(pub(crate) Bytes);
 
 impl FromRequest<Shared> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &Shared) -> Result<Self, ApiError> {
-        match Bytes::from_request(request, state).await {
-            Ok(body) => {
-                state.metrics.bytes_in(body.len() as u64);
-                Ok(RawBody(body))
-            }
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(
-                ApiError::too_large("request body exceeds this route's limit (see docs/api.md)"),
-            ),
-            Err(rejection) => Err(ApiError::bad_request(format!(
-                "cannot read the body: {}",
-                rejection.body_text()
-            ))),
-        }
+        let limit = state.body_limit(matched_route(&request));
+        let body = read_body(request.into_body(), limit, state.body_timeout).await?;
+        state.metrics.bytes_in(body.len() as u64);
+        Ok(RawBody(body))
     }
 }
 

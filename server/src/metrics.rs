@@ -16,6 +16,10 @@ pub(crate) const HOT_CACHE_HITS_TOTAL: &str = "thaw_hot_cache_hits_total";
 pub(crate) const HOT_CACHE_MISSES_TOTAL: &str = "thaw_hot_cache_misses_total";
 pub(crate) const HOT_CACHE_BYTES: &str = "thaw_hot_cache_bytes";
 pub(crate) const CHUNKS_SERVED_TOTAL: &str = "thaw_chunks_served_total";
+pub(crate) const QUARANTINED_TOTAL: &str = "thaw_quarantined_total";
+pub(crate) const CONNECTIONS_OPEN: &str = "thaw_connections_open";
+pub(crate) const CONNECTIONS_TIMED_OUT_TOTAL: &str = "thaw_connections_timed_out_total";
+pub(crate) const CONNECTIONS_EVICTED_TOTAL: &str = "thaw_connections_evicted_total";
 
 /// The route label of requests that matched no route.
 pub(crate) const UNMATCHED_ROUTE: &str = "unmatched";
@@ -28,6 +32,10 @@ pub(crate) struct Metrics {
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     chunks_served: AtomicU64,
+    quarantined: AtomicU64,
+    connections_open: AtomicU64,
+    connections_timed_out: AtomicU64,
+    connections_evicted: AtomicU64,
 }
 
 impl Metrics {
@@ -54,6 +62,26 @@ impl Metrics {
 
     pub(crate) fn chunk_served(&self) {
         self.chunks_served.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn quarantined(&self) {
+        self.quarantined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_timed_out(&self) {
+        self.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_evicted(&self) {
+        self.connections_evicted.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -114,6 +142,30 @@ impl Metrics {
                 "counter",
                 "Chunk frames sent, by GET and batch reads.",
                 load(&self.chunks_served),
+            ),
+            (
+                QUARANTINED_TOTAL,
+                "counter",
+                "Stored objects that failed verification and were moved to quarantine.",
+                load(&self.quarantined),
+            ),
+            (
+                CONNECTIONS_OPEN,
+                "gauge",
+                "Client connections open.",
+                load(&self.connections_open),
+            ),
+            (
+                CONNECTIONS_TIMED_OUT_TOTAL,
+                "counter",
+                "Connections closed for a header, idle or write timeout.",
+                load(&self.connections_timed_out),
+            ),
+            (
+                CONNECTIONS_EVICTED_TOTAL,
+                "counter",
+                "Connections closed to make room at the connection cap.",
+                load(&self.connections_evicted),
             ),
         ];
         for (name, kind, help, value) in scalars {
