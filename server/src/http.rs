@@ -12,9 +12,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
-use std::time::Duration;
 use thaw_format::wire::FRAME_MAX;
 use thaw_format::Digest;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// The route template a request matched (`/v1/chunks/{id}`), if any.
 pub(crate) fn matched_route(request: &Request) -> Option<&str> {
@@ -85,15 +85,49 @@ where
 /// as it comes, so a declared length that is a lie costs nothing.
 const RESERVE_MAX: usize = FRAME_MAX;
 
-/// Reads a request body of at most `limit` bytes within `timeout`. A body is
-/// refused (413) before a byte is read when its declared length is over the
-/// limit, and as soon as the bytes that came exceed it, so nothing beyond the
-/// limit is ever held; one that does not arrive in time gets 408.
+/// Room held in the server's body memory (`ServerConfig::body_memory`) for
+/// one request body, until the request is done with it.
+pub(crate) struct BodyRoom(Option<OwnedSemaphorePermit>);
+
+impl BodyRoom {
+    /// Waits for room for `bytes` more bytes of body.
+    async fn grow(&mut self, bytes: usize, state: &AppState) -> Result<(), ApiError> {
+        let held = self.0.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+        let needed = bytes.div_ceil(1024).saturating_sub(held);
+        if needed == 0 {
+            return Ok(());
+        }
+        if held + needed > state.body_memory_kib {
+            return Err(ApiError::too_large(
+                "request body exceeds the server's body memory (--body-memory)",
+            ));
+        }
+        let more = state
+            .bodies
+            .clone()
+            .acquire_many_owned(needed as u32)
+            .await
+            .map_err(ApiError::internal)?;
+        match &mut self.0 {
+            Some(room) => room.merge(more),
+            None => self.0 = Some(more),
+        }
+        Ok(())
+    }
+}
+
+/// Reads a request body of at most `limit` bytes within the body timeout,
+/// in room taken from the body memory. A body is refused (413) before a
+/// byte is read when its declared length is over the limit, and as soon as
+/// the bytes that came exceed it, so nothing beyond the limit is ever held;
+/// one that does not arrive in time, room included, gets 408. Room for the
+/// declared length is taken before reading, so bodies never hold part of
+/// the room while they wait for the rest.
 pub(crate) async fn read_body(
     body: Body,
     limit: usize,
-    timeout: Duration,
-) -> Result<Bytes, ApiError> {
+    state: &AppState,
+) -> Result<(Bytes, BodyRoom), ApiError> {
     let too_large = || {
         ApiError::too_large(format!(
             "request body exceeds this route's limit of {limit} bytes (see docs/api.md)"
@@ -103,47 +137,63 @@ pub(crate) async fn read_body(
     if declared > limit as u64 {
         return Err(too_large());
     }
-    let mut buf = BytesMut::with_capacity((declared as usize).min(RESERVE_MAX));
+    let declared = declared as usize;
+    let deadline = tokio::time::Instant::now() + state.body_timeout;
+    let mut room = BodyRoom(None);
+    in_time(deadline, room.grow(declared, state)).await??;
+    let mut buf = BytesMut::with_capacity(declared.min(RESERVE_MAX));
     let mut body = body.into_data_stream();
-    let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let data = match tokio::time::timeout_at(deadline, body.next()).await {
-            Err(_elapsed) => return Err(ApiError::body_timeout()),
-            Ok(None) => return Ok(buf.freeze()),
-            Ok(Some(Err(e))) => {
+        let data = match in_time(deadline, body.next()).await? {
+            None => return Ok((buf.freeze(), room)),
+            Some(Err(e)) => {
                 return Err(ApiError::bad_request(format!("cannot read the body: {e}")))
             }
-            Ok(Some(Ok(data))) => data,
+            Some(Ok(data)) => data,
         };
-        if buf.len() + data.len() > limit {
+        let len = buf.len() + data.len();
+        if len > limit {
             return Err(too_large());
         }
+        in_time(deadline, room.grow(len, state)).await??;
         buf.extend_from_slice(&data);
     }
 }
 
-/// A request whose body was read ahead ([`read_body`] with its route's limit).
+/// `work`, if it finishes by `deadline`; a body timeout otherwise.
+async fn in_time<T>(
+    deadline: tokio::time::Instant,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, ApiError> {
+    tokio::time::timeout_at(deadline, work)
+        .await
+        .map_err(|_elapsed| ApiError::body_timeout())
+}
+
+/// A request whose body was read ahead ([`read_body`] with its route's
+/// limit), and the room it holds.
 pub(crate) async fn with_body_read(
     request: Request,
     state: &AppState,
-) -> Result<Request, ApiError> {
+) -> Result<(Request, BodyRoom), ApiError> {
     let limit = state.body_limit(matched_route(&request));
     let (parts, body) = request.into_parts();
-    let bytes = read_body(body, limit, state.body_timeout).await?;
-    Ok(Request::from_parts(parts, Body::from(bytes)))
+    let (bytes, room) = read_body(body, limit, state).await?;
+    Ok((Request::from_parts(parts, Body::from(bytes)), room))
 }
 
-/// The whole request body ([`read_body`]), counted in bytes-in.
-pub(crate) struct RawBody(pub(crate) Bytes);
+/// The whole request body ([`read_body`]), counted in bytes-in, and the
+/// room it holds in the body memory until the handler is done.
+pub(crate) struct RawBody(pub(crate) Bytes, pub(crate) BodyRoom);
 
 impl FromRequest<Shared> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &Shared) -> Result<Self, ApiError> {
         let limit = state.body_limit(matched_route(&request));
-        let body = read_body(request.into_body(), limit, state.body_timeout).await?;
+        let (body, room) = read_body(request.into_body(), limit, state).await?;
         state.metrics.bytes_in(body.len() as u64);
-        Ok(RawBody(body))
+        Ok(RawBody(body, room))
     }
 }
 
@@ -154,7 +204,7 @@ impl<T: DeserializeOwned> FromRequest<Shared> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &Shared) -> Result<Self, ApiError> {
-        let RawBody(body) = RawBody::from_request(request, state).await?;
+        let RawBody(body, _room) = RawBody::from_request(request, state).await?;
         serde_json::from_slice(&body).map(JsonBody).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,

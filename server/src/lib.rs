@@ -57,6 +57,9 @@ pub struct ServerConfig {
     pub pull_token: Option<String>,
     /// Largest manifest upload, in bytes.
     pub max_body: usize,
+    /// Bytes of request bodies held at once, across all requests: a body
+    /// waits for room before it is read.
+    pub body_memory: u64,
     /// Reads (`GET`, `HEAD`, batch reads) handled at once; more wait for a slot.
     pub max_concurrency: usize,
     /// Uploads (`PUT`, the missing list) handled at once; more wait for a slot.
@@ -85,6 +88,7 @@ impl Default for ServerConfig {
             push_token: None,
             pull_token: None,
             max_body: 256 << 20,
+            body_memory: 1 << 30,
             max_concurrency: 256,
             max_uploads: 64,
             max_connections: 1024,

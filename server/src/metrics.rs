@@ -15,6 +15,7 @@ pub(crate) const HTTP_BYTES_OUT_TOTAL: &str = "thaw_http_bytes_out_total";
 pub(crate) const HOT_CACHE_HITS_TOTAL: &str = "thaw_hot_cache_hits_total";
 pub(crate) const HOT_CACHE_MISSES_TOTAL: &str = "thaw_hot_cache_misses_total";
 pub(crate) const HOT_CACHE_BYTES: &str = "thaw_hot_cache_bytes";
+pub(crate) const REQUEST_BODY_BYTES: &str = "thaw_request_body_bytes";
 pub(crate) const CHUNKS_SERVED_TOTAL: &str = "thaw_chunks_served_total";
 pub(crate) const QUARANTINED_TOTAL: &str = "thaw_quarantined_total";
 pub(crate) const CONNECTIONS_OPEN: &str = "thaw_connections_open";
@@ -85,7 +86,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
-    pub(crate) fn render(&self, hot_cache_bytes: u64) -> String {
+    pub(crate) fn render(&self, hot_cache_bytes: u64, body_bytes: u64) -> String {
         let mut out = String::new();
         header(
             &mut out,
@@ -136,6 +137,12 @@ impl Metrics {
                 "gauge",
                 "Bytes of chunk frames held in the hot cache.",
                 hot_cache_bytes,
+            ),
+            (
+                REQUEST_BODY_BYTES,
+                "gauge",
+                "Bytes of room held for request bodies being received or handled.",
+                body_bytes,
             ),
             (
                 CHUNKS_SERVED_TOTAL,
@@ -199,7 +206,7 @@ mod tests {
         m.request("/v1/chunks/{id}", 200);
         m.request("a\"b", 404);
         m.chunk_served();
-        let text = m.render(7);
+        let text = m.render(7, 0);
         assert!(
             text.contains("thaw_http_requests_total{route=\"/v1/chunks/{id}\",status=\"200\"} 2\n")
         );

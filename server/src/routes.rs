@@ -125,8 +125,10 @@ async fn limit_concurrency(State(state): State<Shared>, request: Request, next: 
         Permits::None => return next.run(request).await,
         Permits::Reads => (&state.reads, request),
         Permits::Uploads => (&state.uploads, request),
+        // The ids are parsed from the body in the handler, so the body's
+        // room goes as soon as it is read: it is small.
         Permits::ReadsAfterBody => match with_body_read(request, &state).await {
-            Ok(request) => (&state.reads, request),
+            Ok((request, _room)) => (&state.reads, request),
             Err(refused) => return refused.into_response(),
         },
     };
@@ -147,7 +149,9 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 async fn metrics_text(State(state): State<Shared>) -> Response {
-    let text = state.metrics.render(state.cache.bytes());
+    let text = state
+        .metrics
+        .render(state.cache.bytes(), state.body_bytes());
     (
         [(
             header::CONTENT_TYPE,

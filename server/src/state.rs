@@ -27,6 +27,9 @@ pub(crate) struct AppState {
     pub(crate) uploads: Semaphore,
     /// How long a request body may take to arrive, once the server reads it.
     pub(crate) body_timeout: Duration,
+    /// Room for request bodies, in KiB permits (`http::read_body`).
+    pub(crate) bodies: Arc<Semaphore>,
+    pub(crate) body_memory_kib: usize,
     max_body: usize,
 }
 
@@ -34,6 +37,9 @@ pub(crate) type Shared = Arc<AppState>;
 
 impl AppState {
     pub(crate) fn new(store: Arc<dyn ObjectStore>, config: &ServerConfig) -> Shared {
+        let body_memory_kib = usize::try_from(config.body_memory >> 10)
+            .unwrap_or(usize::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS);
         Arc::new(AppState {
             store,
             cache: HotCache::new(config.cache_mem),
@@ -41,8 +47,15 @@ impl AppState {
             reads: Semaphore::new(config.max_concurrency.max(1)),
             uploads: Semaphore::new(config.max_uploads.max(1)),
             body_timeout: config.body_timeout,
+            bodies: Arc::new(Semaphore::new(body_memory_kib)),
+            body_memory_kib,
             max_body: config.max_body,
         })
+    }
+
+    /// Bytes of request bodies held now.
+    pub(crate) fn body_bytes(&self) -> u64 {
+        (self.body_memory_kib - self.bodies.available_permits()) as u64 * 1024
     }
 
     /// The largest body the route template `route` takes (0 for routes

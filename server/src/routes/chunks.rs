@@ -155,7 +155,7 @@ pub(super) async fn head(
 pub(super) async fn put(
     State(state): State<Shared>,
     Param(raw): Param<String>,
-    RawBody(frame): RawBody,
+    RawBody(frame, _room): RawBody,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_digest(&raw)?;
     let body = frame.clone();

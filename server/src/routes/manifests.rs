@@ -103,7 +103,7 @@ pub(super) async fn head(
 pub(super) async fn put(
     State(state): State<Shared>,
     Param(raw): Param<String>,
-    RawBody(bytes): RawBody,
+    RawBody(bytes, _room): RawBody,
 ) -> Result<StatusCode, ApiError> {
     let digest = parse_digest(&raw)?;
     let body = bytes.clone();
