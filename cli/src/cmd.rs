@@ -146,7 +146,7 @@ pub struct ServeArgs {
     /// Allow listening on a non-loopback address without a push token.
     #[arg(long)]
     insecure: bool,
-    /// Requests served at once.
+    /// Reads served at once.
     #[arg(long, default_value_t = 256)]
     max_concurrency: usize,
     /// Uploads served at once (apart from other requests).

@@ -111,6 +111,7 @@ pub(crate) async fn serve(
                 }
             }
         };
+        state.metrics.connection_opened();
         let connection = Connection {
             registered: registry.open(),
             _slot: slot,
@@ -135,7 +136,8 @@ pub(crate) async fn serve(
     }
 }
 
-/// One accepted connection and what it holds while it is open.
+/// One accepted connection and what it holds while it is open (counted in
+/// the metrics from its creation to its drop).
 struct Connection {
     registered: Registered,
     _slot: OwnedSemaphorePermit,
@@ -151,7 +153,6 @@ impl Connection {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
         let metrics = &self.state.metrics;
-        metrics.connection_opened();
         let conn = self.registered.conn().clone();
         let io = io::WatchedIo::new(tcp, conn.clone(), self.limits.timeouts.idle);
         let handle = ConnHandle(conn.clone());
@@ -200,7 +201,12 @@ impl Connection {
                 }
             }
         }
-        metrics.connection_closed();
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.state.metrics.connection_closed();
     }
 }
 

@@ -121,8 +121,8 @@ impl BodyRoom {
 /// byte is read when its declared length is over the limit, and as soon as
 /// the bytes that came exceed it, so nothing beyond the limit is ever held;
 /// one that does not arrive in time, room included, gets 408. Room for the
-/// declared length is taken before reading, so bodies never hold part of
-/// the room while they wait for the rest.
+/// declared length is taken before reading, so such a body never holds part
+/// of its room while it waits for the rest.
 pub(crate) async fn read_body(
     body: Body,
     limit: usize,

@@ -174,3 +174,30 @@ async fn method_not_allowed() -> ApiError {
     let msg = "this route does not take that method: see docs/api.md for the API";
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", msg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_take_permits_by_what_they_do() {
+        let cases = [
+            (Method::GET, Some("/v1/health"), Permits::None),
+            (Method::GET, None, Permits::None),
+            (Method::GET, Some("/v1/chunks/{id}"), Permits::Reads),
+            (Method::HEAD, Some("/v1/manifests/{digest}"), Permits::Reads),
+            (
+                Method::POST,
+                Some("/v1/chunks/batch"),
+                Permits::ReadsAfterBody,
+            ),
+            (Method::POST, Some("/v1/chunks/missing"), Permits::Uploads),
+            (Method::PUT, Some("/v1/chunks/{id}"), Permits::Uploads),
+            (Method::PUT, Some("/v1/tags/{name}/{tag}"), Permits::Uploads),
+            (Method::DELETE, Some("/v1/chunks/{id}"), Permits::None),
+        ];
+        for (method, route, expected) in cases {
+            assert_eq!(permits(&method, route), expected, "{method} {route:?}");
+        }
+    }
+}

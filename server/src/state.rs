@@ -37,9 +37,8 @@ pub(crate) type Shared = Arc<AppState>;
 
 impl AppState {
     pub(crate) fn new(store: Arc<dyn ObjectStore>, config: &ServerConfig) -> Shared {
-        let body_memory_kib = usize::try_from(config.body_memory >> 10)
-            .unwrap_or(usize::MAX)
-            .clamp(1, Semaphore::MAX_PERMITS);
+        // Bodies take room in KiB permits, at most u32::MAX at a time.
+        let body_memory_kib = (config.body_memory >> 10).clamp(1, u32::MAX.into()) as usize;
         Arc::new(AppState {
             store,
             cache: HotCache::new(config.cache_mem),
