@@ -10,9 +10,11 @@
 //! ```
 //! A chunk that does not shrink under zstd is stored raw. Decoding bounds the
 //! uncompressed length before it allocates and checks that the payload inflates
-//! to exactly that length; [`decode_verified`] also checks the BLAKE3 digest.
+//! to exactly that length; [`decode_verified`] also checks the BLAKE3 digest,
+//! and [`verify`] checks it without keeping the decoded bytes.
 
 use crate::Digest;
+use std::io::Read;
 
 /// Frame magic.
 pub const FRAME_MAGIC: [u8; 4] = *b"THCK";
@@ -161,6 +163,48 @@ pub fn decode(frame: &[u8]) -> Result<Vec<u8>, FrameError> {
     Ok(out)
 }
 
+/// Checks that a frame decodes to bytes that hash to `id`, as
+/// [`decode_verified`] does, without holding the decoded bytes: the payload
+/// is hashed as it inflates, through a small buffer.
+pub fn verify(frame: &[u8], id: &Digest) -> Result<(), FrameError> {
+    let len = declared_len(frame)?;
+    let payload = &frame[FRAME_HEADER_LEN..];
+    let mut hasher = blake3::Hasher::new();
+    if frame[5] & FLAG_ZSTD == 0 {
+        if payload.len() != len {
+            return Err(FrameError::LengthMismatch { expected: len });
+        }
+        hasher.update(payload);
+    } else {
+        let mismatch = |_| FrameError::LengthMismatch { expected: len };
+        let mut inflate = zstd::stream::read::Decoder::with_buffer(payload).map_err(mismatch)?;
+        let mut buf = [0u8; 64 << 10];
+        let mut total = 0usize;
+        loop {
+            let n = inflate.read(&mut buf).map_err(mismatch)?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+            if total > len {
+                return Err(FrameError::LengthMismatch { expected: len });
+            }
+            hasher.update(&buf[..n]);
+        }
+        if total != len {
+            return Err(FrameError::LengthMismatch { expected: len });
+        }
+    }
+    let actual = Digest::from(hasher.finalize());
+    if actual != *id {
+        return Err(FrameError::DigestMismatch {
+            expected: *id,
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// Decodes a frame and checks that its bytes hash to `id`.
 pub fn decode_verified(frame: &[u8], id: &Digest) -> Result<Vec<u8>, FrameError> {
     let data = decode(frame)?;
@@ -255,7 +299,47 @@ mod tests {
         assert!(matches!(decode(&empty), Err(FrameError::Empty)));
     }
 
+    #[test]
+    fn verify_agrees_with_decoding() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let id = Digest::of(&data);
+        for level in [3, 19] {
+            let good = encode(&data, level);
+            verify(&good, &id).unwrap();
+            let mut flipped = good.clone();
+            let last = flipped.len() - 1;
+            flipped[last] ^= 1;
+            assert!(verify(&flipped, &id).is_err());
+            assert!(matches!(
+                verify(&good, &Digest::of(b"other")),
+                Err(FrameError::DigestMismatch { .. })
+            ));
+            let mut short = good.clone();
+            short[8..12].copy_from_slice(&299_999u32.to_le_bytes());
+            assert!(matches!(
+                verify(&short, &id),
+                Err(FrameError::LengthMismatch { .. })
+            ));
+        }
+        let raw = encode(b"abc", 3);
+        verify(&raw, &Digest::of(b"abc")).unwrap();
+        assert!(verify(&raw[..14], &Digest::of(b"abc")).is_err());
+    }
+
     proptest! {
+        #[test]
+        fn verify_accepts_exactly_what_decoding_accepts(data in proptest::collection::vec(any::<u8>(), 1..5000), zeros in 0usize..5000, flip in any::<prop::sample::Index>()) {
+            // Zeros make the frame zstd; without them it is mostly raw.
+            let mut data = data;
+            data.extend(std::iter::repeat_n(0u8, zeros));
+            let id = Digest::of(&data);
+            let mut f = encode(&data, 3);
+            prop_assert!(verify(&f, &id).is_ok());
+            let at = flip.index(f.len());
+            f[at] ^= 0x5a;
+            prop_assert_eq!(verify(&f, &id).is_ok(), decode_verified(&f, &id).is_ok());
+        }
+
         #[test]
         fn frame_round_trip(data in proptest::collection::vec(any::<u8>(), 1..20_000), level in 1i32..6, zeros in 0usize..50_000) {
             let mut data = data;

@@ -56,7 +56,7 @@ impl AppState {
             return Ok(None);
         };
         let (checked, id) = (frame.clone(), *id);
-        if let Err(why) = blocking(move || frame::decode_verified(&checked, &id)).await? {
+        if let Err(why) = blocking(move || frame::verify(&checked, &id)).await? {
             self.quarantine(&path, why).await?;
             return Ok(None);
         }
@@ -159,7 +159,7 @@ pub(super) async fn put(
 ) -> Result<StatusCode, ApiError> {
     let id = parse_digest(&raw)?;
     let body = frame.clone();
-    blocking(move || frame::decode_verified(&body, &id).map(drop))
+    blocking(move || frame::verify(&body, &id))
         .await?
         .map_err(|e| match e {
             FrameError::DigestMismatch { .. } => ApiError::digest_mismatch(e),
@@ -181,7 +181,7 @@ pub(super) async fn put(
         }
         // Another encoding of the same chunk is as good, if it verifies.
         let checked = stored.clone();
-        match blocking(move || frame::decode_verified(&checked, &id)).await? {
+        match blocking(move || frame::verify(&checked, &id)).await? {
             Ok(_) => return Ok(StatusCode::OK),
             Err(why) => state.quarantine(&path, why).await?,
         }
