@@ -296,7 +296,10 @@ fn corrupted_chunk_in_the_store_gives_eio_never_wrong_bytes() {
     assert!(buf[..] == data[..4096]);
     let err = f.read_exact_at(&mut buf, MB as u64 + 512).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    assert!(m.stats()["digest_mismatches"].as_u64().unwrap() >= 1);
+    // The server verifies what it reads from its store: it quarantines the
+    // frame and answers "not found", which the mount reports as EIO.
+    assert!(m.stats()["fetch_errors"].as_u64().unwrap() >= 1);
+    assert!(w.server.metric("thaw_quarantined_total") >= 1.0);
     // Nothing bad reached the disk cache.
     let cached = w.path("cache/v2/chunks").join(&id[..2]).join(&id);
     assert!(!cached.exists());

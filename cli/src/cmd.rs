@@ -5,9 +5,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use thaw_client::push::PushOptions;
 use thaw_client::{ImageRef, Remote};
 use thaw_format::{Chunking, ChunkingMode};
+use thaw_server::ServerConfig;
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP chunk server.
     Serve(ServeArgs),
+    /// Check every chunk and manifest of a store against its name.
+    Fsck(FsckArgs),
     /// Push a directory as an image: upload only missing chunks, then set the tag.
     Push(PushArgs),
     /// Download a whole image into a new directory (the full pull).
@@ -180,9 +184,43 @@ pub struct ServeArgs {
     /// Allow listening on a non-loopback address without a push token.
     #[arg(long)]
     insecure: bool,
-    /// Requests served at once.
+    /// Reads served at once.
     #[arg(long, default_value_t = 256)]
     max_concurrency: usize,
+    /// Uploads served at once (apart from other requests).
+    #[arg(long, default_value_t = ServerConfig::default().max_uploads)]
+    max_uploads: usize,
+    /// Bytes of request bodies held at once (suffixes K, M, G); bodies wait for room.
+    #[arg(long, default_value = "1G", value_parser = parse_bytes)]
+    body_memory: u64,
+    /// Connections open at once; at the cap a new one closes the one idle longest.
+    #[arg(long, default_value_t = ServerConfig::default().max_connections)]
+    max_connections: usize,
+    /// Seconds a client has to send a whole request head.
+    #[arg(long, default_value_t = ServerConfig::default().header_timeout.as_secs())]
+    header_timeout: u64,
+    /// Seconds a connection may idle between requests, or without reading its response.
+    #[arg(long, default_value_t = ServerConfig::default().idle_timeout.as_secs())]
+    idle_timeout: u64,
+    /// Seconds a request body has to arrive.
+    #[arg(long, default_value_t = ServerConfig::default().body_timeout.as_secs())]
+    body_timeout: u64,
+    /// Seconds the requests in flight have to finish on shutdown.
+    #[arg(long, default_value_t = ServerConfig::default().shutdown_grace.as_secs())]
+    shutdown_grace: u64,
+}
+
+#[derive(Args)]
+pub struct FsckArgs {
+    /// Store URL, as for `thaw serve`. Default: the directory `thaw serve` uses.
+    #[arg(long)]
+    store: Option<String>,
+    /// Move what does not match to quarantine/ in the store, where the server no longer sees it.
+    #[arg(long)]
+    quarantine: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -251,6 +289,7 @@ pub fn run(cli: Cli) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
         Command::Serve(a) => rt.block_on(serve(a)),
+        Command::Fsck(a) => rt.block_on(fsck(a)),
         Command::Push(a) => rt.block_on(push(a)),
         Command::Export(a) => rt.block_on(export(a)),
         Command::Inspect(a) => rt.block_on(inspect(a)),
@@ -287,12 +326,19 @@ async fn serve(a: ServeArgs) -> Result<()> {
     if !a.listen.ip().is_loopback() && push_token.is_none() && !a.insecure {
         bail!("refusing to listen on {} without --push-token-file: anyone could upload (pass --insecure to allow)", a.listen);
     }
-    let config = thaw_server::ServerConfig {
+    let config = ServerConfig {
         store_url: a.store.unwrap_or_else(default_store),
         cache_mem: a.cache_mem,
         push_token,
         pull_token: read_token(a.pull_token_file.as_deref())?,
         max_concurrency: a.max_concurrency,
+        max_uploads: a.max_uploads,
+        body_memory: a.body_memory,
+        max_connections: a.max_connections,
+        header_timeout: Duration::from_secs(a.header_timeout),
+        idle_timeout: Duration::from_secs(a.idle_timeout),
+        body_timeout: Duration::from_secs(a.body_timeout),
+        shutdown_grace: Duration::from_secs(a.shutdown_grace),
         ..Default::default()
     };
     let listener = tokio::net::TcpListener::bind(a.listen)
@@ -305,6 +351,71 @@ async fn serve(a: ServeArgs) -> Result<()> {
         config.store_url
     );
     thaw_server::run(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn fsck(a: FsckArgs) -> Result<()> {
+    let url = a.store.unwrap_or_else(default_store);
+    let store = thaw_server::open_store(&url)?;
+    let options = thaw_server::FsckOptions {
+        quarantine: a.quarantine,
+        ..Default::default()
+    };
+    let spinner = if !a.json && std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let progress = |r: &thaw_server::FsckReport| {
+        spinner.set_message(format!(
+            "checked {} chunks, {} manifests, {}; {} bad",
+            r.chunks,
+            r.manifests,
+            human(r.bytes),
+            r.bad.len()
+        ));
+        spinner.tick();
+    };
+    let report = thaw_server::fsck(&store, &options, &progress)
+        .await
+        .with_context(|| format!("cannot check the store {url}"))?;
+    spinner.finish_and_clear();
+    if a.json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "checked {} chunks and {} manifests ({}) in {url}",
+            report.chunks,
+            report.manifests,
+            human(report.bytes)
+        );
+        for bad in &report.bad {
+            let moved = if bad.quarantined {
+                " (quarantined)"
+            } else {
+                ""
+            };
+            println!("bad         {}: {}{moved}", bad.path, bad.reason);
+        }
+        for m in &report.incomplete_manifests {
+            println!(
+                "incomplete  manifest {}: {} chunks not stored or bad; push its image again",
+                m.manifest, m.missing_chunks
+            );
+        }
+    }
+    if !report.is_clean() {
+        let hint = if a.quarantine || report.bad.is_empty() {
+            ""
+        } else {
+            " (--quarantine moves bad objects aside, so a push uploads them again)"
+        };
+        bail!(
+            "{} bad objects, {} incomplete manifests{hint}",
+            report.bad.len(),
+            report.incomplete_manifests.len()
+        );
+    }
     Ok(())
 }
 

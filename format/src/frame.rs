@@ -5,14 +5,16 @@
 //! 4  version           u8       1
 //! 5  flags             u8       bit 0: payload is zstd; other bits must be 0
 //! 6  reserved          u16      0
-//! 8  uncompressed len  u32 LE   at most MAX_CHUNK_LEN
+//! 8  uncompressed len  u32 LE   1 ..= MAX_CHUNK_LEN
 //! 12 payload
 //! ```
 //! A chunk that does not shrink under zstd is stored raw. Decoding bounds the
 //! uncompressed length before it allocates and checks that the payload inflates
-//! to exactly that length; [`decode_verified`] also checks the BLAKE3 digest.
+//! to exactly that length; [`decode_verified`] also checks the BLAKE3 digest,
+//! and [`verify`] checks it without keeping the decoded bytes.
 
 use crate::Digest;
+use std::io::Read;
 
 /// Frame magic.
 pub const FRAME_MAGIC: [u8; 4] = *b"THCK";
@@ -35,6 +37,10 @@ pub enum FrameError {
     UnsupportedVersion(u8),
     #[error("unknown chunk frame flags {0:#x}")]
     UnknownFlags(u8),
+    #[error("chunk frame reserved bytes are not zero")]
+    ReservedBytes,
+    #[error("chunk frame declares an empty chunk (chunks are 1 byte or more)")]
+    Empty,
     #[error("chunk of {0} bytes exceeds the {MAX_CHUNK_LEN}-byte limit")]
     TooLarge(usize),
     #[error("chunk payload does not decode to its declared {expected} bytes")]
@@ -65,11 +71,12 @@ impl Encoder {
     /// Encodes `data` as a frame, zstd-compressed when that makes it smaller.
     ///
     /// # Panics
-    /// If `data` is longer than [`MAX_CHUNK_LEN`]: chunkers never produce such chunks.
+    /// If `data` is empty or longer than [`MAX_CHUNK_LEN`]: chunkers never
+    /// produce such chunks (empty files and zeros are holes, not chunks).
     pub fn encode(&mut self, data: &[u8]) -> Vec<u8> {
         assert!(
-            data.len() <= MAX_CHUNK_LEN,
-            "chunk larger than MAX_CHUNK_LEN"
+            !data.is_empty() && data.len() <= MAX_CHUNK_LEN,
+            "chunk empty or larger than MAX_CHUNK_LEN"
         );
         let mut out =
             Vec::with_capacity(FRAME_HEADER_LEN + zstd::zstd_safe::compress_bound(data.len()));
@@ -121,10 +128,16 @@ pub fn declared_len(frame: &[u8]) -> Result<usize, FrameError> {
     if frame[4] != FRAME_VERSION {
         return Err(FrameError::UnsupportedVersion(frame[4]));
     }
-    if frame[5] & !FLAG_ZSTD != 0 || frame[6] != 0 || frame[7] != 0 {
+    if frame[5] & !FLAG_ZSTD != 0 {
         return Err(FrameError::UnknownFlags(frame[5]));
     }
+    if frame[6..8] != [0, 0] {
+        return Err(FrameError::ReservedBytes);
+    }
     let len = u32::from_le_bytes(frame[8..12].try_into().expect("4 bytes")) as usize;
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
     if len > MAX_CHUNK_LEN {
         return Err(FrameError::TooLarge(len));
     }
@@ -150,6 +163,48 @@ pub fn decode(frame: &[u8]) -> Result<Vec<u8>, FrameError> {
     Ok(out)
 }
 
+/// Checks that a frame decodes to bytes that hash to `id`, as
+/// [`decode_verified`] does, without holding the decoded bytes: the payload
+/// is hashed as it inflates, through a small buffer.
+pub fn verify(frame: &[u8], id: &Digest) -> Result<(), FrameError> {
+    let len = declared_len(frame)?;
+    let payload = &frame[FRAME_HEADER_LEN..];
+    let mut hasher = blake3::Hasher::new();
+    if frame[5] & FLAG_ZSTD == 0 {
+        if payload.len() != len {
+            return Err(FrameError::LengthMismatch { expected: len });
+        }
+        hasher.update(payload);
+    } else {
+        let mismatch = |_| FrameError::LengthMismatch { expected: len };
+        let mut inflate = zstd::stream::read::Decoder::with_buffer(payload).map_err(mismatch)?;
+        let mut buf = [0u8; 64 << 10];
+        let mut total = 0usize;
+        loop {
+            let n = inflate.read(&mut buf).map_err(mismatch)?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+            if total > len {
+                return Err(FrameError::LengthMismatch { expected: len });
+            }
+            hasher.update(&buf[..n]);
+        }
+        if total != len {
+            return Err(FrameError::LengthMismatch { expected: len });
+        }
+    }
+    let actual = Digest::from(hasher.finalize());
+    if actual != *id {
+        return Err(FrameError::DigestMismatch {
+            expected: *id,
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// Decodes a frame and checks that its bytes hash to `id`.
 pub fn decode_verified(frame: &[u8], id: &Digest) -> Result<Vec<u8>, FrameError> {
     let data = decode(frame)?;
@@ -170,7 +225,7 @@ mod tests {
 
     #[test]
     fn frames_fit_their_bound() {
-        for len in [0usize, 1, 100, 4096, 200_000] {
+        for len in [1usize, 100, 4096, 200_000] {
             let noise: Vec<u8> = (0..len as u64)
                 .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
                 .collect();
@@ -225,9 +280,68 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn reserved_bytes_have_their_own_error() {
+        let mut bad = encode(b"abc", 3);
+        bad[6] = 1;
+        let err = decode(&bad).unwrap_err();
+        assert!(matches!(err, FrameError::ReservedBytes), "{err}");
+        assert!(!err.to_string().contains("flags"), "{err}");
+        bad[6] = 0;
+        bad[7] = 0x80;
+        assert!(matches!(decode(&bad), Err(FrameError::ReservedBytes)));
+    }
+
+    #[test]
+    fn empty_chunks_are_refused() {
+        let empty = [b'T', b'H', b'C', b'K', 1, 0, 0, 0, 0, 0, 0, 0];
+        assert!(matches!(declared_len(&empty), Err(FrameError::Empty)));
+        assert!(matches!(decode(&empty), Err(FrameError::Empty)));
+    }
+
+    #[test]
+    fn verify_agrees_with_decoding() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let id = Digest::of(&data);
+        for level in [3, 19] {
+            let good = encode(&data, level);
+            verify(&good, &id).unwrap();
+            let mut flipped = good.clone();
+            let last = flipped.len() - 1;
+            flipped[last] ^= 1;
+            assert!(verify(&flipped, &id).is_err());
+            assert!(matches!(
+                verify(&good, &Digest::of(b"other")),
+                Err(FrameError::DigestMismatch { .. })
+            ));
+            let mut short = good.clone();
+            short[8..12].copy_from_slice(&299_999u32.to_le_bytes());
+            assert!(matches!(
+                verify(&short, &id),
+                Err(FrameError::LengthMismatch { .. })
+            ));
+        }
+        let raw = encode(b"abc", 3);
+        verify(&raw, &Digest::of(b"abc")).unwrap();
+        assert!(verify(&raw[..14], &Digest::of(b"abc")).is_err());
+    }
+
     proptest! {
         #[test]
-        fn frame_round_trip(data in proptest::collection::vec(any::<u8>(), 0..20_000), level in 1i32..6, zeros in 0usize..50_000) {
+        fn verify_accepts_exactly_what_decoding_accepts(data in proptest::collection::vec(any::<u8>(), 1..5000), zeros in 0usize..5000, flip in any::<prop::sample::Index>()) {
+            // Zeros make the frame zstd; without them it is mostly raw.
+            let mut data = data;
+            data.extend(std::iter::repeat_n(0u8, zeros));
+            let id = Digest::of(&data);
+            let mut f = encode(&data, 3);
+            prop_assert!(verify(&f, &id).is_ok());
+            let at = flip.index(f.len());
+            f[at] ^= 0x5a;
+            prop_assert_eq!(verify(&f, &id).is_ok(), decode_verified(&f, &id).is_ok());
+        }
+
+        #[test]
+        fn frame_round_trip(data in proptest::collection::vec(any::<u8>(), 1..20_000), level in 1i32..6, zeros in 0usize..50_000) {
             let mut data = data;
             data.extend(std::iter::repeat_n(0u8, zeros));
             let id = Digest::of(&data);

@@ -32,7 +32,7 @@ pub use digest::{Digest, ParseDigestError};
 pub use frame::{FrameError, FRAME_HEADER_LEN, MAX_CHUNK_LEN};
 pub use manifest::{
     ChunkRef, Extent, Manifest, ManifestError, Node, NodeKind, Xattr, MANIFEST_MAGIC,
-    MANIFEST_VERSION, ROOT,
+    MANIFEST_VERSION, ROOT, XATTR_NAME_MAX, XATTR_VALUE_MAX,
 };
 
 /// A chunk is named by the digest of its uncompressed bytes.

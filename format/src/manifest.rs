@@ -125,9 +125,49 @@ fn invalid(msg: String) -> ManifestError {
     ManifestError::Invalid(msg)
 }
 
+/// The file type bits of `st_mode` (`S_IFMT`), and each type's value.
+const S_IFMT: u32 = 0o170000;
+const S_IFSOCK: u32 = 0o140000;
+const S_IFLNK: u32 = 0o120000;
+const S_IFREG: u32 = 0o100000;
+const S_IFBLK: u32 = 0o060000;
+const S_IFDIR: u32 = 0o040000;
+const S_IFCHR: u32 = 0o020000;
+const S_IFIFO: u32 = 0o010000;
+
+/// Longest xattr name (Linux `XATTR_NAME_MAX`).
+pub const XATTR_NAME_MAX: usize = 255;
+/// Largest xattr value (Linux `XATTR_SIZE_MAX`).
+pub const XATTR_VALUE_MAX: usize = 64 << 10;
+
 /// Directory entry names: non-empty, no `/` or NUL, not `.` or `..`.
 pub(crate) fn valid_name(name: &[u8]) -> bool {
     !name.is_empty() && name != b"." && name != b".." && !name.iter().any(|&b| b == b'/' || b == 0)
+}
+
+/// Xattr names: non-empty, no NUL, at most [`XATTR_NAME_MAX`] bytes.
+fn valid_xattr(x: &Xattr) -> bool {
+    !x.name.is_empty()
+        && x.name.len() <= XATTR_NAME_MAX
+        && !x.name.contains(&0)
+        && x.value.len() <= XATTR_VALUE_MAX
+}
+
+impl NodeKind {
+    /// The `st_mode` file type bits of this kind; `None` for a hardlink,
+    /// which has its target's.
+    fn type_bits(&self) -> Option<u32> {
+        Some(match self {
+            NodeKind::Dir { .. } => S_IFDIR,
+            NodeKind::File { .. } => S_IFREG,
+            NodeKind::Symlink { .. } => S_IFLNK,
+            NodeKind::Hardlink { .. } => return None,
+            NodeKind::CharDev { .. } => S_IFCHR,
+            NodeKind::BlockDev { .. } => S_IFBLK,
+            NodeKind::Fifo => S_IFIFO,
+            NodeKind::Socket => S_IFSOCK,
+        })
+    }
 }
 
 impl Node {
@@ -230,6 +270,11 @@ impl Manifest {
                 return Err(invalid(format!("chunk {i} has bad length {}", c.len)));
             }
         }
+        if let Some(i) = self.xattrs.iter().position(|x| !valid_xattr(x)) {
+            return Err(invalid(format!(
+                "xattr {i}: names are 1 to {XATTR_NAME_MAX} bytes without NUL, values at most {XATTR_VALUE_MAX} bytes"
+            )));
+        }
         // Breadth-first layout: the child runs of directories, taken in node
         // order, tile 1..n exactly. This also rules out cycles and orphans.
         let mut next = 1u32;
@@ -305,6 +350,13 @@ impl Manifest {
                 | NodeKind::BlockDev { .. }
                 | NodeKind::Fifo
                 | NodeKind::Socket => {}
+            }
+            let type_bits = match &node.kind {
+                NodeKind::Hardlink { target } => self.nodes[*target as usize].mode & S_IFMT,
+                kind => kind.type_bits().expect("only hardlinks borrow their type"),
+            };
+            if node.mode & S_IFMT != type_bits {
+                return Err(ctx("mode type bits do not match the kind"));
             }
             let parent_is_dir = self
                 .nodes

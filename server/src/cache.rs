@@ -1,6 +1,8 @@
 //! The hot cache: recently read or written chunk frames, in memory, within a
 //! byte budget ([`BudgetLru`], shared with the client's chunk cache). Frames
-//! are immutable (named by their content), so there is nothing to invalidate.
+//! are immutable (named by their content), so there is nothing to invalidate,
+//! and only verified frames enter it (uploads, and store reads that passed
+//! their check), so what it holds is trusted.
 //! A lock shared by every request: the critical sections are a hash lookup
 //! and a list splice.
 
@@ -28,9 +30,9 @@ impl HotCache {
         self.lock().get(id).cloned()
     }
 
-    /// The length of the frame of `id`, without marking it used.
-    pub(crate) fn peek_len(&self, id: &Digest) -> Option<u64> {
-        self.lock().peek(id).map(|f| f.len() as u64)
+    /// The frame of `id`, without marking it used.
+    pub(crate) fn peek(&self, id: &Digest) -> Option<Bytes> {
+        self.lock().peek(id).cloned()
     }
 
     pub(crate) fn contains(&self, id: &Digest) -> bool {

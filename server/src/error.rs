@@ -11,7 +11,8 @@ use std::fmt;
 use std::path::PathBuf;
 use thaw_format::Digest;
 
-/// Why the server could not start or stopped with an error.
+/// Why the server could not start or stopped with an error, or a store
+/// check could not finish.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("invalid store URL {url:?}: {reason}")]
@@ -30,6 +31,12 @@ pub enum ServerError {
     },
     #[error("the HTTP server failed")]
     Serve(#[source] std::io::Error),
+    #[error("cannot read {path} from the store")]
+    StoreRead {
+        path: String,
+        #[source]
+        source: object_store::Error,
+    },
 }
 
 /// A refused request: an HTTP status, a stable code and a short message.
@@ -40,6 +47,8 @@ pub(crate) struct ApiError {
     message: String,
     /// Chunk ids that must be uploaded first (only for `missing_chunks`).
     missing: Vec<Digest>,
+    /// More chunks are missing than `missing` lists.
+    truncated: bool,
 }
 
 impl ApiError {
@@ -49,6 +58,7 @@ impl ApiError {
             code,
             message: message.into(),
             missing: Vec::new(),
+            truncated: false,
         }
     }
 
@@ -79,15 +89,24 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "digest_mismatch", msg)
     }
 
-    pub(crate) fn missing_chunks(missing: Vec<Digest>) -> Self {
+    /// A manifest names chunks that are not stored: `missing` lists the
+    /// first of them, and `truncated` says there are more.
+    pub(crate) fn missing_chunks(missing: Vec<Digest>, truncated: bool) -> Self {
+        let at_least = if truncated { "at least " } else { "" };
         let msg = format!(
-            "{} chunks are not stored: upload them, then retry",
+            "{at_least}{} chunks are not stored: upload them, then retry",
             missing.len()
         );
         ApiError {
             missing,
+            truncated,
             ..Self::new(StatusCode::CONFLICT, "missing_chunks", msg)
         }
+    }
+
+    pub(crate) fn body_timeout() -> Self {
+        let msg = "the request body did not arrive in time: send it faster, or ask for a longer --body-timeout";
+        Self::new(StatusCode::REQUEST_TIMEOUT, "timeout", msg)
     }
 
     pub(crate) fn unauthorized() -> Self {
@@ -119,6 +138,8 @@ struct ErrorBody<'a> {
     message: &'a str,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     missing: &'a [Digest],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    truncated: bool,
 }
 
 impl IntoResponse for ApiError {
@@ -127,6 +148,7 @@ impl IntoResponse for ApiError {
             error: self.code,
             message: &self.message,
             missing: &self.missing,
+            truncated: self.truncated,
         };
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {

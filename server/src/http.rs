@@ -4,13 +4,17 @@
 //! depend on it and not on each other.
 
 use crate::error::ApiError;
-use crate::state::Shared;
+use crate::state::{AppState, Shared};
+use axum::body::{Body, HttpBody};
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Request};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
+use thaw_format::wire::FRAME_MAX;
 use thaw_format::Digest;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// The route template a request matched (`/v1/chunks/{id}`), if any.
 pub(crate) fn matched_route(request: &Request) -> Option<&str> {
@@ -77,26 +81,119 @@ where
     }
 }
 
-/// The whole request body, within the route's limit, counted in bytes-in.
-pub(crate) struct RawBody(pub(crate) Bytes);
+/// Most bytes reserved for a body before they arrive: a larger body grows
+/// as it comes, so a declared length that is a lie costs nothing.
+const RESERVE_MAX: usize = FRAME_MAX;
+
+/// Room held in the server's body memory (`ServerConfig::body_memory`) for
+/// one request body, until the request is done with it.
+pub(crate) struct BodyRoom(Option<OwnedSemaphorePermit>);
+
+impl BodyRoom {
+    /// Waits for room for `bytes` more bytes of body.
+    async fn grow(&mut self, bytes: usize, state: &AppState) -> Result<(), ApiError> {
+        let held = self.0.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+        let needed = bytes.div_ceil(1024).saturating_sub(held);
+        if needed == 0 {
+            return Ok(());
+        }
+        if held + needed > state.body_memory_kib {
+            return Err(ApiError::too_large(
+                "request body exceeds the server's body memory (--body-memory)",
+            ));
+        }
+        let more = state
+            .bodies
+            .clone()
+            .acquire_many_owned(needed as u32)
+            .await
+            .map_err(ApiError::internal)?;
+        match &mut self.0 {
+            Some(room) => room.merge(more),
+            None => self.0 = Some(more),
+        }
+        Ok(())
+    }
+}
+
+/// Reads a request body of at most `limit` bytes within the body timeout,
+/// in room taken from the body memory. A body is refused (413) before a
+/// byte is read when its declared length is over the limit, and as soon as
+/// the bytes that came exceed it, so nothing beyond the limit is ever held;
+/// one that does not arrive in time, room included, gets 408. Room for the
+/// declared length is taken before reading, so such a body never holds part
+/// of its room while it waits for the rest.
+pub(crate) async fn read_body(
+    body: Body,
+    limit: usize,
+    state: &AppState,
+) -> Result<(Bytes, BodyRoom), ApiError> {
+    let too_large = || {
+        ApiError::too_large(format!(
+            "request body exceeds this route's limit of {limit} bytes (see docs/api.md)"
+        ))
+    };
+    let declared = body.size_hint().lower();
+    if declared > limit as u64 {
+        return Err(too_large());
+    }
+    let declared = declared as usize;
+    let deadline = tokio::time::Instant::now() + state.body_timeout;
+    let mut room = BodyRoom(None);
+    in_time(deadline, room.grow(declared, state)).await??;
+    let mut buf = BytesMut::with_capacity(declared.min(RESERVE_MAX));
+    let mut body = body.into_data_stream();
+    loop {
+        let data = match in_time(deadline, body.next()).await? {
+            None => return Ok((buf.freeze(), room)),
+            Some(Err(e)) => {
+                return Err(ApiError::bad_request(format!("cannot read the body: {e}")))
+            }
+            Some(Ok(data)) => data,
+        };
+        let len = buf.len() + data.len();
+        if len > limit {
+            return Err(too_large());
+        }
+        in_time(deadline, room.grow(len, state)).await??;
+        buf.extend_from_slice(&data);
+    }
+}
+
+/// `work`, if it finishes by `deadline`; a body timeout otherwise.
+async fn in_time<T>(
+    deadline: tokio::time::Instant,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, ApiError> {
+    tokio::time::timeout_at(deadline, work)
+        .await
+        .map_err(|_elapsed| ApiError::body_timeout())
+}
+
+/// A request whose body was read ahead ([`read_body`] with its route's
+/// limit), and the room it holds.
+pub(crate) async fn with_body_read(
+    request: Request,
+    state: &AppState,
+) -> Result<(Request, BodyRoom), ApiError> {
+    let limit = state.body_limit(matched_route(&request));
+    let (parts, body) = request.into_parts();
+    let (bytes, room) = read_body(body, limit, state).await?;
+    Ok((Request::from_parts(parts, Body::from(bytes)), room))
+}
+
+/// The whole request body ([`read_body`]), counted in bytes-in, and the
+/// room it holds in the body memory until the handler is done.
+pub(crate) struct RawBody(pub(crate) Bytes, pub(crate) BodyRoom);
 
 impl FromRequest<Shared> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &Shared) -> Result<Self, ApiError> {
-        match Bytes::from_request(request, state).await {
-            Ok(body) => {
-                state.metrics.bytes_in(body.len() as u64);
-                Ok(RawBody(body))
-            }
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(
-                ApiError::too_large("request body exceeds this route's limit (see docs/api.md)"),
-            ),
-            Err(rejection) => Err(ApiError::bad_request(format!(
-                "cannot read the body: {}",
-                rejection.body_text()
-            ))),
-        }
+        let limit = state.body_limit(matched_route(&request));
+        let (body, room) = read_body(request.into_body(), limit, state).await?;
+        state.metrics.bytes_in(body.len() as u64);
+        Ok(RawBody(body, room))
     }
 }
 
@@ -107,7 +204,7 @@ impl<T: DeserializeOwned> FromRequest<Shared> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &Shared) -> Result<Self, ApiError> {
-        let RawBody(body) = RawBody::from_request(request, state).await?;
+        let RawBody(body, _room) = RawBody::from_request(request, state).await?;
         serde_json::from_slice(&body).map(JsonBody).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,

@@ -5,22 +5,29 @@
 //! chunks/<first 2 hex>/<64 hex>   a chunk frame, exactly as uploaded
 //! manifests/<64 hex>              a manifest's encoding
 //! tags/<name>/<tag>               the text `blake3:<64 hex>` of a manifest
+//! quarantine/<path>               an object that failed verification
 //! ```
 //! The two-digit fan-out keeps directories of a file store small. Nothing
-//! else is stored, so any number of servers can front the same bucket.
+//! else is stored, so any number of servers can front the same bucket. An
+//! object that does not match its name is moved under `quarantine/`, where
+//! nothing reads it, so that it counts as missing and a re-upload replaces it.
 
 use bytes::Bytes;
-use object_store::path::Path;
+use object_store::path::{Path, PathPart};
 use object_store::ObjectStore;
 use thaw_format::Digest;
 
+pub(crate) const CHUNKS: &str = "chunks";
+pub(crate) const MANIFESTS: &str = "manifests";
+const QUARANTINE: &str = "quarantine";
+
 pub(crate) fn chunk_path(id: &Digest) -> Path {
     let hex = id.to_hex();
-    Path::from_iter(["chunks", &hex[..2], &hex])
+    Path::from_iter([CHUNKS, &hex[..2], &hex])
 }
 
 pub(crate) fn manifest_path(digest: &Digest) -> Path {
-    Path::from_iter(["manifests", &digest.to_hex()])
+    Path::from_iter([MANIFESTS, &digest.to_hex()])
 }
 
 /// `name` and `tag` must have passed [`valid_name`].
@@ -33,6 +40,21 @@ pub(crate) fn tag_prefix(name: &str) -> Path {
 }
 
 pub(crate) use thaw_format::wire::valid_name;
+
+/// Where the object at `path` goes when it fails verification.
+pub(crate) fn quarantine_path(path: &Path) -> Path {
+    Path::from_iter(std::iter::once(PathPart::from(QUARANTINE)).chain(path.parts()))
+}
+
+/// Moves the object at `path` to [`quarantine_path`] (replacing an earlier
+/// quarantined copy). An object already gone counts as moved: another
+/// request got there first.
+pub(crate) async fn quarantine(store: &dyn ObjectStore, path: &Path) -> object_store::Result<()> {
+    match store.rename(path, &quarantine_path(path)).await {
+        Err(object_store::Error::NotFound { .. }) => Ok(()),
+        moved => moved,
+    }
+}
 
 /// The object at `path`, or `None` if there is none.
 pub(crate) async fn get(
@@ -72,5 +94,9 @@ mod tests {
         );
         assert_eq!(manifest_path(&id).as_ref(), format!("manifests/{hex}"));
         assert_eq!(tag_path("py", "3.12").as_ref(), "tags/py/3.12");
+        assert_eq!(
+            quarantine_path(&chunk_path(&id)).as_ref(),
+            format!("quarantine/chunks/{}/{hex}", &hex[..2])
+        );
     }
 }

@@ -15,7 +15,12 @@ pub(crate) const HTTP_BYTES_OUT_TOTAL: &str = "thaw_http_bytes_out_total";
 pub(crate) const HOT_CACHE_HITS_TOTAL: &str = "thaw_hot_cache_hits_total";
 pub(crate) const HOT_CACHE_MISSES_TOTAL: &str = "thaw_hot_cache_misses_total";
 pub(crate) const HOT_CACHE_BYTES: &str = "thaw_hot_cache_bytes";
+pub(crate) const REQUEST_BODY_BYTES: &str = "thaw_request_body_bytes";
 pub(crate) const CHUNKS_SERVED_TOTAL: &str = "thaw_chunks_served_total";
+pub(crate) const QUARANTINED_TOTAL: &str = "thaw_quarantined_total";
+pub(crate) const CONNECTIONS_OPEN: &str = "thaw_connections_open";
+pub(crate) const CONNECTIONS_TIMED_OUT_TOTAL: &str = "thaw_connections_timed_out_total";
+pub(crate) const CONNECTIONS_EVICTED_TOTAL: &str = "thaw_connections_evicted_total";
 
 /// The route label of requests that matched no route.
 pub(crate) const UNMATCHED_ROUTE: &str = "unmatched";
@@ -28,6 +33,10 @@ pub(crate) struct Metrics {
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     chunks_served: AtomicU64,
+    quarantined: AtomicU64,
+    connections_open: AtomicU64,
+    connections_timed_out: AtomicU64,
+    connections_evicted: AtomicU64,
 }
 
 impl Metrics {
@@ -56,8 +65,28 @@ impl Metrics {
         self.chunks_served.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn quarantined(&self) {
+        self.quarantined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_timed_out(&self) {
+        self.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_evicted(&self) {
+        self.connections_evicted.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition of every metric.
-    pub(crate) fn render(&self, hot_cache_bytes: u64) -> String {
+    pub(crate) fn render(&self, hot_cache_bytes: u64, body_bytes: u64) -> String {
         let mut out = String::new();
         header(
             &mut out,
@@ -110,10 +139,40 @@ impl Metrics {
                 hot_cache_bytes,
             ),
             (
+                REQUEST_BODY_BYTES,
+                "gauge",
+                "Bytes of room held for request bodies being received or handled.",
+                body_bytes,
+            ),
+            (
                 CHUNKS_SERVED_TOTAL,
                 "counter",
                 "Chunk frames sent, by GET and batch reads.",
                 load(&self.chunks_served),
+            ),
+            (
+                QUARANTINED_TOTAL,
+                "counter",
+                "Stored objects that failed verification and were moved to quarantine.",
+                load(&self.quarantined),
+            ),
+            (
+                CONNECTIONS_OPEN,
+                "gauge",
+                "Client connections open.",
+                load(&self.connections_open),
+            ),
+            (
+                CONNECTIONS_TIMED_OUT_TOTAL,
+                "counter",
+                "Connections closed for a header, idle or write timeout.",
+                load(&self.connections_timed_out),
+            ),
+            (
+                CONNECTIONS_EVICTED_TOTAL,
+                "counter",
+                "Connections closed to make room at the connection cap.",
+                load(&self.connections_evicted),
             ),
         ];
         for (name, kind, help, value) in scalars {
@@ -147,7 +206,7 @@ mod tests {
         m.request("/v1/chunks/{id}", 200);
         m.request("a\"b", 404);
         m.chunk_served();
-        let text = m.render(7);
+        let text = m.render(7, 0);
         assert!(
             text.contains("thaw_http_requests_total{route=\"/v1/chunks/{id}\",status=\"200\"} 2\n")
         );

@@ -1,85 +1,63 @@
 //! The HTTP API (`docs/api.md`): routes, shared state, middleware, extractors.
 //!
 //! Requests pass, outermost first, through [`observe`] (a tracing span, the
-//! request and byte counters), [`auth::require_token`], [`limit_concurrency`]
-//! (a semaphore of `max_concurrency` permits; health and metrics skip it so
-//! they answer under load) and a per-route body limit, then reach a handler in
-//! [`chunks`], [`manifests`] or [`tags`]. Handlers take bodies through
-//! [`RawBody`] and [`JsonBody`], which turn every rejection (too large,
-//! malformed) into the JSON error shape instead of axum's plain text.
+//! request and byte counters), [`auth::require_token`] and
+//! [`limit_concurrency`], then reach a handler in [`chunks`], [`manifests`]
+//! or [`tags`]. Handlers take bodies through [`RawBody`] and [`JsonBody`],
+//! which stream them within the route's limit and the body timeout, and turn
+//! every rejection (too large, too slow, malformed) into the JSON error shape
+//! instead of axum's plain text.
+//!
+//! [`RawBody`]: crate::http::RawBody
+//! [`JsonBody`]: crate::http::JsonBody
 
 mod chunks;
 mod manifests;
 mod tags;
 
 use crate::auth::{self, Auth};
-use crate::cache::HotCache;
+use crate::connections::ConnHandle;
 use crate::error::ApiError;
-use crate::http::matched_route;
-use crate::metrics::{self, Metrics};
-use crate::state::{AppState, Shared};
+use crate::http::{matched_route, with_body_read};
+use crate::metrics;
+use crate::state::Shared;
 use crate::ServerConfig;
 use axum::body::HttpBody;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self as mw, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use object_store::ObjectStore;
 use std::sync::Arc;
 use std::time::Instant;
-use thaw_format::wire::{
-    id_list_body_max, BATCH_MAX_IDS, FRAME_MAX as CHUNK_BODY_MAX, MISSING_MAX_IDS, TAG_BODY_MAX,
-};
-use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-pub(crate) fn build(store: Arc<dyn ObjectStore>, config: &ServerConfig) -> Router {
-    let state = Arc::new(AppState {
-        store,
-        cache: HotCache::new(config.cache_mem),
-        metrics: Metrics::default(),
-    });
+pub(crate) fn build(state: Shared, config: &ServerConfig) -> Router {
     let auth = Arc::new(Auth::new(
         config.push_token.as_deref(),
         config.pull_token.as_deref(),
     ));
-    let permits = Arc::new(Semaphore::new(config.max_concurrency.max(1)));
-    let limit = DefaultBodyLimit::max;
     Router::new()
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics_text))
-        .route(
-            "/v1/chunks/missing",
-            post(chunks::missing).layer(limit(id_list_body_max(MISSING_MAX_IDS))),
-        )
-        .route(
-            "/v1/chunks/batch",
-            post(chunks::batch).layer(limit(id_list_body_max(BATCH_MAX_IDS))),
-        )
+        .route("/v1/chunks/missing", post(chunks::missing))
+        .route("/v1/chunks/batch", post(chunks::batch))
         .route(
             "/v1/chunks/{id}",
-            get(chunks::get)
-                .head(chunks::head)
-                .put(chunks::put)
-                .layer(limit(CHUNK_BODY_MAX)),
+            get(chunks::get).head(chunks::head).put(chunks::put),
         )
         .route(
             "/v1/manifests/{digest}",
             get(manifests::get)
                 .head(manifests::head)
-                .put(manifests::put)
-                .layer(limit(config.max_body)),
+                .put(manifests::put),
         )
         .route("/v1/tags/{name}", get(tags::list))
-        .route(
-            "/v1/tags/{name}/{tag}",
-            get(tags::get).put(tags::put).layer(limit(TAG_BODY_MAX)),
-        )
+        .route("/v1/tags/{name}/{tag}", get(tags::get).put(tags::put))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(mw::from_fn_with_state(permits, limit_concurrency))
+        .layer(mw::from_fn_with_state(state.clone(), limit_concurrency))
         .layer(mw::from_fn_with_state(auth, auth::require_token))
         .layer(mw::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -115,17 +93,53 @@ async fn observe(State(state): State<Shared>, request: Request, next: Next) -> R
     .await
 }
 
-/// Middleware: at most `max_concurrency` requests run at once; others wait.
-async fn limit_concurrency(
-    State(permits): State<Arc<Semaphore>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if matches!(matched_route(&request), Some("/v1/health" | "/metrics")) {
-        return next.run(request).await;
+/// Which permits a request's handler holds while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Permits {
+    /// Cheap answers (health, metrics, unknown routes) take none, so they
+    /// answer under load.
+    None,
+    Reads,
+    /// A batch read: its small body is read first, so a body that trickles
+    /// holds no read permit.
+    ReadsAfterBody,
+    Uploads,
+}
+
+fn permits(method: &Method, route: Option<&str>) -> Permits {
+    match route {
+        None | Some("/v1/health" | "/metrics") => Permits::None,
+        Some("/v1/chunks/batch") if method == Method::POST => Permits::ReadsAfterBody,
+        Some("/v1/chunks/missing") if method == Method::POST => Permits::Uploads,
+        Some(_) if method == Method::GET || method == Method::HEAD => Permits::Reads,
+        Some(_) if method == Method::PUT => Permits::Uploads,
+        Some(_) => Permits::None,
     }
-    match permits.acquire().await {
-        Ok(_permit) => next.run(request).await,
+}
+
+/// Middleware: at most `max_concurrency` reads and `max_uploads` uploads
+/// are handled at once; others wait. While a request holds its permit its
+/// connection is not closed to make room at the connection cap.
+async fn limit_concurrency(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let (semaphore, request) = match permits(request.method(), matched_route(&request)) {
+        Permits::None => return next.run(request).await,
+        Permits::Reads => (&state.reads, request),
+        Permits::Uploads => (&state.uploads, request),
+        // The ids are parsed from the body in the handler, so the body's
+        // room goes as soon as it is read: it is small.
+        Permits::ReadsAfterBody => match with_body_read(request, &state).await {
+            Ok((request, _room)) => (&state.reads, request),
+            Err(refused) => return refused.into_response(),
+        },
+    };
+    match semaphore.acquire().await {
+        Ok(_permit) => {
+            let _handling = request
+                .extensions()
+                .get::<ConnHandle>()
+                .map(ConnHandle::handling);
+            next.run(request).await
+        }
         Err(closed) => ApiError::internal(closed).into_response(),
     }
 }
@@ -135,7 +149,9 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 async fn metrics_text(State(state): State<Shared>) -> Response {
-    let text = state.metrics.render(state.cache.bytes());
+    let text = state
+        .metrics
+        .render(state.cache.bytes(), state.body_bytes());
     (
         [(
             header::CONTENT_TYPE,
@@ -157,4 +173,31 @@ async fn unknown_route() -> ApiError {
 async fn method_not_allowed() -> ApiError {
     let msg = "this route does not take that method: see docs/api.md for the API";
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_take_permits_by_what_they_do() {
+        let cases = [
+            (Method::GET, Some("/v1/health"), Permits::None),
+            (Method::GET, None, Permits::None),
+            (Method::GET, Some("/v1/chunks/{id}"), Permits::Reads),
+            (Method::HEAD, Some("/v1/manifests/{digest}"), Permits::Reads),
+            (
+                Method::POST,
+                Some("/v1/chunks/batch"),
+                Permits::ReadsAfterBody,
+            ),
+            (Method::POST, Some("/v1/chunks/missing"), Permits::Uploads),
+            (Method::PUT, Some("/v1/chunks/{id}"), Permits::Uploads),
+            (Method::PUT, Some("/v1/tags/{name}/{tag}"), Permits::Uploads),
+            (Method::DELETE, Some("/v1/chunks/{id}"), Permits::None),
+        ];
+        for (method, route, expected) in cases {
+            assert_eq!(permits(&method, route), expected, "{method} {route:?}");
+        }
+    }
 }

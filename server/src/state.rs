@@ -1,15 +1,88 @@
-//! The state every handler shares: the store, the hot cache, the metrics.
+//! The state every handler shares: the store, the hot cache, the metrics,
+//! the request permits and the body limits.
 
 use crate::cache::HotCache;
+use crate::error::ApiError;
+use crate::layout;
 use crate::metrics::Metrics;
+use crate::ServerConfig;
+use object_store::path::Path;
 use object_store::ObjectStore;
 use std::sync::Arc;
+use std::time::Duration;
+use thaw_format::wire::{
+    id_list_body_max, BATCH_MAX_IDS, FRAME_MAX as CHUNK_BODY_MAX, MISSING_MAX_IDS, TAG_BODY_MAX,
+};
+use tokio::sync::Semaphore;
 
 /// What every handler shares.
 pub(crate) struct AppState {
     pub(crate) store: Arc<dyn ObjectStore>,
     pub(crate) cache: HotCache,
     pub(crate) metrics: Metrics,
+    /// Permits of requests that read (`GET`, `HEAD`, batch reads).
+    pub(crate) reads: Semaphore,
+    /// Permits of requests that upload (`PUT`, the missing list): kept apart
+    /// so that slow uploads cannot hold up reads.
+    pub(crate) uploads: Semaphore,
+    /// How long a request body may take to arrive, once the server reads it.
+    pub(crate) body_timeout: Duration,
+    /// Room for request bodies, in KiB permits (`http::read_body`).
+    pub(crate) bodies: Arc<Semaphore>,
+    pub(crate) body_memory_kib: usize,
+    max_body: usize,
 }
 
 pub(crate) type Shared = Arc<AppState>;
+
+impl AppState {
+    pub(crate) fn new(store: Arc<dyn ObjectStore>, config: &ServerConfig) -> Shared {
+        // Bodies take room in KiB permits, at most u32::MAX at a time.
+        let body_memory_kib = (config.body_memory >> 10).clamp(1, u32::MAX.into()) as usize;
+        Arc::new(AppState {
+            store,
+            cache: HotCache::new(config.cache_mem),
+            metrics: Metrics::default(),
+            reads: Semaphore::new(config.max_concurrency.max(1)),
+            uploads: Semaphore::new(config.max_uploads.max(1)),
+            body_timeout: config.body_timeout,
+            bodies: Arc::new(Semaphore::new(body_memory_kib)),
+            body_memory_kib,
+            max_body: config.max_body,
+        })
+    }
+
+    /// Bytes of request bodies held now.
+    pub(crate) fn body_bytes(&self) -> u64 {
+        (self.body_memory_kib - self.bodies.available_permits()) as u64 * 1024
+    }
+
+    /// The largest body the route template `route` takes (0 for routes
+    /// without a body).
+    pub(crate) fn body_limit(&self, route: Option<&str>) -> usize {
+        match route {
+            Some("/v1/chunks/missing") => id_list_body_max(MISSING_MAX_IDS),
+            Some("/v1/chunks/batch") => id_list_body_max(BATCH_MAX_IDS),
+            Some("/v1/chunks/{id}") => CHUNK_BODY_MAX,
+            Some("/v1/manifests/{digest}") => self.max_body,
+            Some("/v1/tags/{name}/{tag}") => TAG_BODY_MAX,
+            _ => 0,
+        }
+    }
+
+    /// Moves the stored object at `path`, which failed verification for
+    /// `why`, to quarantine: from now on it reads as not stored, so an
+    /// uploader sends it again.
+    pub(crate) async fn quarantine(
+        &self,
+        path: &Path,
+        why: impl std::fmt::Display,
+    ) -> Result<(), ApiError> {
+        layout::quarantine(&*self.store, path)
+            .await
+            .map_err(ApiError::store)?;
+        self.metrics.quarantined();
+        tracing::error!(%path, %why, to = %layout::quarantine_path(path), "stored object failed verification: moved to quarantine");
+        Ok(())
+    }
+}

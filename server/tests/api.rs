@@ -1,159 +1,15 @@
 //! The HTTP API, driven over real TCP against in-memory and directory stores.
 
-use object_store::ObjectStore;
+mod common;
+
+use common::{assert_error, manifest_of, Server};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::sync::Arc;
-use thaw_format::{frame, ChunkRef, Digest, Extent, Manifest, Node, NodeKind};
-use thaw_server::{open_store, router, run, ServerConfig};
+use thaw_format::{frame, Digest};
+use thaw_server::{open_store, run, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-
-struct Server {
-    base: String,
-    http: reqwest::Client,
-    token: Option<String>,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-}
-
-impl Server {
-    async fn start(store: Arc<dyn ObjectStore>, config: ServerConfig) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = router(store, &config);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
-        Server {
-            base,
-            http: reqwest::Client::new(),
-            token: None,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn memory() -> Server {
-        Server::start(open_store("memory://").unwrap(), ServerConfig::default()).await
-    }
-
-    /// Requests from now on send `token` (or none).
-    fn with_token(&mut self, token: Option<&str>) -> &mut Self {
-        self.token = token.map(str::to_owned);
-        self
-    }
-
-    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        let request = self.http.request(method, format!("{}{path}", self.base));
-        match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        }
-    }
-
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        body: impl Into<reqwest::Body>,
-    ) -> reqwest::Response {
-        self.request(method, path).body(body).send().await.unwrap()
-    }
-
-    async fn get(&self, path: &str) -> reqwest::Response {
-        self.request(Method::GET, path).send().await.unwrap()
-    }
-
-    async fn put_chunk(&self, data: &[u8]) -> (Digest, StatusCode) {
-        let id = Digest::of(data);
-        let status = self
-            .send(
-                Method::PUT,
-                &format!("/v1/chunks/{id}"),
-                frame::encode(data, 3),
-            )
-            .await
-            .status();
-        (id, status)
-    }
-
-    async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.request(Method::POST, path)
-            .json(body)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn metric(&self, line_prefix: &str) -> u64 {
-        let text = self.get("/metrics").await.text().await.unwrap();
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(line_prefix)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
-            .map_or(0, |v| v.parse().unwrap())
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap();
-    }
-}
-
-/// Asserts the status and the JSON error code of a refused request.
-async fn assert_error(response: reqwest::Response, status: StatusCode, code: &str) -> Value {
-    assert_eq!(response.status(), status);
-    assert_eq!(response.headers()["content-type"], "application/json");
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["error"], code, "{body}");
-    assert!(!body["message"].as_str().unwrap().is_empty());
-    body
-}
-
-/// A manifest of one file made of the chunk `data`.
-fn manifest_of(data: &[u8]) -> (Vec<u8>, Digest) {
-    let len = data.len() as u64;
-    let node = |name: &[u8], kind, mode, size| Node {
-        parent: 0,
-        name: name.to_vec(),
-        kind,
-        mode,
-        uid: 0,
-        gid: 0,
-        mtime_ns: 0,
-        size,
-        xattrs: 0..0,
-    };
-    let manifest = Manifest {
-        chunk_size: 1 << 20,
-        chunks: vec![ChunkRef {
-            id: Digest::of(data),
-            len: len as u32,
-        }],
-        nodes: vec![
-            node(b"", NodeKind::Dir { children: 1..2 }, 0o40755, 0),
-            node(b"f", NodeKind::File { extents: 0..1 }, 0o100644, len),
-        ],
-        extents: vec![Extent {
-            chunk: Some(0),
-            offset: 0,
-            len,
-        }],
-        xattrs: vec![],
-    };
-    let bytes = manifest.encode();
-    let digest = Digest::of(&bytes);
-    (bytes, digest)
-}
 
 async fn chunk_round_trip(server: &Server) {
     let data = b"hello chunk ".repeat(1000);
@@ -254,6 +110,13 @@ async fn bad_uploads_are_refused_and_not_stored() {
     let mut truncated = frame::encode(&[9u8; 5000], 3);
     truncated.truncate(truncated.len() - 1);
     let response = server.send(Method::PUT, &path, truncated).await;
+    assert_error(response, StatusCode::BAD_REQUEST, "bad_frame").await;
+    assert_error(server.get(&path).await, StatusCode::NOT_FOUND, "not_found").await;
+
+    // There are no empty chunks: empty files and zeros are holes.
+    let empty = [b'T', b'H', b'C', b'K', 1, 0, 0, 0, 0, 0, 0, 0];
+    let path = format!("/v1/chunks/{}", Digest::of(b""));
+    let response = server.send(Method::PUT, &path, empty.to_vec()).await;
     assert_error(response, StatusCode::BAD_REQUEST, "bad_frame").await;
     assert_error(server.get(&path).await, StatusCode::NOT_FOUND, "not_found").await;
     server.stop().await;
@@ -768,6 +631,7 @@ async fn oversized_chunk_upload_gets_413() {
 async fn one_request_slot_still_serves_concurrent_clients() {
     let config = ServerConfig {
         max_concurrency: 1,
+        max_uploads: 1,
         ..ServerConfig::default()
     };
     let server = Server::start(open_store("memory://").unwrap(), config).await;

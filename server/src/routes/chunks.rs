@@ -2,9 +2,12 @@
 //!
 //! A chunk is stored as the frame the client uploaded, after the server has
 //! decoded it and checked its BLAKE3 digest against the id in the URL, so the
-//! store never holds a frame that does not match its name. Reads go through
-//! the hot cache, which also takes every accepted upload (a fresh push is
-//! usually followed by pulls of the same chunks).
+//! store never holds a frame that does not match its name, unless the store
+//! itself damages it. So a frame read from the store is checked again before
+//! it is served or cached; one that fails is moved to quarantine and reads as
+//! not stored, and an upload over a stored frame that fails replaces it.
+//! Reads go through the hot cache, which also takes every accepted upload (a
+//! fresh push is usually followed by pulls of the same chunks).
 
 use crate::error::ApiError;
 use crate::http::{blocking, immutable, immutable_head, parse_digest, JsonBody, Param, RawBody};
@@ -19,29 +22,46 @@ use bytes::Bytes;
 use futures::{stream, StreamExt, TryStreamExt};
 use thaw_format::frame::{self, FrameError};
 use thaw_format::wire::{self, BATCH_MAX_IDS, MISSING_MAX_IDS};
-use thaw_format::Digest;
+use thaw_format::{ChunkRef, Digest, FRAME_HEADER_LEN};
 
 /// Store requests in flight for one missing-list request.
-const EXISTS_CONCURRENCY: usize = 64;
+pub(super) const EXISTS_CONCURRENCY: usize = 64;
 /// Frames fetched ahead for one batch read: bounds its memory to this many
 /// frames beyond what the socket has taken.
 const BATCH_CONCURRENCY: usize = 16;
 
+/// What the store holds for a chunk a manifest names.
+pub(super) enum ChunkState {
+    Stored,
+    Missing,
+    /// A good frame of another length than the manifest gives.
+    OtherLength(usize),
+}
+
 impl AppState {
-    /// The frame of `id`, from the hot cache or the store (then cached).
+    /// The frame of `id`, from the hot cache or the store (then verified
+    /// and cached). A stored frame that fails verification is quarantined
+    /// and reads as `None`.
     pub(crate) async fn read_chunk(&self, id: &Digest) -> Result<Option<Bytes>, ApiError> {
         if let Some(frame) = self.cache.get(id) {
             self.metrics.cache_hit();
             return Ok(Some(frame));
         }
         self.metrics.cache_miss();
-        let frame = layout::get(&*self.store, &layout::chunk_path(id))
+        let path = layout::chunk_path(id);
+        let Some(frame) = layout::get(&*self.store, &path)
             .await
-            .map_err(ApiError::store)?;
-        if let Some(frame) = &frame {
-            self.cache.insert(*id, frame.clone());
+            .map_err(ApiError::store)?
+        else {
+            return Ok(None);
+        };
+        let (checked, id) = (frame.clone(), *id);
+        if let Err(why) = blocking(move || frame::verify(&checked, &id)).await? {
+            self.quarantine(&path, why).await?;
+            return Ok(None);
         }
-        Ok(frame)
+        self.cache.insert(id, frame.clone());
+        Ok(Some(frame))
     }
 
     pub(crate) async fn chunk_exists(&self, id: &Digest) -> Result<bool, ApiError> {
@@ -68,6 +88,40 @@ impl AppState {
             .map(|(id, _)| id)
             .collect())
     }
+
+    /// Whether `chunk` is stored with the length the manifest gives it. The
+    /// frame header (12 bytes, a range read) says so when it agrees; when it
+    /// does not, or cannot be read, only the whole frame, verified, tells a
+    /// manifest that misstates a length from a frame damaged in the store
+    /// (which is quarantined, so the chunk is missing).
+    pub(super) async fn chunk_state(&self, chunk: &ChunkRef) -> Result<ChunkState, ApiError> {
+        let expected = chunk.len as usize;
+        let header = match self.cache.peek(&chunk.id) {
+            Some(frame) => Ok(frame.slice(..FRAME_HEADER_LEN)),
+            None => {
+                let path = layout::chunk_path(&chunk.id);
+                self.store
+                    .get_range(&path, 0..FRAME_HEADER_LEN as u64)
+                    .await
+            }
+        };
+        match header {
+            Err(object_store::Error::NotFound { .. }) => return Ok(ChunkState::Missing),
+            Ok(head) if frame::declared_len(&head).ok() == Some(expected) => {
+                return Ok(ChunkState::Stored)
+            }
+            _ => {}
+        }
+        let Some(frame) = self.read_chunk(&chunk.id).await? else {
+            return Ok(ChunkState::Missing);
+        };
+        let stored = frame::declared_len(&frame).map_err(ApiError::internal)?;
+        Ok(if stored == expected {
+            ChunkState::Stored
+        } else {
+            ChunkState::OtherLength(stored)
+        })
+    }
 }
 
 pub(super) async fn get(
@@ -88,8 +142,8 @@ pub(super) async fn head(
     Param(raw): Param<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_digest(&raw)?;
-    let len = match state.cache.peek_len(&id) {
-        Some(len) => Some(len),
+    let len = match state.cache.peek(&id) {
+        Some(frame) => Some(frame.len() as u64),
         None => layout::size(&*state.store, &layout::chunk_path(&id))
             .await
             .map_err(ApiError::store)?,
@@ -101,11 +155,11 @@ pub(super) async fn head(
 pub(super) async fn put(
     State(state): State<Shared>,
     Param(raw): Param<String>,
-    RawBody(frame): RawBody,
+    RawBody(frame, _room): RawBody,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_digest(&raw)?;
     let body = frame.clone();
-    blocking(move || frame::decode_verified(&body, &id).map(drop))
+    blocking(move || frame::verify(&body, &id))
         .await?
         .map_err(|e| match e {
             FrameError::DigestMismatch { .. } => ApiError::digest_mismatch(e),
@@ -115,10 +169,23 @@ pub(super) async fn put(
                 format!("{e}: upload a thaw chunk frame"),
             ),
         })?;
-    if state.chunk_exists(&id).await? {
-        return Ok(StatusCode::OK);
-    }
     let path = layout::chunk_path(&id);
+    // The stored frame, not the cache, decides: an upload is how a frame
+    // damaged in the store gets replaced.
+    if let Some(stored) = layout::get(&*state.store, &path)
+        .await
+        .map_err(ApiError::store)?
+    {
+        if stored == frame {
+            return Ok(StatusCode::OK);
+        }
+        // Another encoding of the same chunk is as good, if it verifies.
+        let checked = stored.clone();
+        match blocking(move || frame::verify(&checked, &id)).await? {
+            Ok(_) => return Ok(StatusCode::OK),
+            Err(why) => state.quarantine(&path, why).await?,
+        }
+    }
     state
         .store
         .put(&path, frame.clone().into())

@@ -32,7 +32,7 @@ fn check_name(kind: &str, s: &str) -> Result<(), ApiError> {
 pub(super) async fn put(
     State(state): State<Shared>,
     Param((name, tag)): Param<(String, String)>,
-    RawBody(body): RawBody,
+    RawBody(body, _room): RawBody,
 ) -> Result<StatusCode, ApiError> {
     check_name("name", &name)?;
     check_name("tag", &tag)?;
