@@ -194,3 +194,23 @@ fn rotten_chunks_are_found_by_fsck_and_repaired_by_a_repush() {
     assert!(clean, "{report}");
     assert_eq!(report["chunks"], 2);
 }
+
+#[test]
+fn a_non_loopback_listener_without_tls_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "secret").unwrap();
+    let store = format!("file://{}", dir.path().join("store").display());
+    let out = thaw(&[
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--store",
+        &store,
+        "--push-token-file",
+        token.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tls-cert"), "{err}");
+}

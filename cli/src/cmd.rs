@@ -181,7 +181,14 @@ pub struct ServeArgs {
     /// File holding the bearer token required for downloads.
     #[arg(long)]
     pull_token_file: Option<PathBuf>,
-    /// Allow listening on a non-loopback address without a push token.
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Allow listening on a non-loopback address without TLS or without a push
+    /// token (behind a TLS-terminating proxy, say).
     #[arg(long)]
     insecure: bool,
     /// Reads served at once.
@@ -323,9 +330,22 @@ pub(crate) fn default_store() -> String {
 
 async fn serve(a: ServeArgs) -> Result<()> {
     let push_token = read_token(a.push_token_file.as_deref())?;
-    if !a.listen.ip().is_loopback() && push_token.is_none() && !a.insecure {
+    let exposed = !a.listen.ip().is_loopback() && !a.insecure;
+    if exposed && push_token.is_none() {
         bail!("refusing to listen on {} without --push-token-file: anyone could upload (pass --insecure to allow)", a.listen);
     }
+    if exposed && a.tls_cert.is_none() {
+        bail!("refusing to listen on {} without --tls-cert and --tls-key: tokens would travel in cleartext (pass --insecure behind a TLS-terminating proxy)", a.listen);
+    }
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            Some(thaw_server::tls_config(&read(cert)?, &read(key)?)?)
+        }
+        _ => None,
+    };
     let config = ServerConfig {
         store_url: a.store.unwrap_or_else(default_store),
         cache_mem: a.cache_mem,
@@ -339,6 +359,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         idle_timeout: Duration::from_secs(a.idle_timeout),
         body_timeout: Duration::from_secs(a.body_timeout),
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
+        tls,
         ..Default::default()
     };
     let listener = tokio::net::TcpListener::bind(a.listen)
@@ -347,7 +368,12 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to learn the port.
     println!(
-        "thaw serve: listening on {addr} (store {})",
+        "thaw serve: listening on {addr}{} (store {})",
+        if config.tls.is_some() {
+            " with TLS"
+        } else {
+            ""
+        },
         config.store_url
     );
     thaw_server::run(listener, config, shutdown_signal()).await?;

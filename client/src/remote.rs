@@ -468,4 +468,47 @@ mod tests {
             );
         }
     }
+
+    /// A server with a certificate from a private CA: a client that trusts
+    /// the CA pushes and resolves over https; one that does not is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn https_with_a_private_ca() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let tls =
+            thaw_server::tls_config(cert.pem().as_bytes(), key.serialize_pem().as_bytes()).unwrap();
+        let server = crate::testing::TestServer::start_with(thaw_server::ServerConfig {
+            tls: Some(tls),
+            ..Default::default()
+        })
+        .await;
+        let base = format!("https://localhost:{}", server.addr.port());
+        let r = ImageRef::parse(&format!("{base}/tls:v1")).unwrap();
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("a"), b"over TLS").unwrap();
+
+        let trusting = Remote::new(&base, None)
+            .unwrap()
+            .with_ca_pem(cert.pem().as_bytes())
+            .unwrap();
+        let pushed = crate::push::push(src.path(), &r, &trusting, &Default::default())
+            .await
+            .unwrap();
+        assert_eq!(trusting.resolve(&r).await.unwrap(), pushed.manifest);
+
+        let mut stranger = Remote::new(&base, None).unwrap();
+        stranger.retry.attempts = 1;
+        let e = stranger.resolve(&r).await.unwrap_err();
+        assert!(matches!(e, ClientError::Unreachable { .. }), "{e:?}");
+        let mut plain =
+            Remote::new(&format!("http://localhost:{}", server.addr.port()), None).unwrap();
+        plain.retry.attempts = 1;
+        assert!(
+            plain.resolve(&r).await.is_err(),
+            "plain HTTP to a TLS port fails"
+        );
+    }
 }

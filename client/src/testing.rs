@@ -9,16 +9,16 @@ pub(crate) struct TestServer {
 
 impl TestServer {
     pub(crate) async fn start() -> TestServer {
+        TestServer::start_with(thaw_server::ServerConfig::default()).await
+    }
+
+    pub(crate) async fn start_with(config: thaw_server::ServerConfig) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(thaw_server::run(
-            listener,
-            thaw_server::ServerConfig::default(),
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        tokio::spawn(thaw_server::run(listener, config, async {
+            let _ = stopped.await;
+        }));
         TestServer {
             addr,
             stop: Some(stop),

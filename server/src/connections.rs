@@ -80,6 +80,7 @@ pub(crate) async fn serve(
         max_connections: config.max_connections.max(1),
         shutdown_grace: config.shutdown_grace,
     };
+    let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let registry = Registry::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (stop, stopping) = watch::channel(false);
@@ -118,6 +119,7 @@ pub(crate) async fn serve(
             app: app.clone(),
             state: state.clone(),
             limits,
+            tls: tls.clone(),
         };
         tasks.spawn(connection.serve(tcp, stopping.clone()));
     }
@@ -144,7 +146,12 @@ struct Connection {
     app: Router,
     state: Shared,
     limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
+
+/// A connection's byte stream: the watched socket, or TLS over it.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
 impl Connection {
     async fn serve(self, tcp: TcpStream, mut stopping: watch::Receiver<bool>) {
@@ -155,6 +162,23 @@ impl Connection {
         let metrics = &self.state.metrics;
         let conn = self.registered.conn().clone();
         let io = io::WatchedIo::new(tcp, conn.clone(), self.limits.timeouts.idle);
+        let io: Box<dyn Stream> = match &self.tls {
+            None => Box::new(io),
+            // The handshake is part of the request head: it gets the header timeout.
+            Some(acceptor) => {
+                match tokio::time::timeout(self.limits.timeouts.header, acceptor.accept(io)).await {
+                    Ok(Ok(tls)) => Box::new(tls),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics.connection_timed_out();
+                        return;
+                    }
+                }
+            }
+        };
         let handle = ConnHandle(conn.clone());
         let app = self.app.clone();
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {

@@ -31,6 +31,8 @@ pub enum ServerError {
     },
     #[error("the HTTP server failed")]
     Serve(#[source] std::io::Error),
+    #[error("bad TLS configuration: {0}")]
+    Tls(String),
     #[error("cannot read {path} from the store")]
     StoreRead {
         path: String,

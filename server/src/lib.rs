@@ -79,6 +79,8 @@ pub struct ServerConfig {
     /// On shutdown, time the requests in flight have to finish before their
     /// connections are closed.
     pub shutdown_grace: Duration,
+    /// Serve HTTPS with this certificate and key ([`tls_config`]); `None` serves plain HTTP.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Default for ServerConfig {
@@ -97,8 +99,38 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
+            tls: None,
         }
     }
+}
+
+/// A TLS configuration from a PEM certificate chain and a PEM private key.
+pub fn tls_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<Arc<tokio_rustls::rustls::ServerConfig>, ServerError> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, e: &dyn std::fmt::Display| ServerError::Tls(format!("{what}: {e}"));
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("cannot read the certificate chain", &e))?;
+    if certs.is_empty() {
+        return Err(ServerError::Tls(
+            "the certificate file holds no certificate".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| bad("cannot read the private key", &e))?;
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad("no TLS versions", &e))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| bad("the certificate and key do not go together", &e))?;
+    Ok(Arc::new(config))
 }
 
 /// Where a store URL points.
