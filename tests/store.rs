@@ -951,7 +951,7 @@ fn tokens_are_enforced() {
 }
 
 #[test]
-fn non_loopback_listen_needs_a_push_token_or_insecure() {
+fn non_loopback_listen_needs_a_push_token_and_tls_or_insecure() {
     let tmp = tempfile::tempdir().unwrap();
     let store = format!("file://{}", tmp.path().join("store").display());
     let args = ["serve", "--listen", "0.0.0.0:0", "--store", &store];
@@ -968,7 +968,24 @@ fn non_loopback_listen_needs_a_push_token_or_insecure() {
 
     let token = tmp.path().join("token");
     fs::write(&token, "t0ken").unwrap();
-    for extra in [vec!["--insecure"], vec!["--push-token-file", s(&token)]] {
+    // A token alone is not enough: it would travel in cleartext.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    fs::write(&cert_path, cert.pem()).unwrap();
+    fs::write(&key_path, key.serialize_pem()).unwrap();
+    let with_tls = vec![
+        "--push-token-file",
+        s(&token),
+        "--tls-cert",
+        s(&cert_path),
+        "--tls-key",
+        s(&key_path),
+    ];
+    for extra in [vec!["--insecure"], with_tls] {
         let mut child = Command::new(thaw_bin())
             .args(args)
             .args(&extra)
