@@ -35,12 +35,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thaw_format::{Digest, Manifest};
 
-/// How long a failed chunk answers with its error before it is fetched
-/// again: long enough for the kernel's immediate retry of a failed read (it
-/// follows within microseconds), short enough that a server back up is used at
-/// once.
-const FAILURE_MEMORY: Duration = Duration::from_millis(50);
-
 /// How to serve an image.
 #[derive(Debug, Clone)]
 pub struct ImageOptions {
@@ -69,7 +63,7 @@ impl Default for ImageOptions {
             concurrency: 32,
             readahead_max: 16 << 20,
             fetch_timeout: Duration::from_secs(30),
-            failure_memory: FAILURE_MEMORY,
+            failure_memory: FetchPolicy::default().failure_memory,
         }
     }
 }

@@ -6,11 +6,12 @@
 
 mod common;
 
-use common::{noise, Server};
+use common::Server;
 use reqwest::StatusCode;
 use std::time::Duration;
 use thaw_format::Digest;
 use thaw_server::{open_store, run, ServerConfig};
+use thaw_testkit::noise;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;

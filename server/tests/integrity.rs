@@ -5,12 +5,13 @@
 
 mod common;
 
-use common::{assert_error, manifest_naming, noise, Server};
+use common::{assert_error, manifest_naming, Server};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use thaw_format::{frame, ChunkRef, Digest};
 use thaw_server::{fsck, open_store, FsckOptions, ServerConfig};
+use thaw_testkit::noise;
 
 /// A server without a hot cache over a directory store, and that directory.
 async fn directory_server() -> (Server, tempfile::TempDir) {

@@ -67,7 +67,10 @@ pub struct FetchPolicy {
     /// How long a read may wait for a chunk, retries included.
     pub deadline: Duration,
     pub first_backoff: Duration,
-    /// How long a failed chunk answers with its error before a new fetch.
+    /// How long a failed chunk answers with its error before a new fetch:
+    /// long enough for the kernel's immediate retry of a failed read (it
+    /// follows within microseconds), short enough that a server back up is
+    /// used at once.
     pub failure_memory: Duration,
 }
 

@@ -11,6 +11,7 @@ use super::{build_fs, ImageOptions};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thaw_format::{Digest, Manifest, ROOT};
+use thaw_testkit::noise;
 
 const MIB: usize = 1 << 20;
 
@@ -20,18 +21,6 @@ struct TestImage {
     m: Manifest,
     source: Arc<MemorySource>,
     _cache: tempfile::TempDir,
-}
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Pushes `files` to an in-process server and returns the manifest and a

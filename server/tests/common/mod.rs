@@ -186,16 +186,3 @@ pub fn manifest_naming(chunks: &[ChunkRef]) -> (Vec<u8>, Digest) {
     let digest = Digest::of(&bytes);
     (bytes, digest)
 }
-
-/// Bytes zstd cannot shrink, so their frame holds them raw.
-pub fn noise(seed: u8, len: usize) -> Vec<u8> {
-    let mut x = u64::from(seed) | 1 << 40;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
