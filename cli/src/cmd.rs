@@ -35,50 +35,17 @@ pub enum Command {
     /// Summarize an image.
     Inspect(InspectArgs),
     /// Mount an image read-only; chunks are fetched the first time they are read.
-    Mount(MountArgs),
+    Mount(crate::attach::MountArgs),
+    /// Serve an image to a VM over virtio-fs (a vhost-user-fs backend); chunks are fetched on first read.
+    Virtiofs(crate::attach::VirtiofsArgs),
     /// Unmount a thaw mount.
-    Umount(UmountArgs),
+    Umount(crate::attach::UmountArgs),
     /// Show an image's counters (by mountpoint): chunks and bytes fetched, cache hits, fetch latency.
-    Stats(StatsArgs),
+    Stats(crate::attach::StatsArgs),
     /// Serve, push, mount and read a generated image, with no setup, and report.
     Demo(crate::bench::DemoArgs),
     /// Measure cold starts: full pull, lazy cold, lazy warm, local and peers.
     Bench(crate::bench::BenchArgs),
-}
-
-#[derive(Args)]
-pub struct MountArgs {
-    reference: String,
-    mountpoint: PathBuf,
-    /// Shared on-disk chunk cache [default: ~/.cache/thaw].
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
-    /// Byte budget of the disk cache (suffixes K, M, G); 0 disables it.
-    #[arg(long, default_value = "10G", value_parser = parse_bytes)]
-    cache_size: u64,
-    /// Byte budget of the in-memory chunk cache.
-    #[arg(long, default_value = "256M", value_parser = parse_bytes)]
-    cache_mem: u64,
-    /// Largest readahead window on sequential reads; 0 disables readahead.
-    #[arg(long, default_value = "16M", value_parser = parse_bytes)]
-    readahead: u64,
-    /// Kernel readahead of the mount (root only); 0 keeps the kernel's default.
-    #[arg(long, default_value = "1M", value_parser = parse_bytes)]
-    kernel_readahead: u64,
-    /// Seconds a read retries an unreachable server before failing with EIO.
-    #[arg(long, default_value_t = 30.0)]
-    fetch_timeout: f64,
-    /// Network fetches in flight at once.
-    #[arg(long, default_value_t = 32)]
-    concurrency: usize,
-    /// Stay attached to the terminal instead of serving in the background.
-    #[arg(long)]
-    foreground: bool,
-    /// Let other users access the mount.
-    #[arg(long)]
-    allow_other: bool,
-    #[command(flatten)]
-    access: AccessArgs,
 }
 
 /// How to reach a chunk server.
@@ -93,13 +60,13 @@ pub struct AccessArgs {
 }
 
 /// What [`AccessArgs`] name, read before anything starts.
-struct Access {
+pub(crate) struct Access {
     token: Option<String>,
     ca_pem: Option<Vec<u8>>,
 }
 
 impl AccessArgs {
-    fn read(&self) -> Result<Access> {
+    pub(crate) fn read(&self) -> Result<Access> {
         let ca_pem = match &self.ca_file {
             Some(p) => Some(
                 std::fs::read(p).with_context(|| format!("cannot read CA file {}", p.display()))?,
@@ -114,26 +81,13 @@ impl AccessArgs {
 }
 
 impl Access {
-    fn remote(self, r: &ImageRef) -> Result<Remote> {
+    pub(crate) fn remote(self, r: &ImageRef) -> Result<Remote> {
         let remote = Remote::for_ref(r, self.token)?;
         Ok(match self.ca_pem {
             Some(pem) => remote.with_ca_pem(&pem)?,
             None => remote,
         })
     }
-}
-
-#[derive(Args)]
-pub struct UmountArgs {
-    mountpoint: PathBuf,
-}
-
-#[derive(Args)]
-pub struct StatsArgs {
-    mountpoint: PathBuf,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Parses `1234`, `64K`, `512M`, `10G`, `1T` (powers of 1024).
@@ -289,10 +243,12 @@ pub struct InspectArgs {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    // A background mount forks before the runtime starts its threads.
-    if let Command::Mount(a) = cli.command {
-        return mount(a);
-    }
+    // Background attachments fork before the runtime starts its threads.
+    let cli = match cli.command {
+        Command::Mount(a) => return crate::attach::mount(a),
+        Command::Virtiofs(a) => return crate::attach::virtiofs(a),
+        command => Cli { command },
+    };
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
         Command::Serve(a) => rt.block_on(serve(a)),
@@ -300,9 +256,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Push(a) => rt.block_on(push(a)),
         Command::Export(a) => rt.block_on(export(a)),
         Command::Inspect(a) => rt.block_on(inspect(a)),
-        Command::Mount(_) => unreachable!("handled above"),
-        Command::Umount(a) => umount(a),
-        Command::Stats(a) => stats(a),
+        Command::Mount(_) | Command::Virtiofs(_) => unreachable!("handled above"),
+        Command::Umount(a) => crate::attach::umount(a),
+        Command::Stats(a) => crate::attach::stats(a),
         Command::Demo(a) => crate::bench::demo(a),
         Command::Bench(a) => crate::bench::run(a),
     }
@@ -459,7 +415,7 @@ fn remote_for(r: &ImageRef, c: &ClientArgs) -> Result<Remote> {
     c.access.read()?.remote(r)
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
+pub(crate) fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -573,135 +529,6 @@ async fn inspect(a: InspectArgs) -> Result<()> {
         human(s.stored_bytes),
         s.compression_ratio,
         human(u64::from(s.chunk_size))
-    );
-    Ok(())
-}
-
-impl MountArgs {
-    fn image_options(&self) -> thaw_client::image::ImageOptions {
-        thaw_client::image::ImageOptions {
-            cache_dir: Some(
-                self.cache_dir
-                    .clone()
-                    .unwrap_or_else(thaw_client::image::default_cache_dir),
-            ),
-            cache_size: self.cache_size,
-            cache_mem: self.cache_mem,
-            concurrency: self.concurrency,
-            readahead_max: self.readahead,
-            fetch_timeout: std::time::Duration::from_secs_f64(self.fetch_timeout.max(0.0)),
-            ..Default::default()
-        }
-    }
-
-    fn fuse_options(&self) -> thaw_fuse::FuseOptions {
-        thaw_fuse::FuseOptions {
-            allow_other: self.allow_other,
-            kernel_readahead: self.kernel_readahead,
-        }
-    }
-}
-
-/// `thaw mount`: in the foreground, or forked into the background with this
-/// process returning once the mount answers.
-fn mount(a: MountArgs) -> Result<()> {
-    use thaw_fuse::background::{self, Forked};
-    if !a.mountpoint.is_dir() {
-        bail!("mountpoint {} is not a directory", a.mountpoint.display());
-    }
-    let r = ImageRef::parse(&a.reference)?;
-    let access = a.access.read()?;
-    if a.foreground {
-        return serve_mount(&a, &r, access, |m| {
-            eprintln!("thaw: mounted {m} (Ctrl-C to unmount)")
-        });
-    }
-    let log = thaw_fuse::log_path(&a.mountpoint)?;
-    match background::fork(&log).context("cannot start the mount process")? {
-        Forked::Parent(waiter) => match waiter.wait() {
-            Ok(()) => {
-                println!(
-                    "mounted {r} at {} (log: {})",
-                    a.mountpoint.display(),
-                    log.display()
-                );
-                Ok(())
-            }
-            Err(why) => bail!("mount failed: {why}"),
-        },
-        Forked::Child(notifier) => {
-            let mut notifier = Some(notifier);
-            let result = serve_mount(&a, &r, access, |_| {
-                notifier.take().expect("ready once").ready()
-            });
-            if let (Err(e), Some(n)) = (&result, notifier) {
-                n.failed(&format!("{e:#}"));
-            }
-            result
-        }
-    }
-}
-
-/// Opens the image, mounts it, calls `ready`, and serves until a signal or an unmount.
-fn serve_mount(
-    a: &MountArgs,
-    r: &ImageRef,
-    access: Access,
-    ready: impl FnOnce(String),
-) -> Result<()> {
-    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let remote = access.remote(r)?;
-    let image = rt
-        .block_on(thaw_client::image::open(r, remote, &a.image_options()))
-        .with_context(|| format!("cannot mount {r}"))?;
-    let session = thaw_fuse::Session::mount(
-        std::sync::Arc::new(image),
-        &a.mountpoint,
-        &a.fuse_options(),
-        rt.handle().clone(),
-    )?;
-    ready(format!("{r} at {}", a.mountpoint.display()));
-    session.run_until(rt.handle(), shutdown_signal());
-    Ok(())
-}
-
-/// Unmounts, then waits for the mount's process to finish its cache writes and exit.
-fn umount(a: UmountArgs) -> Result<()> {
-    thaw_fuse::unmount_and_wait(&a.mountpoint, std::time::Duration::from_secs(15))?;
-    Ok(())
-}
-
-fn stats(a: StatsArgs) -> Result<()> {
-    let s = thaw_fuse::query_stats(&a.mountpoint)?;
-    if a.json {
-        return print_json(&s);
-    }
-    println!("image       {}  ({})", s.image, s.manifest);
-    println!("attached    {} at {}", s.transport, s.attached_at);
-    println!("reads       {} ({})", s.reads, human(s.read_bytes));
-    println!(
-        "fetched     {} chunks, {} of {} image bytes ({:.1}%), {} by readahead",
-        s.chunks_fetched,
-        human(s.bytes_fetched),
-        human(s.image_bytes),
-        if s.image_bytes > 0 {
-            s.bytes_fetched as f64 * 100.0 / s.image_bytes as f64
-        } else {
-            0.0
-        },
-        s.prefetched
-    );
-    println!(
-        "hits        memory {}, disk {}, joined in-flight {}",
-        s.mem_hits, s.disk_hits, s.joined
-    );
-    println!(
-        "latency     fetch p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        s.fetch_ms_p50, s.fetch_ms_p90, s.fetch_ms_p99, s.fetch_ms_max
-    );
-    println!(
-        "errors      fetch {}, digest mismatch {}, corrupt cache entries {}, cache write {}; evicted {}",
-        s.fetch_errors, s.digest_mismatches, s.disk_corrupt, s.disk_write_errors, s.disk_evicted
     );
     Ok(())
 }

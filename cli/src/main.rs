@@ -1,5 +1,6 @@
 //! The `thaw` command: parse arguments, build a config, call the library.
 
+mod attach;
 mod bench;
 mod cmd;
 

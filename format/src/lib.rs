@@ -10,7 +10,8 @@
 //!
 //! [`wire`] holds what server and clients must agree on beyond those (the
 //! batch record, request limits, the name rule), and [`BudgetLru`] the one
-//! byte-bounded cache both sides keep in memory.
+//! byte-bounded cache both sides keep in memory. [`device_state`] is what a
+//! virtio-fs backend hands over when its VM is snapshotted.
 //!
 //! This crate is pure: bytes in, bytes out. It performs no I/O, so the same code
 //! serves the server, the push client, the FUSE mount and later the VM launcher.
@@ -18,6 +19,7 @@
 
 pub mod budget_lru;
 mod chunking;
+pub mod device_state;
 mod digest;
 pub mod frame;
 mod manifest;

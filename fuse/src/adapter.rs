@@ -1,9 +1,9 @@
 //! The `fuser` adapter: translates kernel requests into [`ImageFs`] calls and
 //! results into replies, and nothing more: what is allowed and how long the
-//! kernel may cache it are the core's decisions. Metadata is answered inline
-//! (it never blocks); reads run as tasks on the tokio runtime and reply when
-//! their chunks arrive, so the request loop never waits on the network.
-//! Errors become errno here and only here.
+//! kernel may cache it, and the errno of each error, are the core's decisions.
+//! Metadata is answered inline (it never blocks); reads run as tasks on the
+//! tokio runtime and reply when their chunks arrive, so the request loop
+//! never waits on the network.
 
 use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyData, ReplyDirectory,
@@ -16,17 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 use thaw_client::image::fs::{Attr, FsError, ImageFs, TTL};
 
-/// The one mapping from filesystem errors to errno.
+/// The core's errno for `e`.
 pub(crate) fn errno(e: &FsError) -> i32 {
-    match e {
-        FsError::NotFound => libc::ENOENT,
-        FsError::NotDir => libc::ENOTDIR,
-        FsError::NotSymlink => libc::EINVAL,
-        FsError::NoXattr => libc::ENODATA,
-        FsError::ReadOnly => libc::EROFS,
-        // Digest mismatches and fetch failures: EIO, never wrong bytes.
-        FsError::Fetch(_) => libc::EIO,
-    }
+    e.errno()
 }
 
 fn file_type(mode: u32) -> FileType {

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use thaw_client::image::control::{self, ControlSocket};
+use thaw_client::image::control::ControlSocket;
 use thaw_client::image::Image;
 
 /// A mounted image. Dropping it unmounts.
@@ -117,17 +117,10 @@ impl Session {
 }
 
 fn serve_control(image: &Arc<Image>, mountpoint: &Path) -> Result<ControlSocket, FuseError> {
-    let control_err = |source| FuseError::Control {
+    ControlSocket::for_image(image, mountpoint, "fuse").map_err(|source| FuseError::Control {
         mountpoint: mountpoint.to_path_buf(),
         source,
-    };
-    let path = control::socket_path(mountpoint).map_err(control_err)?;
-    let at = std::fs::canonicalize(mountpoint)
-        .unwrap_or_else(|_| mountpoint.to_path_buf())
-        .display()
-        .to_string();
-    let image = image.clone();
-    ControlSocket::serve(path, move || image.report("fuse", &at)).map_err(control_err)
+    })
 }
 
 /// A mount whose process died leaves its mountpoint answering ENOTCONN;

@@ -10,8 +10,10 @@
 //! root truncate a file through a planted link, or answer for a mount).
 
 use super::stats::StatsReport;
+use super::Image;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Where serving processes keep their control sockets and logs; created
@@ -83,6 +85,22 @@ impl ControlSocket {
                 }
             })?;
         Ok(ControlSocket { path, ino })
+    }
+
+    /// Serves the counters of `image`, attached through `transport` at
+    /// `place` (a mountpoint, a vhost-user socket), on `place`'s socket.
+    pub fn for_image(
+        image: &Arc<Image>,
+        place: &Path,
+        transport: &'static str,
+    ) -> std::io::Result<ControlSocket> {
+        let path = socket_path(place)?;
+        let at = std::fs::canonicalize(place)
+            .unwrap_or_else(|_| place.to_path_buf())
+            .display()
+            .to_string();
+        let image = image.clone();
+        ControlSocket::serve(path, move || image.report(transport, &at))
     }
 
     pub fn path(&self) -> &Path {

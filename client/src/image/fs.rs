@@ -24,7 +24,7 @@ use thaw_format::{Extent, Manifest, Node, NodeKind, ROOT};
 /// The image never changes, so entries, attributes and pages may be cached for long.
 pub const TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Errors of filesystem operations; the adapter maps them to errno in one place.
+/// Errors of filesystem operations; [`FsError::errno`] maps them for every door.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
     #[error("no such entry")]
@@ -39,6 +39,22 @@ pub enum FsError {
     ReadOnly,
     #[error(transparent)]
     Fetch(#[from] FetchError),
+}
+
+impl FsError {
+    /// The errno every door answers with: the one mapping from filesystem
+    /// errors to errno (a digest mismatch or a failed fetch is EIO, never
+    /// wrong bytes).
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::NotSymlink => libc::EINVAL,
+            FsError::NoXattr => libc::ENODATA,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::Fetch(_) => libc::EIO,
+        }
+    }
 }
 
 pub type FsResult<T> = Result<T, FsError>;

@@ -1,0 +1,261 @@
+//! Attaching an image: `thaw mount` (FUSE on the host) and `thaw virtiofs`
+//! (a vhost-user-fs backend for a VM), their clean-up and counters. Both open
+//! the image the same way, with the same cache and fetch flags, and both
+//! serve in a forked child unless `--foreground`, the command returning once
+//! the child answers.
+
+use crate::cmd::{human, parse_bytes, print_json, shutdown_signal, Access, AccessArgs};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use thaw_client::image::{Image, ImageOptions};
+use thaw_client::ImageRef;
+use thaw_fuse::background::{self, Forked};
+
+/// How an attached image is served: caches, readahead, fetching.
+#[derive(Args)]
+pub struct ImageArgs {
+    /// Shared on-disk chunk cache [default: ~/.cache/thaw].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Byte budget of the disk cache (suffixes K, M, G); 0 disables it.
+    #[arg(long, default_value = "10G", value_parser = parse_bytes)]
+    cache_size: u64,
+    /// Byte budget of the in-memory chunk cache.
+    #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+    cache_mem: u64,
+    /// Largest readahead window on sequential reads; 0 disables readahead.
+    #[arg(long, default_value = "16M", value_parser = parse_bytes)]
+    readahead: u64,
+    /// Seconds a read retries an unreachable server before failing with EIO.
+    #[arg(long, default_value_t = 30.0)]
+    fetch_timeout: f64,
+    /// Network fetches in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Stay attached to the terminal instead of serving in the background.
+    #[arg(long)]
+    foreground: bool,
+    #[command(flatten)]
+    access: AccessArgs,
+}
+
+impl ImageArgs {
+    fn options(&self) -> ImageOptions {
+        ImageOptions {
+            cache_dir: Some(
+                self.cache_dir
+                    .clone()
+                    .unwrap_or_else(thaw_client::image::default_cache_dir),
+            ),
+            cache_size: self.cache_size,
+            cache_mem: self.cache_mem,
+            concurrency: self.concurrency,
+            readahead_max: self.readahead,
+            fetch_timeout: self.fetch_timeout(),
+            ..Default::default()
+        }
+    }
+
+    fn fetch_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.fetch_timeout.max(0.0))
+    }
+}
+
+#[derive(Args)]
+pub struct MountArgs {
+    reference: String,
+    mountpoint: PathBuf,
+    /// Kernel readahead of the mount (root only); 0 keeps the kernel's default.
+    #[arg(long, default_value = "1M", value_parser = parse_bytes)]
+    kernel_readahead: u64,
+    /// Let other users access the mount.
+    #[arg(long)]
+    allow_other: bool,
+    #[command(flatten)]
+    image: ImageArgs,
+}
+
+#[derive(Args)]
+pub struct VirtiofsArgs {
+    reference: String,
+    /// The vhost-user socket to create; the VMM connects to it.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Request queues offered to the guest (besides the high-priority queue).
+    #[arg(long, default_value_t = 2)]
+    queues: usize,
+    /// Largest size of each queue.
+    #[arg(long, default_value_t = 1024)]
+    queue_size: usize,
+    #[command(flatten)]
+    image: ImageArgs,
+}
+
+#[derive(Args)]
+pub struct UmountArgs {
+    mountpoint: PathBuf,
+}
+
+#[derive(Args)]
+pub struct StatsArgs {
+    /// A mountpoint, or the vhost-user socket of `thaw virtiofs`.
+    place: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Opens `r` on a new runtime and hands both to `serve`, which calls its
+/// `ready` argument once the image answers.
+type Serve<'a> =
+    &'a dyn Fn(&tokio::runtime::Runtime, Arc<Image>, &mut dyn FnMut(String)) -> Result<()>;
+
+/// What the command prints once a background child answers.
+struct Announce<'a> {
+    what: &'a str,
+    done: String,
+}
+
+/// Serves `r` through `serve`, in the foreground or in a forked child that
+/// writes its log to `log`.
+fn attach(
+    r: &ImageRef,
+    a: &ImageArgs,
+    log: &Path,
+    say: Announce<'_>,
+    serve: Serve<'_>,
+) -> Result<()> {
+    let what = say.what;
+    let access = a.access.read()?;
+    let run = |access: Access, ready: &mut dyn FnMut(String)| -> Result<()> {
+        let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+        let remote = access.remote(r)?;
+        let image = rt
+            .block_on(thaw_client::image::open(r, remote, &a.options()))
+            .with_context(|| format!("cannot open {r}"))?;
+        serve(&rt, Arc::new(image), ready)
+    };
+    if a.foreground {
+        return run(access, &mut |m| eprintln!("thaw: {m} (Ctrl-C to stop)"));
+    }
+    match background::fork(log).with_context(|| format!("cannot start the {what} process"))? {
+        Forked::Parent(waiter) => match waiter.wait() {
+            Ok(()) => {
+                println!("{} (log: {})", say.done, log.display());
+                Ok(())
+            }
+            Err(why) => bail!("{what} failed: {why}"),
+        },
+        Forked::Child(notifier) => {
+            let mut notifier = Some(notifier);
+            let result = run(access, &mut |_| {
+                notifier.take().expect("ready once").ready()
+            });
+            if let (Err(e), Some(n)) = (&result, notifier) {
+                n.failed(&format!("{e:#}"));
+            }
+            result
+        }
+    }
+}
+
+/// `thaw mount`.
+pub fn mount(a: MountArgs) -> Result<()> {
+    if !a.mountpoint.is_dir() {
+        bail!("mountpoint {} is not a directory", a.mountpoint.display());
+    }
+    let r = ImageRef::parse(&a.reference)?;
+    let log = thaw_fuse::log_path(&a.mountpoint)?;
+    let fuse = thaw_fuse::FuseOptions {
+        allow_other: a.allow_other,
+        kernel_readahead: a.kernel_readahead,
+    };
+    let say = Announce {
+        what: "mount",
+        done: format!("mounted {r} at {}", a.mountpoint.display()),
+    };
+    attach(&r, &a.image, &log, say, &|rt, image, ready| {
+        let session = thaw_fuse::Session::mount(image, &a.mountpoint, &fuse, rt.handle().clone())?;
+        ready(format!("mounted {r} at {}", a.mountpoint.display()));
+        session.run_until(rt.handle(), shutdown_signal());
+        Ok(())
+    })
+}
+
+/// `thaw virtiofs`: serves one VMM until it disconnects (the VM stopped or
+/// was migrated away) or a signal.
+pub fn virtiofs(a: VirtiofsArgs) -> Result<()> {
+    let r = ImageRef::parse(&a.reference)?;
+    if let Some(dir) = a.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!("the socket's directory {} does not exist", dir.display());
+        }
+    }
+    let log = thaw_fuse::log_path(&a.socket)?;
+    let opts = thaw_virtiofs::VirtiofsOptions {
+        request_queues: a.queues,
+        queue_size: a.queue_size,
+        drain_timeout: a.image.fetch_timeout(),
+        ..thaw_virtiofs::VirtiofsOptions::new(&a.socket)
+    };
+    let say = Announce {
+        what: "virtiofs backend",
+        done: format!("serving {r} over virtio-fs on {}", a.socket.display()),
+    };
+    attach(&r, &a.image, &log, say, &|rt, image, ready| {
+        let socket = opts.socket.display().to_string();
+        let ended = thaw_virtiofs::serve(
+            image,
+            &opts,
+            rt.handle(),
+            || ready(format!("serving {r} over virtio-fs on {socket}")),
+            shutdown_signal(),
+        )?;
+        tracing::info!(?ended, "virtio-fs backend stopped");
+        Ok(())
+    })
+}
+
+/// Unmounts, then waits for the mount's process to finish its cache writes and exit.
+pub fn umount(a: UmountArgs) -> Result<()> {
+    thaw_fuse::unmount_and_wait(&a.mountpoint, Duration::from_secs(15))?;
+    Ok(())
+}
+
+pub fn stats(a: StatsArgs) -> Result<()> {
+    let s = thaw_fuse::query_stats(&a.place)?;
+    if a.json {
+        return print_json(&s);
+    }
+    println!("image       {}  ({})", s.image, s.manifest);
+    println!("attached    {} at {}", s.transport, s.attached_at);
+    println!("reads       {} ({})", s.reads, human(s.read_bytes));
+    println!(
+        "fetched     {} chunks, {} of {} image bytes ({:.1}%), {} by readahead",
+        s.chunks_fetched,
+        human(s.bytes_fetched),
+        human(s.image_bytes),
+        if s.image_bytes > 0 {
+            s.bytes_fetched as f64 * 100.0 / s.image_bytes as f64
+        } else {
+            0.0
+        },
+        s.prefetched
+    );
+    println!(
+        "hits        memory {}, disk {}, joined in-flight {}",
+        s.mem_hits, s.disk_hits, s.joined
+    );
+    println!(
+        "latency     fetch p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        s.fetch_ms_p50, s.fetch_ms_p90, s.fetch_ms_p99, s.fetch_ms_max
+    );
+    println!(
+        "errors      fetch {}, digest mismatch {}, corrupt cache entries {}, cache write {}; evicted {}",
+        s.fetch_errors, s.digest_mismatches, s.disk_corrupt, s.disk_write_errors, s.disk_evicted
+    );
+    Ok(())
+}
