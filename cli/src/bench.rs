@@ -6,7 +6,7 @@ use crate::cmd::parse_bytes;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
-use thaw_bench::{demo, mount_suite, startup, Images, Link, Workload};
+use thaw_bench::{demo, mount_suite, startup, virtiofs_suite, Images, Link, Workload};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 pub enum Suite {
@@ -14,6 +14,8 @@ pub enum Suite {
     Startup,
     /// Mount throughput and latency beside squashfuse and fetch+decompress.
     Mount,
+    /// In-guest reads over `thaw virtiofs` beside virtiofsd (boots QEMU guests).
+    Virtiofs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -77,6 +79,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let report = mount_suite::run(&config)?;
         report.write_files(&a.out)?;
         return print(&report, a.json);
+    }
+    if a.suite == Suite::Virtiofs {
+        let config = virtiofs_suite::VirtiofsSuiteConfig {
+            thaw_bin,
+            scale: a.scale,
+            env_dir: a.dir,
+            runs: a.runs,
+            work_dir: a.work_dir,
+        };
+        let report = virtiofs_suite::run(&config)?;
+        std::fs::create_dir_all(&a.out)?;
+        let json = a.out.join("virtiofs.json");
+        std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
+        print(&report, a.json)?;
+        if !a.json {
+            println!("\nwritten: {}", json.display());
+        }
+        return Ok(());
     }
     let config = startup::StartupConfig {
         thaw_bin,
