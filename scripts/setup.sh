@@ -101,7 +101,7 @@ if [ ! -e "$guest/vmlinuz" ] || [ ! -d "$guest/modules" ]; then
   echo "fetching guest kernel: $pkg into $guest" >&2
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
-  chmod 755 "$tmp" # apt downloads as its own user
+  chown _apt "$tmp" 2>/dev/null || true # as root, apt downloads as its own user
   (cd "$tmp" && apt-get download -qq "$pkg" >/dev/null)
   $sudo mkdir -p "$guest"
   $sudo rm -rf "$guest/root"
