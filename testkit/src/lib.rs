@@ -9,9 +9,12 @@
 //! - [`tree`]: building trees with what push must keep (modes, mtimes to the
 //!   nanosecond, xattrs, device nodes); [`compare`]: asserting two trees are
 //!   the same in all of it (content, symlinks, hardlinks).
+//! - [`guest`]: real Linux guests under QEMU (TCG): an initramfs built per
+//!   boot, a virtio-fs mount, the console, QMP, snapshot and restore.
 
 pub mod compare;
 pub mod data;
+pub mod guest;
 pub mod process;
 pub mod tree;
 
