@@ -22,6 +22,7 @@ const TAG: &str = "thaw";
 struct Backend {
     child: Child,
     socket: PathBuf,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Backend {
@@ -51,15 +52,31 @@ impl Backend {
             }
         }
         // Keep draining its log so it never blocks on a full pipe.
+        let log = std::sync::Arc::new(std::sync::Mutex::new(said));
+        let keep = log.clone();
         std::thread::spawn(move || {
             for line in err.lines().map_while(Result::ok) {
                 eprintln!("[thaw virtiofs] {line}");
+                keep.lock().unwrap().push_str(&line);
             }
         });
         Backend {
             child,
             socket: socket.to_path_buf(),
+            log,
         }
+    }
+
+    /// Waits up to `timeout` for its log to contain `needle`.
+    fn logged(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log.lock().unwrap().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     fn stats(&self) -> serde_json::Value {
@@ -94,8 +111,12 @@ struct World {
 
 impl World {
     fn new() -> World {
+        World::with_server(&[])
+    }
+
+    fn with_server(args: &[&str]) -> World {
         let tmp = tempfile::tempdir().unwrap();
-        let server = Server::start(&tmp.path().join("store"));
+        let server = Server::start_with(&tmp.path().join("store"), args);
         World { tmp, server }
     }
 
@@ -234,7 +255,8 @@ fn describe_guest(stdout: &str) -> (BTreeMap<String, String>, Vec<String>) {
     let mut inodes = Vec::new();
     for line in stdout.lines() {
         let mut parts = line.splitn(3, '|');
-        let (Some(kind), Some(name), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some(kind), Some(name), Some(rest)) = (parts.next(), parts.next(), parts.next())
+        else {
             continue;
         };
         match kind {
@@ -339,7 +361,8 @@ fn one_byte_of_a_100mb_file_fetches_at_most_two_chunks() {
 #[test]
 fn a_corrupted_chunk_is_eio_in_the_guest_never_wrong_bytes() {
     let kit = require_guest!();
-    let w = World::new();
+    // No hot cache: the server must read the damaged frame from its store.
+    let w = World::with_server(&["--cache-mem", "0"]);
     let data = noise(13, 3 * MB);
     let src = w.path("src");
     write(&src.join("data"), &data);
@@ -376,7 +399,7 @@ fn a_corrupted_chunk_is_eio_in_the_guest_never_wrong_bytes() {
     .unwrap();
     assert!(out.stdout.starts_with(&first[..64]), "{}", out.stdout);
     assert!(
-        out.stdout.contains("second: failed") && out.stdout.contains("I/O error"),
+        out.stdout.contains("second: failed") && out.stdout.contains("Input/output error"),
         "the corrupted chunk was not EIO:\n{}",
         out.stdout
     );
@@ -401,7 +424,7 @@ fn with_the_server_gone_an_uncached_read_fails_within_the_fetch_timeout() {
     guest.write_line("go").unwrap();
     let out = guest.wait_script(SCRIPT_TIMEOUT).unwrap();
     let waited = t.elapsed();
-    assert!(out.stdout.contains("I/O error"), "{}", out.stdout);
+    assert!(out.stdout.contains("Input/output error"), "{}", out.stdout);
     assert!(out.stdout.contains("small.txt") && out.stdout.contains("alive"));
     let took: f64 = out
         .stdout
@@ -409,7 +432,10 @@ fn with_the_server_gone_an_uncached_read_fails_within_the_fetch_timeout() {
         .find_map(|l| l.strip_prefix("took ")?.strip_suffix(" s")?.parse().ok())
         .expect("the guest timed the read");
     // The deadline is 3 s; a guest under emulation adds its own slowness.
-    assert!(took < 10.0, "the read failed after {took} s (host saw {waited:?})");
+    assert!(
+        took < 10.0,
+        "the read failed after {took} s (host saw {waited:?})"
+    );
 }
 
 #[test]
@@ -430,11 +456,19 @@ fn a_read_waiting_for_the_network_does_not_hold_up_the_others() {
     guest.wait_for("ready", SCRIPT_TIMEOUT).unwrap();
     // The server stops answering: slow.bin's fetch hangs, fast.bin is cached.
     let pid = w.server.pid().to_string();
-    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
     guest.write_line("go").unwrap();
     let fast = guest.wait_for("fast done", SCRIPT_TIMEOUT);
     let before = guest.output();
-    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
     fast.unwrap();
     assert!(
         !before.contains("slow done"),
@@ -478,6 +512,10 @@ fn open_files_survive_a_snapshot_and_a_new_backend() {
     let wrong = w.backend(&other, "cache2", &[]);
     let refused = Guest::restore(&kit, &config, &state);
     assert!(refused.is_err(), "a state for another image was taken");
+    assert!(
+        wrong.logged("the device state is for image", Duration::from_secs(5)),
+        "the refusal does not say why"
+    );
     drop(refused);
     drop(wrong);
 

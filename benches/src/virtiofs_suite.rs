@@ -162,8 +162,11 @@ pub fn run(cfg: &VirtiofsSuiteConfig) -> Result<VirtiofsReport> {
         .memory_mib(1024)
         .virtio_fs(&socket, TAG);
 
-    let mut samples: Vec<(&str, Vec<Sample>)> =
-        vec![("thaw cold", vec![]), ("thaw warm", vec![]), ("virtiofsd", vec![])];
+    let mut samples: Vec<(&str, Vec<Sample>)> = vec![
+        ("thaw cold", vec![]),
+        ("thaw warm", vec![]),
+        ("virtiofsd", vec![]),
+    ];
     for run in 0..cfg.runs {
         let cache = work.join(format!("cache{run}"));
         for (mode, out) in samples.iter_mut() {
@@ -292,7 +295,11 @@ impl fmt::Display for VirtiofsReport {
             "{:<11} {:>9} {:>10} {:>10} {:>14} {:>14}",
             "mode", "seq s", "seq MiB/s", "small s", "seq fetched", "small fetched"
         )?;
-        let mib = |b: Option<u64>| b.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64));
+        let mib = |b: Option<u64>| {
+            b.map_or("-".into(), |b| {
+                format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+            })
+        };
         for m in &self.modes {
             writeln!(
                 f,
