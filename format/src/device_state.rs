@@ -9,6 +9,7 @@
 //! in `docs/format.md`) ends with a BLAKE3 digest of everything before it, so
 //! a truncated or damaged state is refused rather than half-applied.
 
+use crate::sealed::{seal, unseal, Reader, Unsealed, TRAILER_LEN};
 use crate::Digest;
 
 /// `THAWVFS\0`: the first bytes of every device state.
@@ -19,7 +20,6 @@ pub const DEVICE_STATE_MAX_HANDLES: usize = 1 << 20;
 
 const HEADER_LEN: usize = 8 + 2 + 2 + 4 + 32 + 8 + 4 + 4;
 const HANDLE_LEN: usize = 8 + 8 + 1 + 7;
-const TRAILER_LEN: usize = 32;
 
 /// What a handle was opened as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +68,8 @@ pub enum DeviceStateError {
 
 impl DeviceState {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + self.handles.len() * HANDLE_LEN + 32);
+        let mut out =
+            Vec::with_capacity(HEADER_LEN + self.handles.len() * HANDLE_LEN + TRAILER_LEN);
         out.extend_from_slice(&DEVICE_STATE_MAGIC);
         out.extend_from_slice(&DEVICE_STATE_VERSION.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes()); // flags
@@ -83,27 +84,21 @@ impl DeviceState {
             out.push(h.kind as u8);
             out.extend_from_slice(&[0; 7]);
         }
-        let sum = blake3::hash(&out);
-        out.extend_from_slice(sum.as_bytes());
+        seal(&mut out);
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<DeviceState, DeviceStateError> {
-        if bytes.len() < 8 || bytes[..8] != DEVICE_STATE_MAGIC {
-            return Err(DeviceStateError::BadMagic);
-        }
-        if bytes.len() < HEADER_LEN + TRAILER_LEN {
-            return Err(DeviceStateError::Length);
-        }
-        let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        if version != DEVICE_STATE_VERSION {
-            return Err(DeviceStateError::UnsupportedVersion(version));
-        }
-        let (body, sum) = bytes.split_at(bytes.len() - TRAILER_LEN);
-        if blake3::hash(body).as_bytes() != sum {
-            return Err(DeviceStateError::Checksum);
-        }
-        let mut r = Reader(&body[10..]);
+        let body =
+            unseal(bytes, &DEVICE_STATE_MAGIC, HEADER_LEN, DEVICE_STATE_VERSION).map_err(|e| {
+                match e {
+                    Unsealed::BadMagic => DeviceStateError::BadMagic,
+                    Unsealed::Length => DeviceStateError::Length,
+                    Unsealed::Version(v) => DeviceStateError::UnsupportedVersion(v),
+                    Unsealed::Checksum => DeviceStateError::Checksum,
+                }
+            })?;
+        let mut r = Reader(body);
         if r.u16() != 0 || r.u32() != 0 {
             return Err(DeviceStateError::Reserved);
         }
@@ -142,26 +137,6 @@ impl DeviceState {
             next_handle,
             handles,
         })
-    }
-}
-
-/// Reads fixed-size fields from a buffer whose length was checked first.
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let (head, rest) = self.0.split_at(N);
-        self.0 = rest;
-        head.try_into().expect("split at N")
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.take())
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take())
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take())
     }
 }
 

@@ -11,7 +11,8 @@
 //! [`wire`] holds what server and clients must agree on beyond those (the
 //! batch record, request limits, the name rule), and [`BudgetLru`] the one
 //! byte-bounded cache both sides keep in memory. [`device_state`] is what a
-//! virtio-fs backend hands over when its VM is snapshotted.
+//! virtio-fs backend hands over when its VM is snapshotted, and [`profile`]
+//! what a start of an image read, for the next cold start to fetch early.
 //!
 //! This crate is pure: bytes in, bytes out. It performs no I/O, so the same code
 //! serves the server, the push client, the FUSE mount and later the VM launcher.
@@ -23,6 +24,8 @@ pub mod device_state;
 mod digest;
 pub mod frame;
 mod manifest;
+pub mod profile;
+mod sealed;
 pub mod wire;
 
 pub use budget_lru::BudgetLru;
@@ -36,6 +39,7 @@ pub use manifest::{
     ChunkRef, Extent, Manifest, ManifestError, Node, NodeKind, Xattr, MANIFEST_MAGIC,
     MANIFEST_VERSION, ROOT, XATTR_NAME_MAX, XATTR_VALUE_MAX,
 };
+pub use profile::{FileRange, Profile, ProfileEntry, ProfileError};
 
 /// A chunk is named by the digest of its uncompressed bytes.
 pub type ChunkId = Digest;

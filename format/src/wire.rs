@@ -23,6 +23,8 @@ pub const MISSING_MAX_IDS: usize = 100_000;
 pub const BATCH_MAX_IDS: usize = 1024;
 /// Largest tag body (a digest and some room).
 pub const TAG_BODY_MAX: usize = 1024;
+/// Largest profile body: the largest profile there can be.
+pub const PROFILE_BODY_MAX: usize = crate::profile::PROFILE_MAX_LEN;
 /// Largest stored frame: the largest chunk plus room for zstd's worst case
 /// (the encoder stores incompressible chunks raw anyway).
 pub const FRAME_MAX: usize = MAX_CHUNK_LEN + (1 << 20);

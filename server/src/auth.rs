@@ -111,6 +111,14 @@ mod tests {
             Access::Push
         );
         assert_eq!(
+            access(&Method::PUT, Some("/v1/profiles/{digest}")),
+            Access::Push
+        );
+        assert_eq!(
+            access(&Method::GET, Some("/v1/profiles/{digest}")),
+            Access::Pull
+        );
+        assert_eq!(
             access(&Method::DELETE, Some("/v1/chunks/{id}")),
             Access::Push
         );

@@ -5,6 +5,7 @@
 //! chunks/<first 2 hex>/<64 hex>   a chunk frame, exactly as uploaded
 //! manifests/<64 hex>              a manifest's encoding
 //! tags/<name>/<tag>               the text `blake3:<64 hex>` of a manifest
+//! profiles/<64 hex>               the working-set profile of that manifest
 //! quarantine/<path>               an object that failed verification
 //! ```
 //! The two-digit fan-out keeps directories of a file store small. Nothing
@@ -19,6 +20,7 @@ use thaw_format::Digest;
 
 pub(crate) const CHUNKS: &str = "chunks";
 pub(crate) const MANIFESTS: &str = "manifests";
+pub(crate) const PROFILES: &str = "profiles";
 const QUARANTINE: &str = "quarantine";
 
 pub(crate) fn chunk_path(id: &Digest) -> Path {
@@ -28,6 +30,11 @@ pub(crate) fn chunk_path(id: &Digest) -> Path {
 
 pub(crate) fn manifest_path(digest: &Digest) -> Path {
     Path::from_iter([MANIFESTS, &digest.to_hex()])
+}
+
+/// The profile of the manifest `digest`.
+pub(crate) fn profile_path(digest: &Digest) -> Path {
+    Path::from_iter([PROFILES, &digest.to_hex()])
 }
 
 /// `name` and `tag` must have passed [`valid_name`].
@@ -93,6 +100,7 @@ mod tests {
             format!("chunks/{}/{hex}", &hex[..2])
         );
         assert_eq!(manifest_path(&id).as_ref(), format!("manifests/{hex}"));
+        assert_eq!(profile_path(&id).as_ref(), format!("profiles/{hex}"));
         assert_eq!(tag_path("py", "3.12").as_ref(), "tags/py/3.12");
         assert_eq!(
             quarantine_path(&chunk_path(&id)).as_ref(),

@@ -2,8 +2,8 @@
 //!
 //! Requests pass, outermost first, through [`observe`] (a tracing span, the
 //! request and byte counters), [`auth::require_token`] and
-//! [`limit_concurrency`], then reach a handler in [`chunks`], [`manifests`]
-//! or [`tags`]. Handlers take bodies through [`RawBody`] and [`JsonBody`],
+//! [`limit_concurrency`], then reach a handler in [`chunks`], [`manifests`],
+//! [`profiles`] or [`tags`]. Handlers take bodies through [`RawBody`] and [`JsonBody`],
 //! which stream them within the route's limit and the body timeout, and turn
 //! every rejection (too large, too slow, malformed) into the JSON error shape
 //! instead of axum's plain text.
@@ -13,6 +13,7 @@
 
 mod chunks;
 mod manifests;
+mod profiles;
 mod tags;
 
 use crate::auth::{self, Auth};
@@ -52,6 +53,10 @@ pub(crate) fn build(state: Shared, config: &ServerConfig) -> Router {
             get(manifests::get)
                 .head(manifests::head)
                 .put(manifests::put),
+        )
+        .route(
+            "/v1/profiles/{digest}",
+            get(profiles::get).head(profiles::head).put(profiles::put),
         )
         .route("/v1/tags/{name}", get(tags::list))
         .route("/v1/tags/{name}/{tag}", get(tags::get).put(tags::put))
@@ -194,6 +199,8 @@ mod tests {
             (Method::POST, Some("/v1/chunks/missing"), Permits::Uploads),
             (Method::PUT, Some("/v1/chunks/{id}"), Permits::Uploads),
             (Method::PUT, Some("/v1/tags/{name}/{tag}"), Permits::Uploads),
+            (Method::GET, Some("/v1/profiles/{digest}"), Permits::Reads),
+            (Method::PUT, Some("/v1/profiles/{digest}"), Permits::Uploads),
             (Method::DELETE, Some("/v1/chunks/{id}"), Permits::None),
         ];
         for (method, route, expected) in cases {

@@ -11,7 +11,8 @@ use object_store::ObjectStore;
 use std::sync::Arc;
 use std::time::Duration;
 use thaw_format::wire::{
-    id_list_body_max, BATCH_MAX_IDS, FRAME_MAX as CHUNK_BODY_MAX, MISSING_MAX_IDS, TAG_BODY_MAX,
+    id_list_body_max, BATCH_MAX_IDS, FRAME_MAX as CHUNK_BODY_MAX, MISSING_MAX_IDS,
+    PROFILE_BODY_MAX, TAG_BODY_MAX,
 };
 use tokio::sync::Semaphore;
 
@@ -66,6 +67,7 @@ impl AppState {
             Some("/v1/chunks/{id}") => CHUNK_BODY_MAX,
             Some("/v1/manifests/{digest}") => self.max_body,
             Some("/v1/tags/{name}/{tag}") => TAG_BODY_MAX,
+            Some("/v1/profiles/{digest}") => PROFILE_BODY_MAX,
             _ => 0,
         }
     }
