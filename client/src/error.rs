@@ -1,7 +1,7 @@
 //! The client's error type.
 
 use std::path::PathBuf;
-use thaw_format::{Digest, FrameError, ManifestError};
+use thaw_format::{Digest, FrameError, ManifestError, ProfileError};
 
 /// Everything that can go wrong in push, export, inspect and mount.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +49,8 @@ pub enum ClientError {
     },
     #[error("bad manifest")]
     Manifest(#[from] ManifestError),
+    #[error("bad profile")]
+    Profile(#[from] ProfileError),
     #[error("gave up on {what} after {attempts} attempts")]
     GaveUp {
         what: String,

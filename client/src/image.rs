@@ -11,6 +11,10 @@
 //! onto an [`Image`], and the network is behind the [`source::ChunkSource`]
 //! seam, so all of this is tested in-process. Counters belong to the image
 //! ([`stats`]) and are read over a [`control`] socket.
+//!
+//! An image may have a recorded working-set [`profile`]: opening fetches it
+//! with the manifest and streams its chunks in the order the last starts read
+//! them, and an image opened to record one records what is read.
 
 pub mod control;
 pub mod disk_cache;
@@ -18,6 +22,7 @@ pub mod fetch;
 pub mod fs;
 mod layout;
 mod prefetch;
+pub mod profile;
 pub mod source;
 pub mod stats;
 #[cfg(test)]
@@ -28,12 +33,13 @@ use crate::reference::ImageRef;
 use crate::remote::Remote;
 use disk_cache::DiskCache;
 use fetch::{FetchPolicy, Fetcher};
+use profile::StreamPolicy;
 use source::{ChunkSource, HttpSource};
 use stats::{Stats, StatsReport};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use thaw_format::{Digest, Manifest};
+use thaw_format::{Digest, Manifest, Profile};
 
 /// How to serve an image.
 #[derive(Debug, Clone)]
@@ -52,6 +58,12 @@ pub struct ImageOptions {
     pub fetch_timeout: Duration,
     /// How long a failed chunk answers with its error before it is fetched again.
     pub failure_memory: Duration,
+    /// Stream the image's profile, if it has one (`--no-profile` turns it off).
+    pub replay: bool,
+    /// How the profile's chunks are streamed.
+    pub stream: StreamPolicy,
+    /// Record what is read, for a profile ([`Image::save_recording`]).
+    pub record: bool,
 }
 
 impl Default for ImageOptions {
@@ -64,6 +76,9 @@ impl Default for ImageOptions {
             readahead_max: 16 << 20,
             fetch_timeout: Duration::from_secs(30),
             failure_memory: FetchPolicy::default().failure_memory,
+            replay: true,
+            stream: StreamPolicy::default(),
+            record: false,
         }
     }
 }
@@ -86,6 +101,16 @@ impl ImageOptions {
             _ => Ok(None),
         }
     }
+
+    /// What the profile's stream may bring in: the disk cache's budget when
+    /// there is one (chunks stay there), else the memory cache's.
+    fn stream_budget(&self, disk: bool) -> u64 {
+        if disk {
+            self.cache_size
+        } else {
+            self.cache_mem
+        }
+    }
 }
 
 /// `$XDG_CACHE_HOME/thaw` or `~/.cache/thaw`.
@@ -103,6 +128,8 @@ pub struct Image {
     /// The reference it was opened by.
     pub reference: String,
     pub manifest: Digest,
+    /// The chunk server it was opened from.
+    remote: Remote,
 }
 
 impl Image {
@@ -119,6 +146,15 @@ impl Image {
             ..self.fs.stats.report()
         }
     }
+
+    /// Merges what was read since the image was opened to record into the
+    /// image's profile on the server; `None` when not recording.
+    pub async fn save_recording(&self) -> Result<Option<Profile>> {
+        let Some(recorded) = self.fs.recording(self.manifest) else {
+            return Ok(None);
+        };
+        crate::profile::save(&self.remote, recorded).await.map(Some)
+    }
 }
 
 /// Resolves `r`, fetches and verifies its manifest, and builds the image over
@@ -133,29 +169,74 @@ pub async fn open(r: &ImageRef, mut remote: Remote, opts: &ImageOptions) -> Resu
     let started = Instant::now();
     let digest = remote.resolve(r).await?;
     let disk = opts.disk_cache()?;
-    let m = match disk.as_ref().and_then(|d| cached_manifest(d, &digest)) {
-        Some(m) => m,
-        None => {
-            let fetched = remote.manifest(&digest).await?;
-            if let Some(d) = &disk {
-                if let Err(e) = d.put_manifest(&digest, &fetched.bytes) {
-                    tracing::debug!("cannot cache the manifest: {e}");
-                }
-            }
-            fetched.manifest
+    // The profile is fetched beside the manifest, not after it.
+    let profile = async {
+        match opts.replay {
+            true => Some(remote.profile(&digest).await),
+            false => None,
         }
     };
+    let manifest = async {
+        if let Some(m) = disk.as_ref().and_then(|d| cached_manifest(d, &digest)) {
+            return Ok(m);
+        }
+        let fetched = remote.manifest(&digest).await?;
+        if let Some(d) = &disk {
+            if let Err(e) = d.put_manifest(&digest, &fetched.bytes) {
+                tracing::debug!("cannot cache the manifest: {e}");
+            }
+        }
+        Ok::<_, ClientError>(fetched.manifest)
+    };
+    let (m, profile) = futures::join!(manifest, profile);
+    let m = m?;
     tracing::info!(
         ms = started.elapsed().as_secs_f64() * 1000.0,
         nodes = m.nodes.len(),
         "manifest ready"
     );
-    let source = Arc::new(HttpSource::new(remote));
+    let budget = opts.stream_budget(disk.is_some());
+    let source = Arc::new(HttpSource::new(remote.clone()));
+    let fs = build_fs(m, source, disk, opts);
+    replay(&fs, &digest, profile, budget, opts.stream);
     Ok(Image {
-        fs: Arc::new(build_fs(m, source, disk, opts)),
+        fs: Arc::new(fs),
         reference: r.to_string(),
         manifest: digest,
+        remote,
     })
+}
+
+/// Starts streaming the profile fetched for image `digest`, or says in the
+/// stats why there is none. A profile that cannot be used is logged and
+/// left out: the image works without it.
+fn replay(
+    fs: &fs::ImageFs,
+    digest: &Digest,
+    fetched: Option<Result<Option<bytes::Bytes>>>,
+    budget: u64,
+    policy: StreamPolicy,
+) {
+    let bytes = match fetched {
+        None => return fs.stats.set_profile("off"),
+        Some(Ok(None)) => return fs.stats.set_profile("none"),
+        Some(Err(e)) => {
+            let why = crate::error::chain(&e);
+            tracing::warn!("cannot fetch the image's profile, starting without it: {why}");
+            return fs.stats.set_profile(format!("unavailable: {why}"));
+        }
+        Some(Ok(Some(bytes))) => bytes,
+    };
+    let checked = crate::profile::decode_for(&bytes, digest)
+        .and_then(|p| Ok(p.check_against(digest, fs.manifest()).map(|()| p)?));
+    match checked {
+        Ok(p) => fs.start_replay(&p, budget, policy),
+        Err(e) => {
+            let why = crate::error::chain(&e);
+            tracing::warn!("refusing the image's profile, starting without it: {why}");
+            fs.stats.set_profile(format!("refused: {why}"));
+        }
+    }
 }
 
 /// The manifest `digest` from the disk cache, if there and intact.
@@ -188,5 +269,5 @@ pub fn build_fs(
         stats.clone(),
         opts.fetch_policy(),
     );
-    fs::ImageFs::new(m, fetcher, stats, opts.readahead_max)
+    fs::ImageFs::new(m, fetcher, stats, opts.readahead_max, opts.record)
 }

@@ -1,6 +1,7 @@
 //! `thaw inspect REF`: what an image holds and what it costs to store.
 
-use crate::error::Result;
+use crate::error::{ClientError, Result};
+use crate::profile::ProfileSummary;
 use crate::reference::ImageRef;
 use crate::remote::Remote;
 use futures::{StreamExt, TryStreamExt};
@@ -31,6 +32,8 @@ pub struct InspectReport {
     pub stored_bytes: u64,
     /// unique_bytes / stored_bytes.
     pub compression_ratio: f64,
+    /// The image's working-set profile, if it has one.
+    pub profile: Option<ProfileSummary>,
 }
 
 /// Counts what `m` holds; `stored_bytes` is left at 0.
@@ -51,6 +54,7 @@ pub fn summarize(digest: Digest, manifest_bytes: u64, m: &Manifest) -> InspectRe
         unique_bytes: 0,
         stored_bytes: 0,
         compression_ratio: 0.0,
+        profile: None,
     };
     for n in &m.nodes {
         match n.kind {
@@ -84,6 +88,14 @@ pub async fn inspect(r: &ImageRef, remote: &Remote) -> Result<InspectReport> {
         .try_collect()
         .await?;
     report.stored_bytes = sizes.iter().sum();
+    report.profile = match crate::profile::fetch(remote, &digest).await {
+        Ok(p) => p.as_ref().map(ProfileSummary::of),
+        Err(ClientError::Profile(e)) => {
+            tracing::warn!("the image's profile is unusable: {e}");
+            None
+        }
+        Err(e) => return Err(e),
+    };
     if report.stored_bytes > 0 {
         report.compression_ratio = report.unique_bytes as f64 / report.stored_bytes as f64;
     }

@@ -7,12 +7,14 @@
 //! disk. [`inspect`] summarizes an image. [`image`] is the lazy image core that
 //! every door (the FUSE mount in `thaw-fuse`, virtio-fs, VM memory) serves:
 //! each chunk is fetched the first time something reads it, verified and
-//! cached. [`remote`] is the HTTP client of the chunk server's API.
+//! cached, and a recorded working-set [`profile`] streams what a start will
+//! read before it asks. [`remote`] is the HTTP client of the chunk server's API.
 
 mod error;
 pub mod export;
 pub mod image;
 pub mod inspect;
+pub mod profile;
 pub mod push;
 pub mod reference;
 pub mod remote;

@@ -11,8 +11,10 @@
 //! 4. Check that no file changed since the walk (its bytes may be torn: the
 //!    push fails rather than record them).
 //! 5. Upload the manifest (the server refuses it unless every chunk is stored),
-//!    then set the tag. The tag moves last, so an interrupted push leaves the
-//!    old tag and a usable store.
+//!    carry the working-set profile of the image the tag named so far to it
+//!    (the chunks the two share: [`crate::profile::carry`]), then set the
+//!    tag. The tag moves last, so an interrupted push leaves the old tag and a
+//!    usable store.
 
 mod plan;
 mod walk;
@@ -65,6 +67,9 @@ pub struct PushReport {
     /// Frame bytes sent.
     pub bytes_uploaded: u64,
     pub manifest_bytes: u64,
+    /// Working-set chunks of the previous version's profile carried to this
+    /// one (0 when there was none to carry).
+    pub profile_carried: u64,
     pub hash_seconds: f64,
     pub upload_seconds: f64,
     pub seconds: f64,
@@ -271,20 +276,44 @@ struct Published {
     digest: Digest,
     /// Length of its encoding.
     bytes: u64,
+    profile_carried: u64,
 }
 
 /// Uploads the manifest (the server refuses it unless every chunk is
-/// stored), then moves the tag.
+/// stored), carries the previous version's profile to it, then moves the tag.
 async fn publish(m: &Manifest, r: &ImageRef, tag: &str, remote: &Remote) -> Result<Published> {
     m.validate()?;
     let bytes = Bytes::from(m.encode());
     let digest = Digest::of(&bytes);
     remote.put_manifest(&digest, bytes.clone()).await?;
+    let profile_carried = carry_profile(m, &digest, r, remote).await;
     remote.put_tag(&r.name, tag, &digest).await?;
     Ok(Published {
         digest,
         bytes: bytes.len() as u64,
+        profile_carried,
     })
+}
+
+/// Carries the profile of the manifest the tag `r` names now (the previous
+/// version) to `m`; returns the working-set chunks carried. A failure only
+/// costs the new version its head start, so it is logged, not returned.
+async fn carry_profile(m: &Manifest, digest: &Digest, r: &ImageRef, remote: &Remote) -> u64 {
+    let previous = match remote.resolve(r).await {
+        Ok(previous) => previous,
+        Err(ClientError::NotFound { .. }) => return 0,
+        Err(e) => {
+            tracing::warn!("cannot look up the previous version's profile: {e}");
+            return 0;
+        }
+    };
+    match crate::profile::carry(remote, &previous, m, digest).await {
+        Ok(carried) => carried.map_or(0, |p| p.working_set().count() as u64),
+        Err(e) => {
+            tracing::warn!(from = %previous, "cannot carry the previous version's profile: {}", crate::chain(&e));
+            0
+        }
+    }
 }
 
 /// Pushes `dir` to the server and repository `r` names, and tags it.
@@ -344,6 +373,7 @@ pub async fn push(
         chunks_uploaded: uploaded.chunks,
         bytes_uploaded: uploaded.bytes,
         manifest_bytes: published.bytes,
+        profile_carried: published.profile_carried,
         hash_seconds,
         upload_seconds: seconds - hash_seconds,
         seconds,

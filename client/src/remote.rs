@@ -13,7 +13,9 @@ use crate::reference::{ImageRef, Selector};
 use bytes::Bytes;
 use std::future::Future;
 use std::time::{Duration, Instant};
-use thaw_format::wire::{self, BATCH_MAX_IDS, FRAME_MAX, MISSING_MAX_IDS, RECORD_HEADER_LEN};
+use thaw_format::wire::{
+    self, BATCH_MAX_IDS, FRAME_MAX, MISSING_MAX_IDS, PROFILE_BODY_MAX, RECORD_HEADER_LEN,
+};
 use thaw_format::{Digest, Manifest};
 
 /// How long and how often to retry transient failures.
@@ -297,21 +299,28 @@ impl Remote {
     /// server lacks. `frames_max` bounds the frames' total length (the
     /// caller knows the chunks' sizes); the answer is refused beyond it.
     pub async fn chunks(&self, ids: &[Digest], frames_max: usize) -> Result<Vec<Option<Bytes>>> {
-        let body = serde_json::json!({ "ids": ids });
+        let what = format!("batch of {} chunks", ids.len());
+        self.retrying(&what, || self.chunks_once(ids, frames_max))
+            .await
+    }
+
+    /// [`Remote::chunks`], one attempt: for callers that run their own
+    /// retries and deadline.
+    pub async fn chunks_once(
+        &self,
+        ids: &[Digest],
+        frames_max: usize,
+    ) -> Result<Vec<Option<Bytes>>> {
         let what = format!("batch of {} chunks", ids.len());
         let max = frames_max.saturating_add(ids.len() * RECORD_HEADER_LEN);
-        let bytes = self
-            .retrying(&what, || async {
-                let resp = self
-                    .req(reqwest::Method::POST, "/v1/chunks/batch")
-                    .json(&body)
-                    .send()
-                    .await
-                    .map_err(|e| self.unreachable(e))?;
-                let resp = check(resp, &what).await?;
-                self.read_capped(resp, max, &what).await
-            })
-            .await?;
+        let resp = self
+            .req(reqwest::Method::POST, "/v1/chunks/batch")
+            .json(&serde_json::json!({ "ids": ids }))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let resp = check(resp, &what).await?;
+        let bytes = self.read_capped(resp, max, &what).await?;
         let records = wire::parse_batch(&bytes, ids).map_err(|e| ClientError::BadResponse {
             what,
             message: e.to_string(),
@@ -320,6 +329,27 @@ impl Remote {
             .into_iter()
             .map(|r| r.frame.map(|f| bytes.slice_ref(f)))
             .collect())
+    }
+
+    /// The stored profile of manifest `digest` (not yet checked), if any.
+    pub async fn profile(&self, digest: &Digest) -> Result<Option<Bytes>> {
+        let path = format!("/v1/profiles/{digest}");
+        let what = format!("profile of manifest {digest}");
+        match self.get_bytes(&what, &path, PROFILE_BODY_MAX).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(ClientError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Uploads the profile of manifest `digest`, replacing any stored one.
+    pub async fn put_profile(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
+        let path = format!("/v1/profiles/{digest}");
+        self.send(&format!("upload of the profile of {digest}"), || {
+            self.req(reqwest::Method::PUT, &path).body(bytes.clone())
+        })
+        .await?;
+        Ok(())
     }
 
     /// The ids among `ids` that the server does not store.

@@ -96,6 +96,11 @@ impl Session {
         ended
     }
 
+    /// Unmounts now, then waits for the fetches and cache writes in flight.
+    pub fn unmount(self) {
+        self.close(Ended::Shutdown);
+    }
+
     /// Unmounts (unless already unmounted elsewhere) and waits for the
     /// fetches and cache writes in flight, so a remount finds them.
     fn close(self, ended: Ended) {

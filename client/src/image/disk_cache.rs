@@ -130,6 +130,13 @@ impl DiskCache {
         Lookup::Hit(Bytes::from(bytes).slice(..len as usize))
     }
 
+    /// Whether an entry of the right size for chunk `id` of `len` bytes is
+    /// there (not verified: [`DiskCache::get`] does that when it is read).
+    pub fn contains(&self, id: &Digest, len: u32) -> bool {
+        std::fs::metadata(self.chunk_path(id))
+            .is_ok_and(|m| m.len() == u64::from(len) + TRAILER as u64)
+    }
+
     /// Stores verified chunk bytes. Returns how many entries eviction removed.
     pub fn put(&self, id: &Digest, data: &[u8]) -> std::io::Result<u64> {
         if data.len() > MAX_CHUNK_LEN {

@@ -17,6 +17,8 @@
 //! before it is fetched again, so the kernel's immediate retry of a failed
 //! read does not wait out a second deadline.
 
+mod batch;
+
 use super::disk_cache::{DiskCache, Lookup};
 use super::source::{ChunkSource, SourceError};
 use super::stats::Stats;
@@ -210,10 +212,25 @@ impl Fetcher {
     fn start(self: &Arc<Self>, chunk: u32, prio: Priority) -> InFlight {
         let upgrade = Arc::new(Notify::new());
         let (this, up) = (self.clone(), upgrade.clone());
+        self.in_flight(
+            chunk,
+            upgrade,
+            async move { this.load(chunk, prio, &up).await },
+        )
+    }
+
+    /// Runs `load` of `chunk` as its own task, counted as busy, for readers
+    /// to join.
+    fn in_flight(
+        &self,
+        chunk: u32,
+        upgrade: Arc<Notify>,
+        load: impl std::future::Future<Output = Result<Bytes, FetchError>> + Send + 'static,
+    ) -> InFlight {
         let busy = BusyGuard::new(&self.busy);
         let task = tokio::spawn(async move {
             let _busy = busy;
-            this.load(chunk, prio, &up).await
+            load.await
         });
         let id = self.chunks[chunk as usize].id;
         let result = async move {
@@ -257,7 +274,14 @@ impl Fetcher {
         upgrade: &Notify,
     ) -> Result<Bytes, FetchError> {
         let result = self.load_uncached(chunk, prio, upgrade).await;
-        match &result {
+        self.settle(chunk, &result);
+        result
+    }
+
+    /// Ends the fetch of `chunk` in flight: its bytes go to memory, or its
+    /// error is remembered for a moment.
+    fn settle(&self, chunk: u32, result: &Result<Bytes, FetchError>) {
+        match result {
             Ok(b) => {
                 let mut mem = self.mem.lock().expect("mem cache lock");
                 mem.insert(chunk, b.clone());
@@ -275,7 +299,6 @@ impl Fetcher {
             }
         }
         self.inflight.lock().expect("inflight lock").remove(&chunk);
-        result
     }
 
     async fn load_uncached(
@@ -306,29 +329,26 @@ impl Fetcher {
             frame.len() as u64,
             prio == Priority::Background,
         );
-        let data = tokio::task::spawn_blocking(move || frame::decode_verified(&frame, &id))
+        let data = tokio::task::spawn_blocking(move || verify(ChunkRef { id, len }, &frame))
             .await
             .map_err(|e| FetchError::Unavailable {
                 id,
                 message: format!("verification task failed: {e}"),
-            })?
-            .map_err(|e| {
-                Stats::inc(&self.stats.digest_mismatches);
-                tracing::error!(chunk = %id, "chunk from the server failed verification, refusing to serve it: {e}");
-                FetchError::Corrupt(id)
             })?;
-        if data.len() != len as usize {
-            Stats::inc(&self.stats.digest_mismatches);
-            tracing::error!(chunk = %id, expected = len, actual = data.len(), "chunk length does not match the manifest");
-            return Err(FetchError::WrongLength {
-                id,
-                expected: len,
-                actual: data.len(),
-            });
+        self.verified(id, data)
+    }
+
+    /// Counts a chunk that failed verification, or sends verified bytes to
+    /// the disk cache.
+    fn verified(&self, id: Digest, data: Result<Bytes, FetchError>) -> Result<Bytes, FetchError> {
+        match &data {
+            Ok(bytes) => self.disk_store(id, bytes.clone()),
+            Err(e) => {
+                Stats::inc(&self.stats.digest_mismatches);
+                tracing::error!("refusing a chunk from the server: {e}");
+            }
         }
-        let data = Bytes::from(data);
-        self.disk_store(id, data.clone());
-        Ok(data)
+        data
     }
 
     /// A permit from the pool `prio` draws on. A readahead fetch still waiting
@@ -351,11 +371,26 @@ impl Fetcher {
         deadline: Instant,
         asked: Instant,
     ) -> Result<Bytes, FetchError> {
+        self.retrying(id, deadline, asked, || self.source.frame(id))
+            .await
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or `deadline`
+    /// passes; errors name chunk `id` (the first of a batch).
+    async fn retrying<T, F>(
+        &self,
+        id: Digest,
+        deadline: Instant,
+        asked: Instant,
+        attempt: impl Fn() -> F,
+    ) -> Result<T, FetchError>
+    where
+        F: std::future::Future<Output = Result<T, SourceError>>,
+    {
         let mut backoff = self.policy.first_backoff;
         loop {
-            let attempt = tokio::time::timeout_at(deadline.into(), self.source.frame(id)).await;
-            let error = match attempt {
-                Ok(Ok(frame)) => return Ok(frame),
+            let error = match tokio::time::timeout_at(deadline.into(), attempt()).await {
+                Ok(Ok(got)) => return Ok(got),
                 Ok(Err(SourceError::NotFound(_))) => {
                     Stats::inc(&self.stats.fetch_errors);
                     return Err(FetchError::Missing(id));
@@ -422,6 +457,21 @@ impl Fetcher {
             }
         });
     }
+}
+
+/// Decodes `frame` and checks it against the chunk's id and the manifest's
+/// length: the bytes, or an error naming the chunk (blocking work).
+fn verify(chunk: ChunkRef, frame: &[u8]) -> Result<Bytes, FetchError> {
+    let ChunkRef { id, len } = chunk;
+    let data = frame::decode_verified(frame, &id).map_err(|_| FetchError::Corrupt(id))?;
+    if data.len() != len as usize {
+        return Err(FetchError::WrongLength {
+            id,
+            expected: len,
+            actual: data.len(),
+        });
+    }
+    Ok(Bytes::from(data))
 }
 
 /// Counts one unit of unfinished work until dropped, however it ends.

@@ -15,11 +15,12 @@
 use super::fetch::{FetchError, Fetcher, Priority};
 use super::layout::Layout;
 use super::prefetch::Prefetch;
+use super::profile::{self, Recorder, StreamPolicy};
 use super::stats::Stats;
 use bytes::Bytes;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use thaw_format::{Extent, Manifest, Node, NodeKind, ROOT};
+use thaw_format::{Digest, Extent, Manifest, Node, NodeKind, Profile, ROOT};
 
 /// The image never changes, so entries, attributes and pages may be cached for long.
 pub const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -119,27 +120,63 @@ pub struct ImageFs {
     fetcher: Arc<Fetcher>,
     pub stats: Arc<Stats>,
     prefetch: Prefetch,
+    /// What is read, when recording a profile.
+    recorder: Option<Arc<Recorder>>,
+    /// The profile's stream, while it runs.
+    replay: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl ImageFs {
+    /// The filesystem of `m` over `fetcher`; `record` records what is read
+    /// for a profile ([`ImageFs::recording`]).
     pub fn new(
         m: Arc<Manifest>,
         fetcher: Arc<Fetcher>,
         stats: Arc<Stats>,
         readahead_max: u64,
+        record: bool,
     ) -> ImageFs {
+        let recorder = record.then(|| Arc::new(Recorder::new()));
         ImageFs {
             layout: Layout::of(&m),
             m,
             fetcher,
             stats,
-            prefetch: Prefetch::new(readahead_max),
+            prefetch: Prefetch::new(readahead_max, recorder.clone()),
+            recorder,
+            replay: Mutex::new(None),
         }
     }
 
-    /// Waits for fetches and disk cache writes in flight (call before exiting).
+    /// Stops the profile's stream, then waits for fetches and disk cache
+    /// writes in flight (call before exiting).
     pub fn flush(&self) {
+        if let Some(stream) = self.replay.lock().expect("replay lock").take() {
+            stream.abort();
+        }
         self.fetcher.flush(std::time::Duration::from_secs(10));
+    }
+
+    /// Starts streaming the working set of `p` (checked against this image)
+    /// in the background, within `budget` bytes. Call on a tokio runtime.
+    pub fn start_replay(&self, p: &Profile, budget: u64, policy: StreamPolicy) {
+        let plan = profile::plan(p, &self.m);
+        // Said before the task runs, so no one sees a stream not yet begun.
+        self.stats.set_profile("streaming");
+        let stream = profile::stream(
+            self.fetcher.clone(),
+            plan,
+            budget,
+            policy,
+            self.stats.clone(),
+        );
+        *self.replay.lock().expect("replay lock") = Some(tokio::spawn(stream));
+    }
+
+    /// What was read so far, as a profile of this image (named `digest`),
+    /// when recording.
+    pub fn recording(&self, digest: Digest) -> Option<Profile> {
+        Some(self.recorder.as_ref()?.profile(digest, &self.m))
     }
 
     #[cfg(test)]
@@ -310,6 +347,14 @@ impl ImageFs {
         Stats::inc(&self.stats.reads);
         Stats::add(&self.stats.read_bytes, end - offset);
         let pieces = self.pieces(extents.start as usize..extents.end as usize, offset, end);
+        if let Some(r) = &self.recorder {
+            for p in &pieces {
+                if let Some(c) = p.extent.chunk {
+                    let len = self.m.chunks[c as usize].len;
+                    r.read(c, len, i, offset + p.at as u64, p.len);
+                }
+            }
+        }
         // Readahead starts before this read waits, so the two overlap.
         self.prefetch
             .on_read(&self.m, &self.layout, &self.fetcher, i, offset, end);

@@ -16,6 +16,7 @@
 
 use super::fetch::Fetcher;
 use super::layout::Layout;
+use super::profile::Recorder;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use thaw_format::{Manifest, NodeKind};
@@ -37,14 +38,27 @@ pub(crate) struct Prefetch {
     states: Mutex<HashMap<u32, ReadState>>,
     /// Largest readahead window; 0 turns prefetching off.
     max: u64,
+    /// Told what readahead fetches, when recording a profile.
+    recorder: Option<Arc<Recorder>>,
 }
 
 impl Prefetch {
-    pub(crate) fn new(max: u64) -> Prefetch {
+    pub(crate) fn new(max: u64, recorder: Option<Arc<Recorder>>) -> Prefetch {
         Prefetch {
             states: Mutex::new(HashMap::new()),
             max,
+            recorder,
         }
+    }
+
+    /// Starts fetching `chunk` at background priority.
+    fn ahead(&self, f: &Arc<Fetcher>, chunk: u32) {
+        if let Some(r) = &self.recorder {
+            if !f.is_resident_or_pending(chunk) {
+                r.readahead(chunk);
+            }
+        }
+        f.prefetch(chunk);
     }
 
     /// Called for each chunk of a read that is neither cached nor pending.
@@ -61,7 +75,7 @@ impl Prefetch {
         }
         if l.packed[chunk as usize] {
             if let Some(true) = l.packed.get(chunk as usize + 1) {
-                f.prefetch(chunk + 1);
+                self.ahead(f, chunk + 1);
             }
             return;
         }
@@ -72,7 +86,7 @@ impl Prefetch {
             .collect();
         if chunks.len() > 1 && chunks.len() <= SMALL_FILE_CHUNKS {
             for c in chunks.into_iter().filter(|&c| c != chunk) {
-                f.prefetch(c);
+                self.ahead(f, c);
             }
         }
     }
@@ -103,7 +117,7 @@ impl Prefetch {
             let ext = &m.extents[e];
             if start + ext.len > end {
                 if let Some(c) = ext.chunk {
-                    f.prefetch(c);
+                    self.ahead(f, c);
                 }
             }
         }

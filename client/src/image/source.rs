@@ -1,7 +1,8 @@
 //! Where chunk frames come from: the one seam between the image core and the
 //! network.
 //!
-//! A [`ChunkSource`] makes one attempt to get one chunk's frame and says
+//! A [`ChunkSource`] makes one attempt to get one chunk's frame (or many in
+//! one request, for a profile's stream) and says
 //! whether a failure is worth retrying; it neither verifies, caches, retries
 //! nor times out, because the `Fetcher` does all of
 //! that once for every source. [`HttpSource`] is the chunk server;
@@ -16,7 +17,7 @@ pub use memory::MemorySource;
 use crate::remote::Remote;
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use thaw_format::Digest;
+use thaw_format::{frame, ChunkRef, Digest};
 
 /// Why a source could not produce a frame.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -45,6 +46,13 @@ impl SourceError {
 /// Gets chunk frames, one attempt each. Frames are not yet verified.
 pub trait ChunkSource: Send + Sync + 'static {
     fn frame(&self, id: Digest) -> BoxFuture<'_, Result<Bytes, SourceError>>;
+
+    /// The frames of many chunks in one request, in order; `None` for a
+    /// chunk the source does not hold. The lengths bound what is accepted.
+    fn frames(
+        &self,
+        chunks: Vec<ChunkRef>,
+    ) -> BoxFuture<'_, Result<Vec<Option<Bytes>>, SourceError>>;
 }
 
 /// The chunk server, over HTTP.
@@ -59,16 +67,38 @@ impl HttpSource {
     }
 }
 
+/// A failed request as the fetcher sees it.
+fn source_error(e: crate::ClientError) -> SourceError {
+    SourceError::Unavailable {
+        transient: e.is_transient(),
+        message: crate::error::chain(&e),
+    }
+}
+
 impl ChunkSource for HttpSource {
     fn frame(&self, id: Digest) -> BoxFuture<'_, Result<Bytes, SourceError>> {
         Box::pin(async move {
             self.remote.chunk_once(&id).await.map_err(|e| match e {
                 crate::ClientError::NotFound { .. } => SourceError::NotFound(id),
-                e => SourceError::Unavailable {
-                    transient: e.is_transient(),
-                    message: crate::error::chain(&e),
-                },
+                e => source_error(e),
             })
+        })
+    }
+
+    fn frames(
+        &self,
+        chunks: Vec<ChunkRef>,
+    ) -> BoxFuture<'_, Result<Vec<Option<Bytes>>, SourceError>> {
+        Box::pin(async move {
+            let ids: Vec<Digest> = chunks.iter().map(|c| c.id).collect();
+            let frames_max = chunks
+                .iter()
+                .map(|c| frame::max_frame_len(c.len as usize))
+                .sum();
+            self.remote
+                .chunks_once(&ids, frames_max)
+                .await
+                .map_err(source_error)
         })
     }
 }

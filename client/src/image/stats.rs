@@ -32,6 +32,20 @@ pub struct Stats {
     pub disk_write_errors: AtomicU64,
     pub disk_evicted: AtomicU64,
     pub mem_cache_bytes: AtomicU64,
+    /// The profile's working set to stream: chunks and their bytes.
+    pub profile_chunks: AtomicU64,
+    pub profile_bytes: AtomicU64,
+    /// Batch requests the stream made, the chunks they brought and their
+    /// frame bytes (also counted in `chunks_fetched` and `bytes_fetched`).
+    pub profile_batches: AtomicU64,
+    pub profile_chunks_streamed: AtomicU64,
+    pub profile_bytes_streamed: AtomicU64,
+    /// Chunks of the working set the stream loaded from the disk cache.
+    pub profile_chunks_loaded: AtomicU64,
+    /// Chunks a reader waited for that the stream did not bring, fetched alone.
+    pub profile_fallbacks: AtomicU64,
+    /// What became of the profile (see [`StatsReport::profile`]).
+    profile: Mutex<String>,
     latencies_us: Mutex<Vec<u32>>,
     latency_next: AtomicU64,
 }
@@ -52,6 +66,20 @@ impl Stats {
     /// Sets a gauge.
     pub fn set(c: &AtomicU64, n: u64) {
         c.store(n, Ordering::Relaxed);
+    }
+
+    /// Says what became of the profile.
+    pub fn set_profile(&self, state: impl Into<String>) {
+        *self.profile.lock().expect("stats lock") = state.into();
+    }
+
+    /// Records one batch of the profile's stream.
+    pub fn record_batch(&self, chunks: u64, bytes: u64) {
+        add(&self.chunks_fetched, chunks);
+        add(&self.bytes_fetched, bytes);
+        add(&self.profile_batches, 1);
+        add(&self.profile_chunks_streamed, chunks);
+        add(&self.profile_bytes_streamed, bytes);
     }
 
     /// Records the latency of one network fetch.
@@ -98,6 +126,14 @@ impl Stats {
             disk_write_errors: g(&self.disk_write_errors),
             disk_evicted: g(&self.disk_evicted),
             mem_cache_bytes: g(&self.mem_cache_bytes),
+            profile: self.profile.lock().expect("stats lock").clone(),
+            profile_chunks: g(&self.profile_chunks),
+            profile_bytes: g(&self.profile_bytes),
+            profile_batches: g(&self.profile_batches),
+            profile_chunks_streamed: g(&self.profile_chunks_streamed),
+            profile_bytes_streamed: g(&self.profile_bytes_streamed),
+            profile_chunks_loaded: g(&self.profile_chunks_loaded),
+            profile_fallbacks: g(&self.profile_fallbacks),
             fetch_ms_p50: pct(0.5),
             fetch_ms_p90: pct(0.9),
             fetch_ms_p99: pct(0.99),
@@ -134,6 +170,18 @@ pub struct StatsReport {
     pub disk_write_errors: u64,
     pub disk_evicted: u64,
     pub mem_cache_bytes: u64,
+    /// What became of the image's profile: `none` (none stored), `off`
+    /// (`--no-profile`), `streaming`, `done`, `stopped: <why>` (the cache
+    /// budget, a failed request), `refused: <why>` (damaged, or for another
+    /// image), `unavailable: <why>` (it could not be fetched).
+    pub profile: String,
+    pub profile_chunks: u64,
+    pub profile_bytes: u64,
+    pub profile_batches: u64,
+    pub profile_chunks_streamed: u64,
+    pub profile_bytes_streamed: u64,
+    pub profile_chunks_loaded: u64,
+    pub profile_fallbacks: u64,
     pub fetch_ms_p50: f64,
     pub fetch_ms_p90: f64,
     pub fetch_ms_p99: f64,

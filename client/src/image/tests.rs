@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use thaw_format::{Digest, Manifest, ROOT};
 use thaw_testkit::noise;
 
+mod profile;
+
 const MIB: usize = 1 << 20;
 
 /// An image of `files` (path, bytes), its manifest and its source.
