@@ -4,43 +4,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use thaw_testkit::tree::{chmod, set_xattr, write};
-use thaw_testkit::{assert_same_tree, noise, thaw, thaw_json, thaw_ok, Server};
+use thaw_testkit::{assert_same_tree, noise, thaw, thaw_ok, Mount, Server};
 
 const MB: usize = 1 << 20;
-
-/// A `thaw mount` in the background; unmounted on drop.
-struct Mount {
-    dir: PathBuf,
-}
-
-impl Mount {
-    fn new(reference: &str, dir: &Path, extra: &[&str]) -> Mount {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut args = vec!["mount", reference, dir.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        thaw_ok(&args);
-        Mount {
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn stats(&self) -> serde_json::Value {
-        thaw_json(&["stats", self.dir.to_str().unwrap()])
-    }
-
-    fn fetched(&self) -> u64 {
-        self.stats()["chunks_fetched"].as_u64().unwrap()
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let out = thaw(&["umount", self.dir.to_str().unwrap()]);
-        if !out.status.success() {
-            eprintln!("umount: {}", String::from_utf8_lossy(&out.stderr));
-        }
-    }
-}
 
 /// One test's world: a store, a server, a source tree and a cache directory.
 struct World {

@@ -35,6 +35,13 @@ pub struct ImageArgs {
     /// Network fetches in flight at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Do not stream the image's recorded profile (what earlier starts read).
+    #[arg(long)]
+    no_profile: bool,
+    /// Record what is read until detached, and merge it into the image's
+    /// profile on the server (needs the push token if the server has one).
+    #[arg(long)]
+    record: bool,
     /// Stay attached to the terminal instead of serving in the background.
     #[arg(long)]
     foreground: bool,
@@ -55,6 +62,8 @@ impl ImageArgs {
             concurrency: self.concurrency,
             readahead_max: self.readahead,
             fetch_timeout: self.fetch_timeout(),
+            replay: !self.no_profile,
+            record: self.record,
             ..Default::default()
         }
     }
@@ -136,7 +145,12 @@ fn attach(
         let image = rt
             .block_on(thaw_client::image::open(r, remote, &a.options()))
             .with_context(|| format!("cannot open {r}"))?;
-        serve(&rt, Arc::new(image), ready)
+        let image = Arc::new(image);
+        serve(&rt, image.clone(), ready)?;
+        if a.record {
+            save_recording(&rt, &image)?;
+        }
+        Ok(())
     };
     if a.foreground {
         return run(access, &mut |m| eprintln!("thaw: {m} (Ctrl-C to stop)"));
@@ -160,6 +174,23 @@ fn attach(
             result
         }
     }
+}
+
+/// Merges what `image` recorded into its profile on the server.
+fn save_recording(rt: &tokio::runtime::Runtime, image: &Image) -> Result<()> {
+    let saved = rt
+        .block_on(image.save_recording())
+        .with_context(|| format!("cannot save the profile of {}", image.reference))?;
+    if let Some(p) = saved {
+        let s = thaw_client::profile::ProfileSummary::of(&p);
+        tracing::info!(
+            runs = s.runs,
+            chunks = s.working_set_chunks,
+            bytes = s.working_set_bytes,
+            "profile saved"
+        );
+    }
+    Ok(())
 }
 
 /// `thaw mount`.
@@ -252,6 +283,16 @@ pub fn stats(a: StatsArgs) -> Result<()> {
     println!(
         "latency     fetch p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         s.fetch_ms_p50, s.fetch_ms_p90, s.fetch_ms_p99, s.fetch_ms_max
+    );
+    println!(
+        "profile     {}: {} of {} chunks streamed in {} batches ({}), {} loaded from disk, {} fetched alone",
+        s.profile,
+        s.profile_chunks_streamed,
+        s.profile_chunks,
+        s.profile_batches,
+        human(s.profile_bytes_streamed),
+        s.profile_chunks_loaded,
+        s.profile_fallbacks
     );
     println!(
         "errors      fetch {}, digest mismatch {}, corrupt cache entries {}, cache write {}; evicted {}",

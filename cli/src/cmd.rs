@@ -46,6 +46,8 @@ pub enum Command {
     Demo(crate::bench::DemoArgs),
     /// Measure cold starts: full pull, lazy cold, lazy warm, local and peers.
     Bench(crate::bench::BenchArgs),
+    /// Working-set profiles: record what a start reads, for the next cold start to stream.
+    Profile(crate::profile::ProfileArgs),
 }
 
 /// How to reach a chunk server.
@@ -196,7 +198,7 @@ pub struct ClientArgs {
     access: AccessArgs,
     /// Print one JSON object instead of text.
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Args)]
@@ -261,6 +263,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Stats(a) => crate::attach::stats(a),
         Command::Demo(a) => crate::bench::demo(a),
         Command::Bench(a) => crate::bench::run(a),
+        Command::Profile(a) => crate::profile::run(a),
     }
 }
 
@@ -411,7 +414,7 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
-fn remote_for(r: &ImageRef, c: &ClientArgs) -> Result<Remote> {
+pub(crate) fn remote_for(r: &ImageRef, c: &ClientArgs) -> Result<Remote> {
     c.access.read()?.remote(r)
 }
 
@@ -465,6 +468,12 @@ async fn push(a: PushArgs) -> Result<()> {
         human(report.bytes_uploaded),
         report.seconds
     );
+    if report.profile_carried > 0 {
+        println!(
+            "  carried the previous version's profile: {} chunks the two share",
+            report.profile_carried
+        );
+    }
     Ok(())
 }
 
@@ -530,5 +539,9 @@ async fn inspect(a: InspectArgs) -> Result<()> {
         s.compression_ratio,
         human(u64::from(s.chunk_size))
     );
+    match &s.profile {
+        Some(p) => crate::profile::print_summary(p),
+        None => println!("profile   none (thaw profile record, or thaw mount --record, makes one)"),
+    }
     Ok(())
 }

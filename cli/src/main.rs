@@ -3,6 +3,7 @@
 mod attach;
 mod bench;
 mod cmd;
+mod profile;
 
 use clap::Parser;
 

@@ -20,4 +20,4 @@ pub mod tree;
 
 pub use compare::assert_same_tree;
 pub use data::{noise, Python, PythonEnv, Rng};
-pub use process::{thaw, thaw_bin, thaw_json, thaw_ok, Server};
+pub use process::{thaw, thaw_bin, thaw_json, thaw_ok, Mount, Server};

@@ -1,4 +1,5 @@
-//! The `thaw` binary as a process: run it, and run a real `thaw serve` child.
+//! The `thaw` binary as a process: run it, run a real `thaw serve` child, and
+//! mount images with `thaw mount`.
 //!
 //! The binary is the one cargo built beside the running test or bench
 //! (`target/<profile>/thaw`, the parent of the test's `deps/`), or `$THAW_BIN`.
@@ -50,6 +51,45 @@ pub fn thaw_json(args: &[&str]) -> serde_json::Value {
     let mut a = args.to_vec();
     a.push("--json");
     serde_json::from_str(&thaw_ok(&a)).expect("thaw printed JSON")
+}
+
+/// A `thaw mount` in the background; unmounted (`thaw umount`) on drop.
+pub struct Mount {
+    pub dir: PathBuf,
+}
+
+impl Mount {
+    /// `thaw mount REFERENCE DIR EXTRA...`; returns once the mount answers.
+    pub fn new(reference: &str, dir: &Path, extra: &[&str]) -> Mount {
+        std::fs::create_dir_all(dir).expect("create the mountpoint");
+        let mut args = vec!["mount", reference, dir.to_str().expect("UTF-8 path")];
+        args.extend_from_slice(extra);
+        thaw_ok(&args);
+        Mount {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// `thaw stats --json` of the mount.
+    pub fn stats(&self) -> serde_json::Value {
+        thaw_json(&["stats", self.dir.to_str().expect("UTF-8 path")])
+    }
+
+    /// Chunks the mount fetched over the network so far.
+    pub fn fetched(&self) -> u64 {
+        self.stats()["chunks_fetched"]
+            .as_u64()
+            .expect("a chunk count")
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let out = thaw(&["umount", self.dir.to_str().expect("UTF-8 path")]);
+        if !out.status.success() {
+            eprintln!("umount: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
 }
 
 /// A `thaw serve` child process over a `file://` store; killed on drop.

@@ -1,0 +1,220 @@
+//! Working-set profiles end to end: a real `thaw serve`, real FUSE mounts,
+//! `thaw profile record`, `thaw mount --record`, a push that carries a profile
+//! to the next version, and what a cold mount does with them.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use thaw_testkit::tree::write;
+use thaw_testkit::{noise, thaw_json, Mount, Server};
+
+const MB: usize = 1 << 20;
+
+/// One test's world: a store, a server and a source tree.
+struct World {
+    tmp: tempfile::TempDir,
+    server: Server,
+}
+
+impl World {
+    fn new() -> World {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = Server::start(&tmp.path().join("store"));
+        World { tmp, server }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+
+    /// A large file the start reads, one it does not, and 400 small modules
+    /// (five packs), of which the start imports the first hundred.
+    fn tree(&self) -> PathBuf {
+        let src = self.path("src");
+        write(&src.join("lib/core.so"), &noise(1, 6 * MB + 100));
+        write(&src.join("lib/unused.so"), &noise(2, 4 * MB));
+        for i in 0..400u64 {
+            write(
+                &src.join(format!("pkg/m{i:03}.py")),
+                &noise(100 + i, 12_000),
+            );
+        }
+        src
+    }
+
+    fn push(&self, src: &Path, name_tag: &str) -> (String, Value) {
+        let r = self.server.reference(name_tag);
+        let report = thaw_json(&["push", src.to_str().unwrap(), &r]);
+        (r, report)
+    }
+
+    /// A mount over a fresh, empty cache.
+    fn cold_mount(&self, r: &str, name: &str, extra: &[&str]) -> Mount {
+        let cache = self.path(&format!("cache-{name}"));
+        let mut args = vec!["--cache-dir", cache.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Mount::new(r, &self.path(name), &args)
+    }
+}
+
+/// The start: the large library, then the first hundred modules.
+const START: &str = "cat lib/core.so pkg/m0[0-9][0-9].py > /dev/null";
+
+/// Reads what [`START`] reads through `root` and checks it against `src`.
+fn run_start(root: &Path, src: &Path) {
+    let mut names = vec!["lib/core.so".to_owned()];
+    names.extend((0..100).map(|i| format!("pkg/m{i:03}.py")));
+    for name in names {
+        let got = std::fs::read(root.join(&name)).unwrap();
+        assert!(got == std::fs::read(src.join(&name)).unwrap(), "{name}");
+    }
+}
+
+/// Waits until the mount's profile stream has ended; returns its stats.
+fn streamed(m: &Mount) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = m.stats();
+        if s["profile"] != "streaming" {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the stream did not end: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn num(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
+}
+
+#[test]
+fn a_recorded_profile_is_fetched_before_the_reads_ask_and_no_profile_turns_it_off() {
+    let w = World::new();
+    let src = w.tree();
+    let (r, _) = w.push(&src, "app:v1");
+    let recorded = thaw_json(&["profile", "record", &r, "--run", START, "--runs", "2"]);
+    let p = &recorded["profile"];
+    assert_eq!(num(p, "runs"), 2);
+    assert_eq!(num(p, "files"), 101, "{p}");
+    let working_set = num(p, "working_set_chunks");
+    // Seven chunks of the library, and the two packs that hold the modules
+    // read (the unused library and the later packs stay out).
+    assert!((8..=10).contains(&working_set), "{p}");
+    let inspected = thaw_json(&["inspect", &r]);
+    assert_eq!(inspected["profile"]["working_set_chunks"], working_set);
+
+    // A cold mount streams the working set in a few batch requests before
+    // anything reads it.
+    let served = w.server.metric("thaw_chunks_served_total");
+    let m = w.cold_mount(&r, "mnt", &[]);
+    let s = streamed(&m);
+    assert_eq!(s["profile"], "done", "{s}");
+    assert_eq!(num(&s, "reads"), 0);
+    assert_eq!(num(&s, "profile_chunks"), working_set);
+    assert_eq!(num(&s, "profile_chunks_streamed"), working_set);
+    assert!(num(&s, "profile_batches") <= 4, "{s}");
+    assert_eq!(num(&s, "chunks_fetched"), working_set);
+    assert_eq!(
+        w.server.metric("thaw_chunks_served_total") - served,
+        working_set as f64
+    );
+    // The start finds everything fetched: no read fetches.
+    run_start(&m.dir, &src);
+    let s = m.stats();
+    assert!(num(&s, "reads") > 0);
+    assert_eq!(num(&s, "chunks_fetched"), working_set, "{s}");
+    assert_eq!(
+        w.server.metric("thaw_chunks_served_total") - served,
+        working_set as f64
+    );
+    drop(m);
+
+    // Without the profile nothing is fetched before it is read.
+    let served = w.server.metric("thaw_chunks_served_total");
+    let m = w.cold_mount(&r, "plain", &["--no-profile"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let s = m.stats();
+    assert_eq!(s["profile"], "off");
+    assert_eq!(num(&s, "chunks_fetched"), 0);
+    assert_eq!(w.server.metric("thaw_chunks_served_total"), served);
+    run_start(&m.dir, &src);
+    let s = m.stats();
+    assert_eq!(num(&s, "profile_chunks_streamed"), 0);
+    assert_eq!(num(&s, "profile_batches"), 0);
+    assert!(num(&s, "chunks_fetched") >= working_set, "{s}");
+}
+
+#[test]
+fn mount_record_saves_at_unmount_and_recordings_merge() {
+    let w = World::new();
+    let src = w.tree();
+    let (r, _) = w.push(&src, "app:v1");
+    let m = w.cold_mount(&r, "one", &["--record"]);
+    std::fs::read(m.dir.join("lib/core.so")).unwrap();
+    drop(m); // unmounting saves
+    let p = &thaw_json(&["inspect", &r])["profile"];
+    assert_eq!(
+        (num(p, "runs"), num(p, "working_set_chunks")),
+        (1, 7),
+        "{p}"
+    );
+
+    let m = w.cold_mount(&r, "two", &["--record"]);
+    std::fs::read(m.dir.join("lib/unused.so")).unwrap();
+    drop(m);
+    let p = &thaw_json(&["inspect", &r])["profile"];
+    // Each library was read in one run of two: both are in the working set.
+    assert_eq!(
+        (num(p, "runs"), num(p, "working_set_chunks")),
+        (2, 11),
+        "{p}"
+    );
+    assert_eq!(num(p, "files"), 2);
+}
+
+#[test]
+fn the_next_version_inherits_the_profile_and_a_corrupt_one_is_refused() {
+    let w = World::new();
+    let src = w.tree();
+    let (r, _) = w.push(&src, "app:v1");
+    thaw_json(&["profile", "record", &r, "--run", START]);
+    // The next version changes the library's last chunk and one module of
+    // the second pack.
+    let mut lib = std::fs::read(src.join("lib/core.so")).unwrap();
+    lib[6 * MB + 50] ^= 1;
+    write(&src.join("lib/core.so"), &lib);
+    write(&src.join("pkg/m090.py"), &noise(7, 12_000));
+    let (r2, pushed) = w.push(&src, "app:v1");
+    let carried = num(&pushed, "profile_carried");
+    assert!(carried >= 6, "{pushed}");
+    let m = w.cold_mount(&r2, "mnt", &[]);
+    let s = streamed(&m);
+    assert_eq!(s["profile"], "done", "{s}");
+    assert_eq!(num(&s, "profile_chunks_streamed"), carried);
+    run_start(&m.dir, &src);
+    let s = m.stats();
+    let on_demand = num(&s, "chunks_fetched") - num(&s, "prefetched") - carried;
+    assert!(
+        on_demand <= 2,
+        "only what changed is fetched on demand: {s}"
+    );
+    drop(m);
+
+    // A profile damaged in the store is refused with the reason; the mount
+    // works without it.
+    let manifest = pushed["manifest"].as_str().unwrap();
+    let hex = manifest.trim_start_matches("blake3:");
+    let stored = w.path("store/profiles").join(hex);
+    let mut bytes = std::fs::read(&stored).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&stored, bytes).unwrap();
+    let m = w.cold_mount(&r2, "damaged", &[]);
+    let s = m.stats();
+    let state = s["profile"].as_str().unwrap();
+    assert!(
+        state.starts_with("refused: ") && state.contains("checksum"),
+        "{state}"
+    );
+    run_start(&m.dir, &src);
+    assert_eq!(num(&m.stats(), "profile_batches"), 0);
+}
