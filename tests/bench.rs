@@ -32,7 +32,13 @@ fn bench_runs_every_mode_on_every_workload() {
     for w in workloads {
         assert!(w["read_bytes"].as_u64().unwrap() > 0, "{w}");
         let modes = w["modes"].as_array().unwrap();
-        for name in ["full pull", "lazy cold", "lazy warm", "local"] {
+        for name in [
+            "full pull",
+            "lazy cold",
+            "lazy profiled",
+            "lazy warm",
+            "local",
+        ] {
             let m = modes
                 .iter()
                 .find(|m| m["mode"] == name)
@@ -49,6 +55,7 @@ fn bench_runs_every_mode_on_every_workload() {
         // The full pull fetched the whole stored image; the warm mount nothing.
         assert_eq!(fetched("full pull"), w["stored_bytes"].as_u64().unwrap());
         assert!(fetched("lazy cold") > 0);
+        assert!(fetched("lazy profiled") > 0);
         assert_eq!(fetched("lazy warm"), 0);
         for peer in ["casync", "nydus"] {
             let m = modes.iter().find(|m| m["mode"] == peer).unwrap();

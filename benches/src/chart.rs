@@ -15,9 +15,10 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 /// Each mode's color, the same in every group and in the legend.
-const PALETTE: [(&str, RGBColor); 6] = [
+const PALETTE: [(&str, RGBColor); 7] = [
     ("full pull", RGBColor(0xd6, 0x27, 0x28)),
     ("lazy cold", RGBColor(0x1f, 0x77, 0xb4)),
+    ("lazy profiled", RGBColor(0x17, 0xbe, 0xcf)),
     ("lazy warm", RGBColor(0x2c, 0xa0, 0x2c)),
     ("local", RGBColor(0x7f, 0x7f, 0x7f)),
     ("casync", RGBColor(0xff, 0x7f, 0x0e)),

@@ -3,7 +3,10 @@
 //!
 //! For each workload and each of N runs, with the page cache dropped first:
 //! - **full pull**: export to local disk, then the startup;
-//! - **lazy cold**: a fresh `thaw mount` with empty caches, then the startup;
+//! - **lazy cold**: a fresh `thaw mount` with empty caches and no profile,
+//!   then the startup;
+//! - **lazy profiled**: the same, streaming the profile of the startup
+//!   recorded once before the runs (`thaw mount --record`);
 //! - **lazy warm**: a fresh `thaw mount` over the disk cache the cold run left;
 //! - **local**: the startup on a local copy (the floor);
 //! - **peers** (casync, nydus, when installed) on the same data, startup and link.
@@ -236,6 +239,20 @@ fn measure(
     let work = cfg.work_dir.join("run");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    result.modes = modes::run_all(target, rt, &work, cfg.runs.max(1), cfg.peers)?;
+    eprintln!("  recording the start's profile");
+    let recorded = modes::record_profile(target, &work).map_err(|e| format!("{e:#}"));
+    let profiled = match &recorded {
+        Ok(stats) => {
+            if result.read_bytes == 0 {
+                result.set_read_bytes(stats.read_bytes);
+            }
+            match thaw::inspect(rt, &target.pull_ref)?.profile {
+                Some(_) => Ok(()),
+                None => Err("the recorded profile was not saved (see the mount's log)".into()),
+            }
+        }
+        Err(e) => Err(e.clone()),
+    };
+    result.modes = modes::run_all(target, rt, &work, cfg.runs.max(1), cfg.peers, profiled)?;
     Ok(result)
 }

@@ -9,12 +9,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
-use thaw_client::image::{stats::StatsReport, Image, ImageOptions};
+use thaw_client::image::{Image, ImageOptions};
 use thaw_client::reference::Selector;
 use thaw_client::{ImageRef, Remote};
 use tokio::runtime::Runtime;
 
 pub use thaw_client::export::ExportReport;
+pub use thaw_client::image::stats::StatsReport;
 pub use thaw_client::inspect::InspectReport;
 pub use thaw_client::push::PushReport;
 
@@ -162,6 +163,10 @@ pub fn unmount(mp: &Path) -> Result<()> {
 pub struct MountFlags {
     pub readahead: Option<u64>,
     pub kernel_readahead: Option<u64>,
+    /// `--no-profile`: do not stream the image's profile.
+    pub no_profile: bool,
+    /// `--record`: record what is read and save it as the image's profile at unmount.
+    pub record: bool,
 }
 
 /// The `thaw` binary, for what the suites measure as a user would run it.
@@ -183,6 +188,12 @@ impl ThawBin {
         }
         if let Some(k) = flags.kernel_readahead {
             cmd.arg("--kernel-readahead").arg(k.to_string());
+        }
+        if flags.no_profile {
+            cmd.arg("--no-profile");
+        }
+        if flags.record {
+            cmd.arg("--record");
         }
         let out = cmd
             .output()

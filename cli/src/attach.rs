@@ -285,8 +285,9 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         s.fetch_ms_p50, s.fetch_ms_p90, s.fetch_ms_p99, s.fetch_ms_max
     );
     println!(
-        "profile     {}: {} of {} chunks streamed in {} batches ({}), {} loaded from disk, {} fetched alone",
+        "profile     {} after {:.0} ms: {} of {} chunks streamed in {} batches ({}), {} loaded from disk, {} fetched alone",
         s.profile,
+        s.profile_stream_ms,
         s.profile_chunks_streamed,
         s.profile_chunks,
         s.profile_batches,

@@ -1,29 +1,40 @@
 //! thaw's own modes, one sample at a time, and the runs of all modes of one
-//! workload with their ratios to the full pull and to local.
+//! workload with their ratios to the full pull and to local. "lazy profiled"
+//! streams a profile recorded once, on a cold mount, before the runs; "lazy
+//! cold" and "lazy warm" mount with `--no-profile`, as a first start would.
 
 use super::{ModeResult, Sample, Target};
-use crate::thaw::{self, MountFlags};
+use crate::thaw::{self, MountFlags, StatsReport};
 use crate::{peers, sys};
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::time::Instant;
 use tokio::runtime::Runtime;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     FullPull,
     LazyCold,
+    LazyProfiled,
     LazyWarm,
     Local,
 }
 
-const MODES: [Mode; 4] = [Mode::FullPull, Mode::LazyCold, Mode::LazyWarm, Mode::Local];
+/// In this order: "lazy warm" mounts over the cache "lazy cold" left.
+const MODES: [Mode; 5] = [
+    Mode::FullPull,
+    Mode::LazyCold,
+    Mode::LazyWarm,
+    Mode::LazyProfiled,
+    Mode::Local,
+];
 
 impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::FullPull => "full pull",
             Mode::LazyCold => "lazy cold",
+            Mode::LazyProfiled => "lazy profiled",
             Mode::LazyWarm => "lazy warm",
             Mode::Local => "local",
         }
@@ -33,8 +44,9 @@ impl Mode {
     fn sample(self, t: &Target, rt: &Runtime, work: &Path) -> Result<Sample> {
         match self {
             Mode::FullPull => full_pull(t, rt, work),
-            Mode::LazyCold => lazy(t, work, true),
-            Mode::LazyWarm => lazy(t, work, false),
+            Mode::LazyCold => lazy(t, work, Lazy::Cold),
+            Mode::LazyProfiled => lazy(t, work, Lazy::Profiled),
+            Mode::LazyWarm => lazy(t, work, Lazy::Warm),
             Mode::Local => {
                 sys::drop_caches();
                 let s = Instant::now();
@@ -57,15 +69,27 @@ fn full_pull(t: &Target, rt: &Runtime, work: &Path) -> Result<Sample> {
     Ok(sample)
 }
 
-fn lazy(t: &Target, work: &Path, cold: bool) -> Result<Sample> {
+/// How a lazy mode mounts: empty caches with or without the profile, or
+/// over the disk cache the last cold run left (without the profile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lazy {
+    Cold,
+    Profiled,
+    Warm,
+}
+
+fn lazy(t: &Target, work: &Path, how: Lazy) -> Result<Sample> {
     let (mp, cache) = (work.join("mnt"), work.join("cache"));
-    if cold {
+    if how != Lazy::Warm {
         let _ = std::fs::remove_dir_all(&cache);
     }
+    let flags = MountFlags {
+        no_profile: how != Lazy::Profiled,
+        ..MountFlags::default()
+    };
     sys::drop_caches();
     let s = Instant::now();
-    t.thaw
-        .mount(&t.pull_ref, &mp, &cache, MountFlags::default())?;
+    t.thaw.mount(&t.pull_ref, &mp, &cache, flags)?;
     let result = t.startup.run(&mp);
     let seconds = s.elapsed().as_secs_f64();
     let fetched = thaw::mount_stats(&mp).map_or(0, |s| s.bytes_fetched);
@@ -77,26 +101,55 @@ fn lazy(t: &Target, work: &Path, cold: bool) -> Result<Sample> {
     })
 }
 
+/// Records the start's profile on a cold mount (`thaw mount --record`,
+/// saved when it unmounts), for "lazy profiled" to stream; returns the
+/// recording mount's counters (what the start read).
+pub(super) fn record_profile(t: &Target, work: &Path) -> Result<StatsReport> {
+    let (mp, cache) = (work.join("mnt"), work.join("record-cache"));
+    let _ = std::fs::remove_dir_all(&cache);
+    let flags = MountFlags {
+        record: true,
+        no_profile: true,
+        ..MountFlags::default()
+    };
+    sys::drop_caches();
+    t.thaw.mount(&t.pull_ref, &mp, &cache, flags)?;
+    let result = t.startup.run(&mp);
+    let stats = thaw::mount_stats(&mp);
+    t.thaw.umount(&mp);
+    let _ = std::fs::remove_dir_all(&cache);
+    result?;
+    stats
+}
+
 /// Every mode `runs` times (interleaved, so drift hits all alike), then the
-/// peers, then each mode's ratios.
+/// peers, then each mode's ratios. Without a recorded profile (`profiled`
+/// false), "lazy profiled" is skipped.
 pub(super) fn run_all(
     t: &Target,
     rt: &Runtime,
     work: &Path,
     runs: usize,
     with_peers: bool,
+    profiled: Result<(), String>,
 ) -> Result<Vec<ModeResult>> {
+    let skip = |m: &Mode| *m == Mode::LazyProfiled && profiled.is_err();
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); MODES.len()];
     for i in 0..runs {
         eprintln!("  run {}/{runs}", i + 1);
         for (mode, samples) in MODES.iter().zip(&mut samples) {
-            samples.push(mode.sample(t, rt, work).context(mode.name())?);
+            if !skip(mode) {
+                samples.push(mode.sample(t, rt, work).context(mode.name())?);
+            }
         }
     }
     let mut modes: Vec<ModeResult> = MODES
         .iter()
         .zip(samples)
-        .map(|(m, s)| ModeResult::from_samples(m.name(), s))
+        .map(|(m, s)| match (&profiled, skip(m)) {
+            (Err(why), true) => ModeResult::skipped(m.name(), why),
+            _ => ModeResult::from_samples(m.name(), s),
+        })
         .collect();
     if with_peers {
         modes.push(peers::casync(t, rt, work, runs).context("casync")?);

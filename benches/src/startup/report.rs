@@ -82,18 +82,27 @@ pub struct WorkloadResult {
 impl WorkloadResult {
     /// A workload's figures before its modes ran.
     pub fn new(workload: String, image: &InspectReport, read_bytes: u64) -> WorkloadResult {
-        WorkloadResult {
+        let mut w = WorkloadResult {
             workload,
             image_bytes: image.bytes,
             image_files: image.files,
             stored_bytes: image.stored_bytes,
-            read_bytes,
-            share_read: match image.bytes {
-                0 => 0.0,
-                b => read_bytes as f64 / b as f64,
-            },
+            read_bytes: 0,
+            share_read: 0.0,
             modes: Vec::new(),
-        }
+        };
+        w.set_read_bytes(read_bytes);
+        w
+    }
+
+    /// Sets the bytes the startup reads (known from a built-in workload's
+    /// plan, or measured on a mount).
+    pub fn set_read_bytes(&mut self, read_bytes: u64) {
+        self.read_bytes = read_bytes;
+        self.share_read = match self.image_bytes {
+            0 => 0.0,
+            b => read_bytes as f64 / b as f64,
+        };
     }
 }
 
@@ -168,15 +177,15 @@ impl fmt::Display for WorkloadResult {
         )?;
         writeln!(
             f,
-            "  {:<10} {:>10} {:>12} {:>12} {:>10}",
+            "  {:<13} {:>10} {:>12} {:>12} {:>10}",
             "mode", "ready (s)", "fetched", "vs full pull", "vs local"
         )?;
         for m in &self.modes {
             match &m.skipped {
-                Some(why) => writeln!(f, "  {:<10} skipped: {why}", m.mode)?,
+                Some(why) => writeln!(f, "  {:<13} skipped: {why}", m.mode)?,
                 None => writeln!(
                     f,
-                    "  {:<10} {:>10.3} {:>12} {:>11.2}x {:>9.2}x",
+                    "  {:<13} {:>10.3} {:>12} {:>11.2}x {:>9.2}x",
                     m.mode,
                     m.median_seconds,
                     HumanBytes(m.median_bytes_fetched).to_string(),

@@ -44,6 +44,8 @@ pub struct Stats {
     pub profile_chunks_loaded: AtomicU64,
     /// Chunks a reader waited for that the stream did not bring, fetched alone.
     pub profile_fallbacks: AtomicU64,
+    /// How long the stream ran, in microseconds.
+    pub profile_stream_us: AtomicU64,
     /// What became of the profile (see [`StatsReport::profile`]).
     profile: Mutex<String>,
     latencies_us: Mutex<Vec<u32>>,
@@ -134,6 +136,7 @@ impl Stats {
             profile_bytes_streamed: g(&self.profile_bytes_streamed),
             profile_chunks_loaded: g(&self.profile_chunks_loaded),
             profile_fallbacks: g(&self.profile_fallbacks),
+            profile_stream_ms: g(&self.profile_stream_us) as f64 / 1000.0,
             fetch_ms_p50: pct(0.5),
             fetch_ms_p90: pct(0.9),
             fetch_ms_p99: pct(0.99),
@@ -182,6 +185,8 @@ pub struct StatsReport {
     pub profile_bytes_streamed: u64,
     pub profile_chunks_loaded: u64,
     pub profile_fallbacks: u64,
+    /// How long the stream ran (until it ended, or so far).
+    pub profile_stream_ms: f64,
     pub fetch_ms_p50: f64,
     pub fetch_ms_p90: f64,
     pub fetch_ms_p99: f64,

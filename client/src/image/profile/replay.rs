@@ -76,6 +76,7 @@ pub(crate) async fn stream(
     policy: StreamPolicy,
     stats: Arc<Stats>,
 ) {
+    let started = std::time::Instant::now();
     let len = |c: u32| u64::from(fetcher.chunk_len(c));
     Stats::set(&stats.profile_chunks, plan.len() as u64);
     Stats::set(&stats.profile_bytes, plan.iter().map(|&c| len(c)).sum());
@@ -119,7 +120,12 @@ pub(crate) async fn stream(
                 limit = (limit * 2).min(policy.batch_bytes);
             }
         }
-        match steps.next().await {
+        let step = steps.next().await;
+        Stats::set(
+            &stats.profile_stream_us,
+            started.elapsed().as_micros() as u64,
+        );
+        match step {
             None => break,
             Some(Ok(())) => {}
             Some(Err(e)) => {
