@@ -177,7 +177,8 @@ fn the_next_version_inherits_the_profile_and_a_corrupt_one_is_refused() {
     let w = World::new();
     let src = w.tree();
     let (r, _) = w.push(&src, "app:v1");
-    thaw_json(&["profile", "record", &r, "--run", START]);
+    let recorded = thaw_json(&["profile", "record", &r, "--run", START]);
+    let working_set = num(&recorded["profile"], "working_set_chunks");
     // The next version changes the library's last chunk and one module of
     // the second pack.
     let mut lib = std::fs::read(src.join("lib/core.so")).unwrap();
@@ -185,18 +186,19 @@ fn the_next_version_inherits_the_profile_and_a_corrupt_one_is_refused() {
     write(&src.join("lib/core.so"), &lib);
     write(&src.join("pkg/m090.py"), &noise(7, 12_000));
     let (r2, pushed) = w.push(&src, "app:v1");
+    // Carried: the chunks of v2 that hold what v1's start read, changed or not.
     let carried = num(&pushed, "profile_carried");
-    assert!(carried >= 6, "{pushed}");
+    assert_eq!(carried, working_set, "{pushed}");
     let m = w.cold_mount(&r2, "mnt", &[]);
     let s = streamed(&m);
     assert_eq!(s["profile"], "done", "{s}");
     assert_eq!(num(&s, "profile_chunks_streamed"), carried);
     run_start(&m.dir, &src);
     let s = m.stats();
-    let on_demand = num(&s, "chunks_fetched") - num(&s, "prefetched") - carried;
-    assert!(
-        on_demand <= 2,
-        "only what changed is fetched on demand: {s}"
+    assert_eq!(
+        num(&s, "chunks_fetched"),
+        carried,
+        "nothing fetched on demand: {s}"
     );
     drop(m);
 
@@ -217,4 +219,31 @@ fn the_next_version_inherits_the_profile_and_a_corrupt_one_is_refused() {
     );
     run_start(&m.dir, &src);
     assert_eq!(num(&m.stats(), "profile_batches"), 0);
+}
+
+#[test]
+fn a_push_after_a_recording_packs_what_the_start_reads_together() {
+    let w = World::new();
+    let src = w.tree();
+    let (r, _) = w.push(&src, "app:v1");
+    // A start that reads every other module: spread over all five packs.
+    let spread = "cat lib/core.so pkg/m*[02468].py > /dev/null";
+    let recorded = thaw_json(&["profile", "record", &r, "--run", spread]);
+    let before = num(&recorded["profile"], "working_set_chunks");
+    assert_eq!(before, 7 + 5, "{recorded}");
+    // The same tree again: the two hundred modules read now fill three packs.
+    let (r2, pushed) = w.push(&src, "app:v1");
+    assert_eq!(num(&pushed, "profile_carried"), 7 + 3, "{pushed}");
+    let p = &thaw_json(&["inspect", &r2])["profile"];
+    assert_eq!(num(p, "working_set_chunks"), 7 + 3, "{p}");
+    let m = w.cold_mount(&r2, "mnt", &[]);
+    let s = streamed(&m);
+    assert_eq!(num(&s, "profile_chunks_streamed"), 7 + 3, "{s}");
+    std::fs::read(m.dir.join("lib/core.so")).unwrap();
+    for i in (0..400).step_by(2) {
+        let name = format!("pkg/m{i:03}.py");
+        let got = std::fs::read(m.dir.join(&name)).unwrap();
+        assert!(got == std::fs::read(src.join(&name)).unwrap(), "{name}");
+    }
+    assert_eq!(num(&m.stats(), "chunks_fetched"), 7 + 3);
 }

@@ -217,6 +217,11 @@ pub struct PushArgs {
     /// Uploads in flight at once.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// The image whose working-set profile lays out this push (the small
+    /// files its start read packed first, in read order) and is carried to
+    /// it. Default: the image the tag names now, if it has a profile.
+    #[arg(long, value_name = "REF")]
+    profile_from: Option<String>,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -450,6 +455,7 @@ async fn push(a: PushArgs) -> Result<()> {
         level: a.level,
         concurrency: a.concurrency,
         progress: !a.client.json && std::io::stderr().is_terminal(),
+        profile_from: a.profile_from.as_deref().map(ImageRef::parse).transpose()?,
     };
     let report = thaw_client::push::push(&a.dir, &r, &remote, &opts)
         .await

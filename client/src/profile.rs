@@ -1,6 +1,7 @@
 //! Profiles on the chunk server: fetching an image's profile, saving a
 //! recording (merged into what is stored), carrying a profile to the next
-//! version of an image, and summing one up for people.
+//! version of an image (whose push also packs the small files the profile
+//! read together, in read order), and summing one up for people.
 //!
 //! A profile is stored per manifest (`PUT /v1/profiles/{digest}`) and
 //! replaced by each save, so recordings accumulate: each save merges the new
@@ -9,6 +10,7 @@
 //! wins); the profile stays valid either way.
 
 use crate::error::{ClientError, Result};
+use crate::reference::ImageRef;
 use crate::remote::Remote;
 use bytes::Bytes;
 use std::collections::HashSet;
@@ -55,24 +57,46 @@ pub async fn save(remote: &Remote, recorded: Profile) -> Result<Profile> {
     Ok(merged)
 }
 
-/// Gives manifest `new` (named `new_digest`), which has no profile yet, the
-/// profile of manifest `old` carried over: the chunks the two share, in the
-/// order `old`'s start read them. Returns the carried profile, if one was
-/// uploaded.
+/// An image with a profile: the previous version of an image being pushed.
+#[derive(Debug, Clone)]
+pub struct Profiled {
+    pub digest: Digest,
+    pub manifest: Manifest,
+    pub profile: Profile,
+}
+
+/// The image `r` names and its profile, if it has both.
+pub async fn profiled(remote: &Remote, r: &ImageRef) -> Result<Option<Profiled>> {
+    let digest = match remote.resolve(r).await {
+        Ok(digest) => digest,
+        Err(ClientError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let Some(profile) = fetch(remote, &digest).await? else {
+        return Ok(None);
+    };
+    let manifest = remote.manifest(&digest).await?.manifest;
+    Ok(Some(Profiled {
+        digest,
+        manifest,
+        profile,
+    }))
+}
+
+/// Gives manifest `new` (named `new_digest`), unless it has a profile
+/// already, the profile of `old` carried over (`Profile::carry_to`: the
+/// chunks of `new` that hold what `old`'s start read, in that order).
+/// Returns the carried profile, if one was uploaded.
 pub async fn carry(
     remote: &Remote,
-    old: &Digest,
+    old: &Profiled,
     new: &Manifest,
     new_digest: &Digest,
 ) -> Result<Option<Profile>> {
-    if old == new_digest || remote.profile(new_digest).await?.is_some() {
+    if old.digest == *new_digest || remote.profile(new_digest).await?.is_some() {
         return Ok(None);
     }
-    let Some(profile) = fetch(remote, old).await? else {
-        return Ok(None);
-    };
-    let old_manifest = remote.manifest(old).await?.manifest;
-    let carried = profile.carry_to(&old_manifest, new, *new_digest);
+    let carried = old.profile.carry_to(&old.manifest, new, *new_digest);
     if carried.working_set().next().is_none() {
         return Ok(None);
     }

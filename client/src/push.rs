@@ -2,7 +2,9 @@
 //!
 //! 1. Walk the tree breadth-first without following symlinks ([`walk`]).
 //! 2. Cut files into units ([`plan`]); all-zero chunks become holes, small
-//!    files share packed chunks.
+//!    files share packed chunks. When the previous version (or
+//!    `--profile-from`) has a working-set profile, the small files its start
+//!    read are packed first, together and in read order.
 //! 3. One pipeline, each file read once: worker threads (one per core) read
 //!    and hash units; as chunks come out, the server is asked in batches which
 //!    it lacks, and those are compressed on all cores and uploaded with bounded
@@ -20,15 +22,17 @@ mod plan;
 mod walk;
 
 use crate::error::{ClientError, Result};
+use crate::profile::Profiled;
 use crate::reference::ImageRef;
 use crate::remote::Remote;
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use thaw_format::{frame, Chunking, Digest, Manifest, NodeKind};
+use thaw_format::{frame, node_path, Chunking, Digest, Manifest, NodeKind};
 
 /// How to push.
 #[derive(Debug, Clone)]
@@ -40,6 +44,10 @@ pub struct PushOptions {
     pub concurrency: usize,
     /// Show progress bars (on a terminal).
     pub progress: bool,
+    /// The image whose profile lays out this push (the small files its start
+    /// read are packed first, in read order) and is carried to it; `None`:
+    /// the image the tag names now, if it has a profile.
+    pub profile_from: Option<ImageRef>,
 }
 
 impl Default for PushOptions {
@@ -49,6 +57,7 @@ impl Default for PushOptions {
             level: 3,
             concurrency: 16,
             progress: false,
+            profile_from: None,
         }
     }
 }
@@ -281,12 +290,21 @@ struct Published {
 
 /// Uploads the manifest (the server refuses it unless every chunk is
 /// stored), carries the previous version's profile to it, then moves the tag.
-async fn publish(m: &Manifest, r: &ImageRef, tag: &str, remote: &Remote) -> Result<Published> {
+async fn publish(
+    m: &Manifest,
+    r: &ImageRef,
+    tag: &str,
+    remote: &Remote,
+    previous: Option<&Profiled>,
+) -> Result<Published> {
     m.validate()?;
     let bytes = Bytes::from(m.encode());
     let digest = Digest::of(&bytes);
     remote.put_manifest(&digest, bytes.clone()).await?;
-    let profile_carried = carry_profile(m, &digest, r, remote).await;
+    let profile_carried = match previous {
+        Some(prev) => carry_profile(prev, m, &digest, remote).await,
+        None => 0,
+    };
     remote.put_tag(&r.name, tag, &digest).await?;
     Ok(Published {
         digest,
@@ -295,22 +313,57 @@ async fn publish(m: &Manifest, r: &ImageRef, tag: &str, remote: &Remote) -> Resu
     })
 }
 
-/// Carries the profile of the manifest the tag `r` names now (the previous
-/// version) to `m`; returns the working-set chunks carried. A failure only
-/// costs the new version its head start, so it is logged, not returned.
-async fn carry_profile(m: &Manifest, digest: &Digest, r: &ImageRef, remote: &Remote) -> u64 {
-    let previous = match remote.resolve(r).await {
-        Ok(previous) => previous,
-        Err(ClientError::NotFound { .. }) => return 0,
-        Err(e) => {
-            tracing::warn!("cannot look up the previous version's profile: {e}");
-            return 0;
+/// The image whose profile lays out this push: `--profile-from`, or the
+/// image the tag names now. Only a named one that cannot be had fails the
+/// push; otherwise the push goes on without a profile.
+async fn previous_profile(
+    r: &ImageRef,
+    opts: &PushOptions,
+    remote: &Remote,
+) -> Result<Option<Profiled>> {
+    match &opts.profile_from {
+        Some(from) => {
+            let found = crate::profile::profiled(remote, from).await?;
+            found
+                .ok_or_else(|| ClientError::NotFound {
+                    what: format!("a profile of {from}"),
+                })
+                .map(Some)
         }
-    };
-    match crate::profile::carry(remote, &previous, m, digest).await {
+        None => Ok(crate::profile::profiled(remote, r)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(
+                    "cannot look up the previous version's profile: {}",
+                    crate::chain(&e)
+                );
+                None
+            })),
+    }
+}
+
+/// The walked files at the paths `prev`'s start read, in the order it read them.
+fn read_order(prev: &Profiled, w: &walk::Walked) -> Vec<u32> {
+    let files: HashMap<Vec<u8>, u32> = (0..w.nodes.len() as u32)
+        .filter(|&i| matches!(w.nodes[i as usize].kind, NodeKind::File { .. }))
+        .map(|i| (node_path(&w.nodes, i), i))
+        .collect();
+    prev.profile
+        .files_in_read_order()
+        .into_iter()
+        .filter(|&n| (n as usize) < prev.manifest.nodes.len())
+        .filter_map(|n| files.get(&prev.manifest.path(n)).copied())
+        .collect()
+}
+
+/// Carries the profile of `prev` to `m`; returns the working-set chunks
+/// carried. A failure only costs the new version its head start, so it is
+/// logged, not returned.
+async fn carry_profile(prev: &Profiled, m: &Manifest, digest: &Digest, remote: &Remote) -> u64 {
+    match crate::profile::carry(remote, prev, m, digest).await {
         Ok(carried) => carried.map_or(0, |p| p.working_set().count() as u64),
         Err(e) => {
-            tracing::warn!(from = %previous, "cannot carry the previous version's profile: {}", crate::chain(&e));
+            tracing::warn!(from = %prev.digest, "cannot carry the previous version's profile: {}", crate::chain(&e));
             0
         }
     }
@@ -328,10 +381,12 @@ pub async fn push(
         .ok_or_else(|| ClientError::TagRequired(r.to_string()))?
         .to_owned();
     let started = Instant::now();
-    let (d, chunking) = (dir.to_path_buf(), opts.chunking);
+    let previous = previous_profile(r, opts, remote).await?;
+    let (d, chunking, prev) = (dir.to_path_buf(), opts.chunking, previous.clone());
     let (w, p) = tokio::task::spawn_blocking(move || {
         let w = walk::walk(&d)?;
-        let p = plan::plan(&w, &chunking);
+        let read_first = prev.map_or_else(Vec::new, |prev| read_order(&prev, &w));
+        let p = plan::plan(&w, &chunking, &read_first);
         Ok::<_, ClientError>((w, p))
     })
     .await
@@ -363,7 +418,7 @@ pub async fn push(
         extents: assembled.extents,
         xattrs: w.xattrs,
     };
-    let published = publish(&manifest, r, &tag, remote).await?;
+    let published = publish(&manifest, r, &tag, remote, previous.as_ref()).await?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(PushReport {
         manifest: published.digest,

@@ -36,7 +36,7 @@ pub use chunking::{
 pub use digest::{Digest, ParseDigestError};
 pub use frame::{FrameError, FRAME_HEADER_LEN, MAX_CHUNK_LEN};
 pub use manifest::{
-    ChunkRef, Extent, Manifest, ManifestError, Node, NodeKind, Xattr, MANIFEST_MAGIC,
+    node_path, ChunkRef, Extent, Manifest, ManifestError, Node, NodeKind, Xattr, MANIFEST_MAGIC,
     MANIFEST_VERSION, ROOT, XATTR_NAME_MAX, XATTR_VALUE_MAX,
 };
 pub use profile::{FileRange, Profile, ProfileEntry, ProfileError};

@@ -170,6 +170,19 @@ impl NodeKind {
     }
 }
 
+/// The path of node `index` of `nodes` (laid out as a manifest's), relative
+/// to the root, `/`-separated.
+pub fn node_path(nodes: &[Node], mut index: u32) -> Vec<u8> {
+    let mut parts = Vec::new();
+    while index != ROOT {
+        let n = &nodes[index as usize];
+        parts.push(n.name.as_slice());
+        index = n.parent;
+    }
+    parts.reverse();
+    parts.join(&b'/')
+}
+
 impl Node {
     pub fn is_dir(&self) -> bool {
         matches!(self.kind, NodeKind::Dir { .. })
@@ -223,15 +236,8 @@ impl Manifest {
     }
 
     /// The path of node `index`, relative to the root, `/`-separated.
-    pub fn path(&self, mut index: u32) -> Vec<u8> {
-        let mut parts = Vec::new();
-        while index != ROOT {
-            let n = &self.nodes[index as usize];
-            parts.push(n.name.as_slice());
-            index = n.parent;
-        }
-        parts.reverse();
-        parts.join(&b'/')
+    pub fn path(&self, index: u32) -> Vec<u8> {
+        node_path(&self.nodes, index)
     }
 
     /// Files smaller than this were packed with their neighbours at push

@@ -125,6 +125,17 @@ impl Profile {
             .filter(move |e| e.reads > 0 && u32::from(e.reads) * 2 >= runs)
     }
 
+    /// The files the working set read (nodes of the profile's manifest),
+    /// each once, in the order first read.
+    pub fn files_in_read_order(&self) -> Vec<u32> {
+        let mut seen = HashSet::new();
+        self.working_set()
+            .flat_map(|e| &e.ranges)
+            .map(|r| r.node)
+            .filter(|n| seen.insert(*n))
+            .collect()
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let ranges: usize = self.entries.iter().map(|e| e.ranges.len()).sum();
         let len = HEADER_LEN + ENTRY_LEN * self.entries.len() + RANGE_LEN * ranges + TRAILER_LEN;

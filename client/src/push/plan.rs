@@ -76,14 +76,68 @@ enum Part {
 pub(crate) struct Plan {
     pub units: Vec<Unit>,
     files: Vec<FileParts>,
+    /// `units[..leading_packs]` hold the small files a start reads, in the
+    /// order it reads them; their chunks lead the chunk table.
+    leading_packs: usize,
 }
 
-/// Splits the walked files into units.
-pub(crate) fn plan(w: &Walked, chunking: &Chunking) -> Plan {
+/// Packs small files back to back into units of at most the chunk size.
+#[derive(Default)]
+struct Packer {
+    open: Option<OpenPack>,
+}
+
+impl Packer {
+    /// Adds small file `file` of `size` bytes to the open pack, or to a new
+    /// one when it does not fit; says where its bytes are.
+    fn add(&mut self, units: &mut Vec<Unit>, file: u32, size: u64, chunk_size: u64) -> Part {
+        let OpenPack { unit, used } = match self.open {
+            Some(p) if p.used + size <= chunk_size => p,
+            _ => {
+                units.push(Unit::Pack { files: Vec::new() });
+                OpenPack {
+                    unit: units.len() - 1,
+                    used: 0,
+                }
+            }
+        };
+        if let Unit::Pack { files: members } = &mut units[unit] {
+            members.push(Packed { file, size });
+        }
+        self.open = Some(OpenPack {
+            unit,
+            used: used + size,
+        });
+        Part::InPack {
+            unit,
+            offset: used,
+            len: size,
+        }
+    }
+}
+
+/// Splits the walked files into units. The small files in `read_first`
+/// (node indices, the order a start reads them) are packed first, together
+/// and in that order; the other small files follow in tree order, in packs
+/// of their own, so files a start does not read do not dilute its packs.
+pub(crate) fn plan(w: &Walked, chunking: &Chunking, read_first: &[u32]) -> Plan {
     let cs = u64::from(chunking.chunk_size());
+    let small = |i: u32| {
+        let n = &w.nodes[i as usize];
+        matches!(n.kind, NodeKind::File { .. }) && n.size > 0 && n.size < chunking.pack_threshold()
+    };
     let mut units = Vec::new();
     let mut files = Vec::new();
-    let mut open_pack: Option<OpenPack> = None;
+    let mut packer = Packer::default();
+    let mut placed: HashMap<u32, Part> = HashMap::new();
+    for &i in read_first {
+        if (i as usize) < w.nodes.len() && small(i) && !placed.contains_key(&i) {
+            let part = packer.add(&mut units, i, w.nodes[i as usize].size, cs);
+            placed.insert(i, part);
+        }
+    }
+    let leading_packs = units.len();
+    packer = Packer::default();
     for (i, node) in w.nodes.iter().enumerate() {
         if !matches!(node.kind, NodeKind::File { .. }) {
             continue;
@@ -94,31 +148,14 @@ pub(crate) fn plan(w: &Walked, chunking: &Chunking) -> Plan {
                 file: i,
                 parts: Vec::new(),
             });
-        } else if size < chunking.pack_threshold() {
-            let OpenPack { unit, used } = match open_pack {
-                Some(p) if p.used + size <= cs => p,
-                _ => {
-                    units.push(Unit::Pack { files: Vec::new() });
-                    OpenPack {
-                        unit: units.len() - 1,
-                        used: 0,
-                    }
-                }
+        } else if small(i) {
+            let part = match placed.remove(&i) {
+                Some(part) => part,
+                None => packer.add(&mut units, i, size, cs),
             };
-            if let Unit::Pack { files: members } = &mut units[unit] {
-                members.push(Packed { file: i, size });
-            }
             files.push(FileParts {
                 file: i,
-                parts: vec![Part::InPack {
-                    unit,
-                    offset: used,
-                    len: size,
-                }],
-            });
-            open_pack = Some(OpenPack {
-                unit,
-                used: used + size,
+                parts: vec![part],
             });
         } else if chunking.mode == ChunkingMode::Cdc {
             files.push(FileParts {
@@ -139,7 +176,11 @@ pub(crate) fn plan(w: &Walked, chunking: &Chunking) -> Plan {
             files.push(FileParts { file: i, parts });
         }
     }
-    Plan { units, files }
+    Plan {
+        units,
+        files,
+        leading_packs,
+    }
 }
 
 fn open(w: &Walked, file: u32) -> Result<File> {
@@ -267,6 +308,10 @@ pub(crate) fn assemble(w: &mut Walked, plan: &Plan, pieces: &[Vec<Piece>]) -> As
             chunks.len() as u32 - 1
         }))
     };
+    // The packs a start reads first take the first chunk indices, in order.
+    for unit in &pieces[..plan.leading_packs] {
+        chunk_of(&unit[0], &mut chunks);
+    }
     let mut extents: Vec<Extent> = Vec::new();
     for FileParts { file, parts } in &plan.files {
         let start = extents.len() as u32;
@@ -306,4 +351,46 @@ pub(crate) fn assemble(w: &mut Walked, plan: &Plan, pieces: &[Vec<Piece>]) -> As
         };
     }
     Assembled { chunks, extents }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pack members of `unit`, by file name.
+    fn members(w: &Walked, unit: &Unit) -> Vec<String> {
+        match unit {
+            Unit::Pack { files } => files
+                .iter()
+                .map(|p| String::from_utf8_lossy(&w.nodes[p.file as usize].name).into_owned())
+                .collect(),
+            _ => panic!("not a pack"),
+        }
+    }
+
+    #[test]
+    fn the_files_a_start_reads_are_packed_first_in_read_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a", "b", "c", "d", "e", "f"] {
+            std::fs::write(dir.path().join(name), vec![1u8; 100 << 10]).unwrap();
+        }
+        let w = super::super::walk::walk(dir.path()).unwrap();
+        let index = |name: &str| {
+            let i = w.nodes.iter().position(|n| n.name == name.as_bytes());
+            i.unwrap() as u32
+        };
+        let chunking = Chunking::default();
+        let p = plan(&w, &chunking, &[]);
+        let packs: Vec<_> = p.units.iter().map(|u| members(&w, u)).collect();
+        assert_eq!(packs, [["a", "b", "c", "d", "e", "f"]]);
+        assert_eq!(p.leading_packs, 0);
+        let p = plan(
+            &w,
+            &chunking,
+            &[index("f"), index("b"), index("e"), index("b")],
+        );
+        let packs: Vec<_> = p.units.iter().map(|u| members(&w, u)).collect();
+        assert_eq!(packs, [vec!["f", "b", "e"], vec!["a", "c", "d"]]);
+        assert_eq!(p.leading_packs, 1);
+    }
 }

@@ -98,48 +98,118 @@ impl Profile {
         })
     }
 
-    /// This profile, recorded on `old`, for `new` (named `new_digest`): the
-    /// entries whose chunks `new` also holds, in the same order, with their
-    /// file ranges mapped by path (ranges of files `new` lacks or has
-    /// shortened are dropped). The chunks the two versions share are what a
-    /// start of the new one will most likely read first.
+    /// This profile, recorded on `old`, for `new` (named `new_digest`), in
+    /// the same order: an entry whose chunk `new` also holds is kept, with
+    /// its file ranges mapped by path; an entry whose chunk `new` lacks (a
+    /// file changed, or small files were packed anew) becomes the chunks of
+    /// `new` that hold the same file ranges. Ranges of files `new` lacks are
+    /// dropped, and of files it has shortened, cut. What a start of the old
+    /// version read first is what a start of the new one will most likely
+    /// read first.
     pub fn carry_to(&self, old: &Manifest, new: &Manifest, new_digest: Digest) -> Profile {
-        let lens: HashMap<Digest, u32> = new.chunks.iter().map(|c| (c.id, c.len)).collect();
+        let index: HashMap<Digest, u32> = new
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id, i as u32))
+            .collect();
         let mut nodes: HashMap<u32, Option<(u32, u64)>> = HashMap::new();
-        let mut map_node = |node: u32| {
-            *nodes.entry(node).or_insert_with(|| {
-                if node as usize >= old.nodes.len() {
-                    return None;
-                }
-                let i = lookup_path(new, &old.path(node))?;
+        let mut map_range = |r: &FileRange| {
+            let (node, size) = (*nodes.entry(r.node).or_insert_with(|| {
+                let i = new.resolve(lookup_path(new, &old.path(r.node))?);
                 match new.nodes[i as usize].kind {
                     NodeKind::File { .. } => Some((i, new.nodes[i as usize].size)),
                     _ => None,
                 }
+            }))?;
+            let len = (r.offset + u64::from(r.len))
+                .min(size)
+                .checked_sub(r.offset)?;
+            (len > 0).then_some(FileRange {
+                node,
+                offset: r.offset,
+                len: len as u32,
             })
         };
-        let entries = self
-            .entries
-            .iter()
-            .filter(|e| lens.get(&e.id) == Some(&e.len))
-            .map(|e| ProfileEntry {
-                ranges: e
-                    .ranges
-                    .iter()
-                    .filter_map(|r| {
-                        let (node, size) = map_node(r.node)?;
-                        (r.offset + u64::from(r.len) <= size).then_some(FileRange { node, ..*r })
-                    })
-                    .collect(),
-                ..e.clone()
-            })
-            .collect();
+        let mut out = Carried::default();
+        for e in &self.entries {
+            let ranges: Vec<FileRange> = e
+                .ranges
+                .iter()
+                .filter(|r| (r.node as usize) < old.nodes.len())
+                .filter_map(&mut map_range)
+                .collect();
+            match index.get(&e.id) {
+                Some(&c) if new.chunks[c as usize].len == e.len => out.add(new, c, e, ranges),
+                _ => {
+                    for r in ranges {
+                        for (c, piece) in chunks_holding(new, r) {
+                            out.add(new, c, e, vec![piece]);
+                        }
+                    }
+                }
+            }
+        }
         Profile {
             manifest: new_digest,
             runs: self.runs,
-            entries,
+            entries: out.entries,
         }
     }
+}
+
+/// A carried profile being built: each chunk of the new manifest once, in
+/// the order first reached.
+#[derive(Default)]
+struct Carried {
+    entries: Vec<ProfileEntry>,
+    at: HashMap<u32, usize>,
+    ranges: usize,
+}
+
+impl Carried {
+    /// Adds chunk `c` of `new` for old entry `e`, with `ranges` of it.
+    fn add(&mut self, new: &Manifest, c: u32, e: &ProfileEntry, mut ranges: Vec<FileRange>) {
+        ranges.truncate(PROFILE_MAX_RANGES - self.ranges);
+        self.ranges += ranges.len();
+        match self.at.get(&c) {
+            Some(&i) => self.entries[i].ranges.extend(ranges),
+            None => {
+                self.at.insert(c, self.entries.len());
+                let chunk = new.chunks[c as usize];
+                self.entries.push(ProfileEntry {
+                    id: chunk.id,
+                    len: chunk.len,
+                    ranges,
+                    ..e.clone()
+                });
+            }
+        }
+    }
+}
+
+/// The chunks of `m` that hold the bytes of range `r` (of one of its
+/// files), each with the part of `r` it holds.
+fn chunks_holding(m: &Manifest, r: FileRange) -> Vec<(u32, FileRange)> {
+    let (start, end) = (r.offset, r.offset + u64::from(r.len));
+    let mut at = 0u64;
+    let mut out = Vec::new();
+    for e in m.file_extents(r.node) {
+        let (from, to) = (at.max(start), (at + e.len).min(end));
+        if let (Some(c), true) = (e.chunk, from < to) {
+            let piece = FileRange {
+                node: r.node,
+                offset: from,
+                len: (to - from) as u32,
+            };
+            out.push((c, piece));
+        }
+        at += e.len;
+        if at >= end {
+            break;
+        }
+    }
+    out
 }
 
 /// The node at `/`-separated `path` (relative to the root).

@@ -325,7 +325,7 @@ async fn a_warm_replay_loads_the_disk_cache_instead_of_fetching() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_profile_of_the_last_version_streams_the_chunks_they_share() {
+async fn a_profile_carried_to_the_next_version_streams_what_its_start_will_read() {
     let v1 = tree();
     let t1 = image(&refs(&v1), quiet()).await;
     let p1 = t1.record(&v1, &["big.bin", "pkg/mod299.py"]).await;
@@ -347,15 +347,24 @@ async fn a_profile_of_the_last_version_streams_the_chunks_they_share() {
         p1.working_set().count() - 2,
         "the tail and the pack moved"
     );
-    assert_eq!(p2.working_set().map(|e| e.id).collect::<Vec<_>>(), shared);
+    // Carried: the chunks of the new version that hold what the old start
+    // read, in the same order, whether shared or changed.
+    let mut holding: Vec<_> = (0..6)
+        .map(|k| t2.chunk_of("big.bin", (k * MIB) as u64))
+        .collect();
+    holding.push(t2.chunk_of("pkg/mod299.py", 0));
+    assert_eq!(p2.working_set().map(|e| e.id).collect::<Vec<_>>(), holding);
     let e = &p2.entries[0];
     assert_eq!(t2.m.path(e.ranges[0].node), b"big.bin");
+    let last = &p2.entries[6].ranges[0];
+    assert_eq!(t2.m.path(last.node), b"pkg/mod299.py");
+    assert_eq!((last.offset, last.len), (0, 12_000));
 
     let (fs, _cache) = t2.attach(&quiet(), false);
     fs.start_replay(&p2, 1 << 30, StreamPolicy::default());
     assert_eq!(streamed(&fs).await, "done");
     let sent: Vec<_> = t2.source.batches().into_iter().flatten().collect();
-    assert_eq!(sent, shared);
+    assert_eq!(sent, holding);
     // The profile itself, replayed on the new version, skips what it lacks.
     let (fs, _cache) = t2.attach(&quiet(), false);
     fs.start_replay(&p1, 1 << 30, StreamPolicy::default());
