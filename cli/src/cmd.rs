@@ -476,7 +476,7 @@ async fn push(a: PushArgs) -> Result<()> {
     );
     if report.profile_carried > 0 {
         println!(
-            "  carried the previous version's profile: {} chunks the two share",
+            "  carried the previous version's profile: a working set of {} chunks",
             report.profile_carried
         );
     }
