@@ -113,6 +113,9 @@ impl ImageOptions {
     }
 }
 
+/// How long opening an image waits for its profile.
+const PROFILE_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// `$XDG_CACHE_HOME/thaw` or `~/.cache/thaw`.
 pub fn default_cache_dir() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
@@ -169,10 +172,15 @@ pub async fn open(r: &ImageRef, mut remote: Remote, opts: &ImageOptions) -> Resu
     let started = Instant::now();
     let digest = remote.resolve(r).await?;
     let disk = opts.disk_cache()?;
-    // The profile is fetched beside the manifest, not after it.
+    // The profile is fetched beside the manifest, not after it, and gets
+    // one short try: it only speeds the start up, so a server that is down
+    // (an image named by digest, its manifest cached) must not hold it up.
+    let mut quick = remote.clone();
+    quick.retry.attempts = 1;
+    quick.request_timeout = PROFILE_FETCH_TIMEOUT.min(remote.request_timeout);
     let profile = async {
         match opts.replay {
-            true => Some(remote.profile(&digest).await),
+            true => Some(quick.profile(&digest).await),
             false => None,
         }
     };

@@ -417,3 +417,37 @@ async fn a_corrupt_or_foreign_profile_is_refused_and_the_image_still_reads() {
     );
     assert_eq!(streamed(&fs).await, "done");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_is_down_does_not_hold_up_an_attach_for_its_profile() {
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("a"), b"cached").unwrap();
+    let server = crate::testing::TestServer::start().await;
+    let (r, remote) = server.image("down:v1");
+    let pushed = crate::push::push(src.path(), &r, &remote, &Default::default())
+        .await
+        .unwrap();
+    let by_digest =
+        crate::ImageRef::parse(&format!("{}/down@{}", server.addr, pushed.manifest)).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let o = ImageOptions {
+        cache_dir: Some(cache.path().to_path_buf()),
+        ..ImageOptions::default()
+    };
+    let image = super::super::open(&by_digest, remote.clone(), &o)
+        .await
+        .unwrap();
+    assert_eq!(image.fs.stats.report().profile, "none");
+    drop(server);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The manifest is cached and the profile gets one short try.
+    let started = Instant::now();
+    let image = super::super::open(&by_digest, remote, &o).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let state = image.fs.stats.report().profile;
+    assert!(state.starts_with("unavailable: "), "{state}");
+}
