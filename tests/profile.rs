@@ -170,6 +170,11 @@ fn mount_record_saves_at_unmount_and_recordings_merge() {
         "{p}"
     );
     assert_eq!(num(p, "files"), 2);
+
+    // A recording in which nothing was read is not saved.
+    drop(w.cold_mount(&r, "idle", &["--record"]));
+    let p = &thaw_json(&["inspect", &r])["profile"];
+    assert_eq!(num(p, "runs"), 2, "{p}");
 }
 
 #[test]

@@ -118,6 +118,9 @@ fn record(a: RecordArgs) -> Result<()> {
         recordings.push(p);
     }
     let merged = Profile::merge(&recordings)?;
+    if merged.working_set().next().is_none() {
+        bail!("`{}` read nothing from the image: nothing saved", a.run);
+    }
     let saved = rt
         .block_on(thaw_client::profile::save(&remote, merged))
         .with_context(|| format!("cannot save the profile of {r}"))?;

@@ -151,12 +151,15 @@ impl Image {
     }
 
     /// Merges what was read since the image was opened to record into the
-    /// image's profile on the server; `None` when not recording.
+    /// image's profile on the server; `None` when not recording, or when
+    /// nothing was read (an empty recording would only dilute the profile).
     pub async fn save_recording(&self) -> Result<Option<Profile>> {
-        let Some(recorded) = self.fs.recording(self.manifest) else {
-            return Ok(None);
-        };
-        crate::profile::save(&self.remote, recorded).await.map(Some)
+        match self.fs.recording(self.manifest) {
+            Some(recorded) if recorded.working_set().next().is_some() => {
+                crate::profile::save(&self.remote, recorded).await.map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 }
 
