@@ -326,6 +326,7 @@ impl Fetcher {
                 actual: data.len(),
             });
         }
+        Stats::add_to(&self.stats.chunk_bytes_fetched, data.len() as u64);
         let data = Bytes::from(data);
         self.disk_store(id, data.clone());
         Ok(data)
