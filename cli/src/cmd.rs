@@ -46,6 +46,11 @@ pub enum Command {
     Demo(crate::bench::DemoArgs),
     /// Measure cold starts: full pull, lazy cold, lazy warm, local and peers.
     Bench(crate::bench::BenchArgs),
+    /// VM memory snapshots as images: run, snapshot, restore lazily (QEMU).
+    Vm {
+        #[command(subcommand)]
+        command: crate::vm::VmCommand,
+    },
 }
 
 /// How to reach a chunk server.
@@ -77,6 +82,18 @@ impl AccessArgs {
             token: read_token(self.token_file.as_deref())?,
             ca_pem,
         })
+    }
+}
+
+impl AccessArgs {
+    /// Passes these flags on to another `thaw` command.
+    pub(crate) fn pass_to(&self, cmd: &mut std::process::Command) {
+        if let Some(t) = &self.token_file {
+            cmd.arg("--token-file").arg(t);
+        }
+        if let Some(c) = &self.ca_file {
+            cmd.arg("--ca-file").arg(c);
+        }
     }
 }
 
@@ -261,6 +278,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Stats(a) => crate::attach::stats(a),
         Command::Demo(a) => crate::bench::demo(a),
         Command::Bench(a) => crate::bench::run(a),
+        Command::Vm { command } => crate::vm::run(command),
     }
 }
 

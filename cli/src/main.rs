@@ -3,6 +3,7 @@
 mod attach;
 mod bench;
 mod cmd;
+mod vm;
 
 use clap::Parser;
 

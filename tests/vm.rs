@@ -1,0 +1,127 @@
+//! `thaw vm`: a QEMU guest (TCG) whose RAM is a file is snapshotted into a
+//! thaw image and restored from a thaw mount with a fresh cache, its memory
+//! faulting in on demand. Skips loudly where QEMU or the guest kernel is
+//! missing (`scripts/setup.sh` installs them).
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use thaw_testkit::guest::console::{Console, Waited};
+use thaw_testkit::guest::initramfs::Initramfs;
+use thaw_testkit::guest::GuestConfig;
+use thaw_testkit::{require_guest, thaw, thaw_json, thaw_ok, Server};
+
+const WAIT: Duration = Duration::from_secs(120);
+const MEMORY_MIB: u64 = 256;
+
+/// Keeps a secret in guest memory across the snapshot: it is made after the
+/// first line arrives and printed again after the second.
+const SCRIPT: &str = r#"
+read hello
+secret=$(head -c 16 /dev/urandom | md5sum | cut -c1-16)
+echo "secret $secret"
+read go
+echo "after restore: secret $secret"
+"#;
+
+fn console(dir: &Path) -> Console {
+    let path = dir.join("console.sock");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match UnixStream::connect(&path) {
+            Ok(s) => return Console::start(s).unwrap(),
+            Err(e) if Instant::now() > deadline => panic!("console {}: {e}", path.display()),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn line(c: &mut Console, prefix: &str) -> String {
+    match c.wait_line(WAIT, |l| l.starts_with(prefix)) {
+        Waited::Line(_, l) => l,
+        other => panic!("no {prefix:?} line: {other:?}\n{}", c.lines().join("\n")),
+    }
+}
+
+/// Stops the VM in a directory on drop, whatever the test did.
+struct Vm<'a>(&'a Path);
+
+impl Drop for Vm<'_> {
+    fn drop(&mut self) {
+        let _ = thaw(&["vm", "stop", self.0.to_str().unwrap()]);
+    }
+}
+
+#[test]
+fn a_snapshot_restores_lazily_from_a_thaw_mount() {
+    let kit = require_guest!();
+    let tmp = tempfile::tempdir().unwrap();
+    let initrd = tmp.path().join("initrd");
+    let cpio = Initramfs::for_guest(&kit, &GuestConfig::new(SCRIPT))
+        .unwrap()
+        .to_cpio();
+    std::fs::write(&initrd, cpio).unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let reference = server.reference("vm:v1");
+
+    let template = tmp.path().join("template");
+    let t = template.to_str().unwrap();
+    thaw_ok(&[
+        "vm",
+        "run",
+        t,
+        "--kernel",
+        kit.kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--memory",
+        &format!("{MEMORY_MIB}M"),
+        "--accel",
+        "tcg",
+        "--append",
+        "console=ttyS0 quiet panic=-1",
+    ]);
+    let running = Vm(&template);
+    let mut c = console(&template);
+    c.write_line("hello").unwrap();
+    let secret = line(&mut c, "secret ");
+    let pushed = thaw_ok(&["vm", "snapshot", t, "--push", &reference]);
+    eprintln!("{pushed}");
+    drop(c);
+    drop(running);
+
+    let restored = tmp.path().join("restored");
+    let r = restored.to_str().unwrap();
+    let cache = tmp.path().join("cache");
+    let said = thaw_ok(&[
+        "vm",
+        "restore",
+        &reference,
+        r,
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    eprintln!("{said}");
+    let _vm = Vm(&restored);
+    let mut c = console(&restored);
+    c.write_line("go").unwrap();
+    let after = line(&mut c, "after restore: ");
+    assert_eq!(after, format!("after restore: {secret}"));
+
+    // The memory came on demand: a fraction of it was fetched.
+    let stats = thaw_json(&["stats", restored.join("image").to_str().unwrap()]);
+    let fetched = stats["chunk_bytes_fetched"].as_u64().unwrap();
+    let memory = MEMORY_MIB << 20;
+    eprintln!(
+        "fetched {} MiB in {} chunks of {} MiB of memory",
+        fetched >> 20,
+        stats["chunks_fetched"],
+        MEMORY_MIB
+    );
+    assert!(fetched > 0, "{stats}");
+    assert!(
+        fetched < memory / 2,
+        "restore fetched {fetched} bytes: {stats}"
+    );
+    assert_eq!(stats["digest_mismatches"].as_u64(), Some(0));
+}
