@@ -23,8 +23,11 @@
 //! RAM in a shared file while the template runs, `x-ignore-shared`
 //! migration so the stream holds only device state, and a private,
 //! read-only-opened mapping of the file on restore). [`qmp`] is the monitor
-//! client.
+//! client. [`cloud_hypervisor`] is the client of Cloud Hypervisor's REST
+//! API, whose `OnDemand` restore reads each faulting page from the
+//! snapshot's memory file, here on a thaw mount.
 
+pub mod cloud_hypervisor;
 pub mod qemu;
 pub mod qmp;
 mod spec;
@@ -48,6 +51,12 @@ pub enum VmError {
     Spec(String),
     #[error("QEMU {0}")]
     Qemu(String),
+    #[error("Cloud Hypervisor refused {action} ({status}): {message}")]
+    Api {
+        action: String,
+        status: u16,
+        message: String,
+    },
     #[error("migration {status}: {detail}")]
     Migration { status: String, detail: String },
 }
