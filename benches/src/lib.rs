@@ -4,7 +4,7 @@
 //! lives here: generated workloads and their read plans ([`workload`]), a
 //! user-space link emulator ([`link`]), the machine's ceilings
 //! ([`ceilings`]), drivers for peers on the same data ([`peers`]), the
-//! startup, mount and virtio-fs suites, the chart, and the demo. Entry points take a
+//! startup, mount, virtio-fs and VM suites, the chart, and the demo. Entry points take a
 //! plain config and return a report that serializes to the suite's JSON and
 //! displays as its table; the CLI parses flags and prints.
 //!
@@ -22,6 +22,7 @@ pub mod startup;
 pub mod sys;
 pub mod thaw;
 pub mod virtiofs_suite;
+pub mod vm_suite;
 pub mod workload;
 
 pub use demo::{DemoConfig, DemoReport};

@@ -78,6 +78,22 @@ pub fn push(rt: &Runtime, dir: &Path, reference: &str) -> Result<PushReport> {
     Ok(rt.block_on(thaw_client::push::push(dir, &r, &remote, &opts))?)
 }
 
+/// Pushes `dir` as `reference` cut into fixed chunks of `chunk_size` bytes.
+pub fn push_chunked(
+    rt: &Runtime,
+    dir: &Path,
+    reference: &str,
+    chunk_size: u32,
+) -> Result<PushReport> {
+    let (r, remote) = remote(reference)?;
+    let opts = thaw_client::push::PushOptions {
+        chunking: thaw_format::Chunking::new(thaw_format::ChunkingMode::Fixed, chunk_size)
+            .map_err(anyhow::Error::msg)?,
+        ..Default::default()
+    };
+    Ok(rt.block_on(thaw_client::push::push(dir, &r, &remote, &opts))?)
+}
+
 /// The full pull: the whole image into `dest`, eight batches in flight.
 pub fn export(rt: &Runtime, reference: &str, dest: &Path) -> Result<ExportReport> {
     let (r, remote) = remote(reference)?;

@@ -6,7 +6,7 @@ use crate::cmd::parse_bytes;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
-use thaw_bench::{demo, mount_suite, startup, virtiofs_suite, Images, Link, Workload};
+use thaw_bench::{demo, mount_suite, startup, virtiofs_suite, vm_suite, Images, Link, Workload};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 pub enum Suite {
@@ -16,6 +16,8 @@ pub enum Suite {
     Mount,
     /// In-guest reads over `thaw virtiofs` beside virtiofsd (boots QEMU guests).
     Virtiofs,
+    /// QEMU memory snapshots restored from thaw per chunk size, beside local disk.
+    Vm,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -79,6 +81,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let report = mount_suite::run(&config)?;
         report.write_files(&a.out)?;
         return print(&report, a.json);
+    }
+    if a.suite == Suite::Vm {
+        let config = vm_suite::VmSuiteConfig {
+            thaw_bin,
+            work_dir: a.work_dir,
+        };
+        let report = vm_suite::run(&config)?;
+        std::fs::create_dir_all(&a.out)?;
+        let json = a.out.join("vm.json");
+        std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
+        print(&report, a.json)?;
+        if !a.json {
+            println!("\nwritten: {}", json.display());
+        }
+        return Ok(());
     }
     if a.suite == Suite::Virtiofs {
         let config = virtiofs_suite::VirtiofsSuiteConfig {
