@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use thaw_testkit::guest::console::{Console, Waited};
 use thaw_testkit::guest::initramfs::Initramfs;
-use thaw_testkit::guest::GuestConfig;
-use thaw_testkit::{require_guest, thaw, thaw_json, thaw_ok, Server};
+use thaw_testkit::guest::{GuestConfig, GuestKit};
+use thaw_testkit::{require_guest, thaw, thaw_bin, thaw_json, thaw_ok, Server};
 
 const WAIT: Duration = Duration::from_secs(120);
 const MEMORY_MIB: u64 = 256;
@@ -52,19 +52,15 @@ impl Drop for Vm<'_> {
     }
 }
 
-#[test]
-fn a_snapshot_restores_lazily_from_a_thaw_mount() {
-    let kit = require_guest!();
-    let tmp = tempfile::tempdir().unwrap();
-    let initrd = tmp.path().join("initrd");
-    let cpio = Initramfs::for_guest(&kit, &GuestConfig::new(SCRIPT))
+/// Boots the template, waits for its secret, snapshots it into `vm:v1`.
+fn snapshot(kit: &GuestKit, tmp: &Path, server: &Server) -> (String, String) {
+    let initrd = tmp.join("initrd");
+    let cpio = Initramfs::for_guest(kit, &GuestConfig::new(SCRIPT))
         .unwrap()
         .to_cpio();
     std::fs::write(&initrd, cpio).unwrap();
-    let server = Server::start(&tmp.path().join("store"));
     let reference = server.reference("vm:v1");
-
-    let template = tmp.path().join("template");
+    let template = tmp.join("template");
     let t = template.to_str().unwrap();
     thaw_ok(&[
         "vm",
@@ -81,14 +77,21 @@ fn a_snapshot_restores_lazily_from_a_thaw_mount() {
         "--append",
         "console=ttyS0 quiet panic=-1",
     ]);
-    let running = Vm(&template);
+    let _running = Vm(&template);
     let mut c = console(&template);
     c.write_line("hello").unwrap();
     let secret = line(&mut c, "secret ");
     let pushed = thaw_ok(&["vm", "snapshot", t, "--push", &reference]);
     eprintln!("{pushed}");
-    drop(c);
-    drop(running);
+    (reference, secret)
+}
+
+#[test]
+fn a_snapshot_restores_lazily_from_a_thaw_mount() {
+    let kit = require_guest!();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let (reference, secret) = snapshot(&kit, tmp.path(), &server);
 
     let restored = tmp.path().join("restored");
     let r = restored.to_str().unwrap();
@@ -124,4 +127,56 @@ fn a_snapshot_restores_lazily_from_a_thaw_mount() {
         "restore fetched {fetched} bytes: {stats}"
     );
     assert_eq!(stats["digest_mismatches"].as_u64(), Some(0));
+}
+
+#[test]
+fn a_pool_hands_out_running_vms() {
+    let kit = require_guest!();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let (reference, secret) = snapshot(&kit, tmp.path(), &server);
+    let dir = tmp.path().join("pool");
+    let cache = tmp.path().join("cache");
+    let mut pool = std::process::Command::new(thaw_bin())
+        .args([
+            "vm",
+            "pool",
+            &reference,
+            dir.to_str().unwrap(),
+            "--size",
+            "2",
+        ])
+        .arg("--cache-dir")
+        .arg(&cache)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !dir.join("pool.sock").exists() {
+        assert!(Instant::now() < deadline, "the pool never listened");
+        assert!(pool.try_wait().unwrap().is_none(), "the pool exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut claimed = Vec::new();
+    for _ in 0..3 {
+        let c = thaw_json(&["vm", "claim", dir.to_str().unwrap()]);
+        eprintln!("claimed {c}");
+        let vm = std::path::PathBuf::from(c["dir"].as_str().unwrap());
+        let mut con = console(&vm);
+        con.write_line("go").unwrap();
+        assert_eq!(
+            line(&mut con, "after restore: "),
+            format!("after restore: {secret}")
+        );
+        claimed.push(vm);
+    }
+    let distinct: std::collections::HashSet<_> = claimed.iter().collect();
+    assert_eq!(distinct.len(), 3, "a VM was handed out twice");
+    // SIGTERM: the pool ends the VMs nobody claimed.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(pool.id() as i32, libc::SIGTERM) };
+    assert!(pool.wait().unwrap().success());
+    for vm in &claimed {
+        thaw_ok(&["vm", "stop", vm.to_str().unwrap()]);
+    }
+    let _ = thaw(&["umount", dir.join("image").to_str().unwrap()]);
 }

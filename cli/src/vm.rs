@@ -23,6 +23,32 @@ pub enum VmCommand {
     Resume(DirArgs),
     /// End the VM in DIR (and unmount its image if it was restored).
     Stop(DirArgs),
+    /// Keep N VMs restored from REF paused in DIR, refilled in the background.
+    Pool(PoolArgs),
+    /// Take a running VM from the pool in DIR; prints its directory and sockets.
+    Claim(ClaimArgs),
+}
+
+#[derive(Args)]
+pub struct PoolArgs {
+    reference: String,
+    dir: PathBuf,
+    /// VMs kept ready.
+    #[arg(long, default_value_t = 2)]
+    size: usize,
+    /// Shared on-disk chunk cache [default: ~/.cache/thaw].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    access: AccessArgs,
+}
+
+#[derive(Args)]
+pub struct ClaimArgs {
+    dir: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -87,6 +113,8 @@ pub fn run(cmd: VmCommand) -> Result<()> {
         VmCommand::Restore(a) => restore(a),
         VmCommand::Resume(a) => Ok(qemu::resume(&a.dir)?),
         VmCommand::Stop(a) => stop(a),
+        VmCommand::Pool(a) => pool(a),
+        VmCommand::Claim(a) => claim(a),
     }
 }
 
@@ -140,7 +168,7 @@ fn restore(a: RestoreArgs) -> Result<()> {
     std::fs::create_dir_all(&image)
         .with_context(|| format!("cannot create {}", image.display()))?;
     let started = Instant::now();
-    mount(&a, &image)?;
+    mount(&a.reference, &image, a.cache_dir.as_deref(), &a.access)?;
     let mounted = started.elapsed();
     let loaded = qemu::restore(&a.dir, &image, a.paused)
         .with_context(|| format!("cannot restore {} in {}", a.reference, a.dir.display()));
@@ -162,27 +190,80 @@ fn restore(a: RestoreArgs) -> Result<()> {
 }
 
 /// Mounts the snapshot with a `thaw mount` process of this binary.
-fn mount(a: &RestoreArgs, image: &Path) -> Result<()> {
+fn mount(reference: &str, image: &Path, cache: Option<&Path>, access: &AccessArgs) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the thaw binary")?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("mount").arg(&a.reference).arg(image);
-    if let Some(c) = &a.cache_dir {
+    cmd.arg("mount").arg(reference).arg(image);
+    if let Some(c) = cache {
         cmd.arg("--cache-dir").arg(c);
     }
-    a.access.pass_to(&mut cmd);
+    access.pass_to(&mut cmd);
     let out = cmd.output().context("cannot run thaw mount")?;
     if !out.status.success() {
         bail!(
-            "cannot mount {}: {}",
-            a.reference,
+            "cannot mount {reference}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(())
 }
 
+/// `thaw vm pool`: one mount of the snapshot, shared by every VM of the pool.
+fn pool(a: PoolArgs) -> Result<()> {
+    let image = qemu::image_dir(&a.dir);
+    std::fs::create_dir_all(&image)
+        .with_context(|| format!("cannot create {}", image.display()))?;
+    mount(&a.reference, &image, a.cache_dir.as_deref(), &a.access)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a signal runtime");
+        rt.block_on(crate::cmd::shutdown_signal());
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    eprintln!(
+        "thaw: pool of {} VMs from {} in {} (claim with `thaw vm claim {}`)",
+        a.size,
+        a.reference,
+        a.dir.display(),
+        a.dir.display()
+    );
+    thaw_vmm::pool::serve(&a.dir, &image, a.size, &stop)?;
+    // VMs that were claimed still map the image: it stays mounted until
+    // they are stopped (then `thaw umount DIR/image`).
+    if let Err(e) = thaw_fuse::unmount_and_wait(&image, std::time::Duration::from_secs(15)) {
+        eprintln!(
+            "thaw: {} stays mounted for the claimed VMs: {e}",
+            image.display()
+        );
+    }
+    Ok(())
+}
+
+fn claim(a: ClaimArgs) -> Result<()> {
+    let c = thaw_vmm::pool::claim(&a.dir)?;
+    if a.json {
+        return crate::cmd::print_json(&c);
+    }
+    println!(
+        "claimed {} (running after {:.1} ms): monitor {}, console {}",
+        c.dir.display(),
+        c.resume_ms,
+        c.monitor.display(),
+        c.console.display()
+    );
+    Ok(())
+}
+
 fn stop(a: DirArgs) -> Result<()> {
-    qemu::quit(&a.dir).context("cannot stop the VM")?;
+    if qemu::qmp_socket(&a.dir).exists() {
+        qemu::quit(&a.dir).context("cannot stop the VM")?;
+    } else {
+        eprintln!("thaw: the VM in {} is not running", a.dir.display());
+    }
     let image = qemu::image_dir(&a.dir);
     // A restored VM's image is a thaw mount; a booted VM's is a directory.
     if thaw_fuse::query_stats(&image).is_ok() {

@@ -25,9 +25,11 @@
 //! read-only-opened mapping of the file on restore). [`qmp`] is the monitor
 //! client. [`cloud_hypervisor`] is the client of Cloud Hypervisor's REST
 //! API, whose `OnDemand` restore reads each faulting page from the
-//! snapshot's memory file, here on a thaw mount.
+//! snapshot's memory file, here on a thaw mount. [`pool`] keeps restored,
+//! paused VMs ready and hands them out running.
 
 pub mod cloud_hypervisor;
+pub mod pool;
 pub mod qemu;
 pub mod qmp;
 mod spec;

@@ -201,6 +201,7 @@ pub fn quit(dir: &Path) -> Result<()> {
 /// `paused`. Returns how long QEMU's start and the state load took.
 pub fn restore(dir: &Path, image: &Path, paused: bool) -> Result<Duration> {
     let spec = VmSpec::read(image)?;
+    std::fs::create_dir_all(dir).map_err(VmError::io(format!("create {}", dir.display())))?;
     let started = Instant::now();
     let mut a = args(&spec, image, dir, Memory::Private);
     a.extend(["-incoming".into(), "defer".into()]);
