@@ -145,20 +145,29 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
 
     let rt = tokio::runtime::Runtime::new()?;
     let thaw_bin = ThawBin(cfg.thaw_bin.clone());
-    for kib in [256u32, 512, 1024, 2048] {
-        let server = EmbeddedServer::start(&rt, &work.join(format!("store{kib}")))?;
+    // Each chunk size with the mount's defaults (thaw readahead on
+    // sequential reads, 1 MiB kernel readahead), and 256 KiB without
+    // readahead: page faults are not sequential reads.
+    let quiet = MountFlags {
+        readahead: Some(0),
+        kernel_readahead: Some(128 << 10),
+    };
+    let runs = [
+        (256u32, MountFlags::default(), ""),
+        (512, MountFlags::default(), ""),
+        (1024, MountFlags::default(), ""),
+        (2048, MountFlags::default(), ""),
+        (256, quiet, ", no readahead"),
+    ];
+    for (i, (kib, flags, label)) in runs.into_iter().enumerate() {
+        let server = EmbeddedServer::start(&rt, &work.join(format!("store{i}")))?;
         let reference = server.reference(&format!("vm:{kib}k"));
         let pushed = thaw::push_chunked(&rt, &image, &reference, kib << 10)?;
-        eprintln!("restoring from thaw, {kib} KiB chunks");
-        let dir = work.join(format!("restore{kib}"));
+        eprintln!("restoring from thaw, {kib} KiB chunks{label}");
+        let dir = work.join(format!("restore{i}"));
         let mp = qemu::image_dir(&dir);
         let t = Instant::now();
-        thaw_bin.mount(
-            &reference,
-            &mp,
-            &work.join(format!("cache{kib}")),
-            MountFlags::default(),
-        )?;
+        thaw_bin.mount(&reference, &mp, &work.join(format!("cache{i}")), flags)?;
         let restored = qemu::restore(&dir, &mp, false);
         let restore_ms = t.elapsed().as_secs_f64() * 1000.0;
         let touched = restored
@@ -169,7 +178,7 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
         thaw_bin.umount(&mp);
         let stats = stats?;
         results.push(RestoreResult {
-            source: format!("{kib} KiB"),
+            source: format!("{kib} KiB{label}"),
             restore_ms,
             touch_s: touched?,
             chunks_fetched: Some(stats.chunks_fetched),
@@ -196,7 +205,7 @@ impl fmt::Display for VmReport {
         )?;
         writeln!(
             f,
-            "{:<9} {:>11} {:>9} {:>8} {:>13} {:>10}",
+            "{:<24} {:>11} {:>9} {:>8} {:>13} {:>10}",
             "source", "restore ms", "touch s", "chunks", "fetched MiB", "stored MiB"
         )?;
         let mib = |b: Option<u64>| {
@@ -207,7 +216,7 @@ impl fmt::Display for VmReport {
         for r in &self.results {
             writeln!(
                 f,
-                "{:<9} {:>11.0} {:>9.2} {:>8} {:>13} {:>10}",
+                "{:<24} {:>11.0} {:>9.2} {:>8} {:>13} {:>10}",
                 r.source,
                 r.restore_ms,
                 r.touch_s,

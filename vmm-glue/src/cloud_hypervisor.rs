@@ -234,6 +234,11 @@ fn read_response(stream: UnixStream) -> std::io::Result<(u16, Vec<u8>)> {
         }
     }
     let mut body = Vec::new();
+    if status == 204 {
+        // No body, whatever the headers say; the server may keep the
+        // connection open.
+        return Ok((status, body));
+    }
     match length {
         Some(n) => {
             r.take(n.min(16 << 20)).read_to_end(&mut body)?;

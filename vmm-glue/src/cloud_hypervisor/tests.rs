@@ -16,6 +16,9 @@ fn fake_ch(dir: &Path, answers: Vec<(u16, &'static str)>) -> (PathBuf, Seen) {
     let seen: Seen = Arc::default();
     let log = seen.clone();
     std::thread::spawn(move || {
+        // Like Cloud Hypervisor, answer 204 without a length and keep the
+        // connection open: the client must not wait for a body.
+        let mut open = Vec::new();
         for (status, body) in answers {
             let (stream, _) = listener.accept().unwrap();
             let mut r = BufReader::new(stream.try_clone().unwrap());
@@ -46,11 +49,15 @@ fn fake_ch(dir: &Path, answers: Vec<(u16, &'static str)>) -> (PathBuf, Seen) {
             };
             log.lock().unwrap().push((method, path, json));
             let reason = if status < 300 { "OK" } else { "Bad Request" };
-            let reply = format!(
-                "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
+            let reply = match status {
+                204 => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
+                _ => format!(
+                    "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                ),
+            };
             (&stream).write_all(reply.as_bytes()).unwrap();
+            open.push(stream);
         }
     });
     (socket, seen)
