@@ -193,7 +193,12 @@ fn restore(a: RestoreArgs) -> Result<()> {
 fn mount(reference: &str, image: &Path, cache: Option<&Path>, access: &AccessArgs) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the thaw binary")?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("mount").arg(reference).arg(image);
+    // Guest page faults are not sequential reads: no readahead beyond the
+    // kernel's smallest window (`thaw bench --suite vm` measured both).
+    cmd.arg("mount")
+        .arg(reference)
+        .arg(image)
+        .args(["--readahead", "0", "--kernel-readahead", "128K"]);
     if let Some(c) = cache {
         cmd.arg("--cache-dir").arg(c);
     }
