@@ -14,14 +14,15 @@ use thaw_testkit::{require_guest, thaw, thaw_bin, thaw_json, thaw_ok, Server};
 const WAIT: Duration = Duration::from_secs(120);
 const MEMORY_MIB: u64 = 256;
 
-/// Keeps a secret in guest memory across the snapshot: it is made after the
-/// first line arrives and printed again after the second.
+/// Keeps a secret and 48 MiB of random "weights" in guest memory across the
+/// snapshot; after the restore, hashes the weights again and answers.
 const SCRIPT: &str = r#"
 read hello
-secret=$(head -c 16 /dev/urandom | md5sum | cut -c1-16)
+dd if=/dev/urandom of=/tmp/weights bs=1M count=48 2>/dev/null
+secret="$(head -c 16 /dev/urandom | md5sum | cut -c1-16) $(md5sum < /tmp/weights | cut -c1-32)"
 echo "secret $secret"
 read go
-echo "after restore: secret $secret"
+echo "after restore: secret $(echo $secret | cut -d' ' -f1) $(md5sum < /tmp/weights | cut -c1-32)"
 "#;
 
 fn console(dir: &Path) -> Console {
@@ -90,8 +91,10 @@ fn snapshot(kit: &GuestKit, tmp: &Path, server: &Server) -> (String, String) {
 fn a_snapshot_restores_lazily_from_a_thaw_mount() {
     let kit = require_guest!();
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(&tmp.path().join("store"));
+    let mut server = Server::start(&tmp.path().join("store"));
     let (reference, secret) = snapshot(&kit, tmp.path(), &server);
+    // A new server process over the same store, and an empty cache.
+    server.restart();
 
     let restored = tmp.path().join("restored");
     let r = restored.to_str().unwrap();
@@ -133,7 +136,7 @@ fn a_snapshot_restores_lazily_from_a_thaw_mount() {
 fn a_pool_hands_out_running_vms() {
     let kit = require_guest!();
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(&tmp.path().join("store"));
+    let mut server = Server::start(&tmp.path().join("store"));
     let (reference, secret) = snapshot(&kit, tmp.path(), &server);
     let dir = tmp.path().join("pool");
     let cache = tmp.path().join("cache");
