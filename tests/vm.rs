@@ -136,7 +136,7 @@ fn a_snapshot_restores_lazily_from_a_thaw_mount() {
 fn a_pool_hands_out_running_vms() {
     let kit = require_guest!();
     let tmp = tempfile::tempdir().unwrap();
-    let mut server = Server::start(&tmp.path().join("store"));
+    let server = Server::start(&tmp.path().join("store"));
     let (reference, secret) = snapshot(&kit, tmp.path(), &server);
     let dir = tmp.path().join("pool");
     let cache = tmp.path().join("cache");
