@@ -14,16 +14,29 @@ use thaw_testkit::{require_guest, thaw, thaw_bin, thaw_json, thaw_ok, Server};
 const WAIT: Duration = Duration::from_secs(120);
 const MEMORY_MIB: u64 = 256;
 
-/// Keeps a secret and 48 MiB of random "weights" in guest memory across the
-/// snapshot; after the restore, hashes the weights again and answers.
+/// A small agent: 48 MiB of random "weights" and a secret in guest memory,
+/// a counter, and a command loop on the serial console.
 const SCRIPT: &str = r#"
 read hello
 dd if=/dev/urandom of=/tmp/weights bs=1M count=48 2>/dev/null
-secret="$(head -c 16 /dev/urandom | md5sum | cut -c1-16) $(md5sum < /tmp/weights | cut -c1-32)"
-echo "secret $secret"
-read go
-echo "after restore: secret $(echo $secret | cut -d' ' -f1) $(md5sum < /tmp/weights | cut -c1-32)"
+secret=$(head -c 16 /dev/urandom | md5sum | cut -c1-16)
+i=0
+echo "ready $secret"
+while read cmd; do
+  case "$cmd" in
+    count) i=$((i + 1)); echo "count $i" ;;
+    hash) echo "hash $(md5sum < /tmp/weights | cut -c1-32)" ;;
+    secret) echo "secret $secret" ;;
+    quit) break ;;
+  esac
+done
 "#;
+
+/// Sends `cmd` to the agent and returns its answer.
+fn ask(c: &mut Console, cmd: &str) -> String {
+    c.write_line(cmd).unwrap();
+    line(c, &format!("{cmd} "))
+}
 
 fn console(dir: &Path) -> Console {
     let path = dir.join("console.sock");
@@ -53,8 +66,25 @@ impl Drop for Vm<'_> {
     }
 }
 
-/// Boots the template, waits for its secret, snapshots it into `vm:v1`.
-fn snapshot(kit: &GuestKit, tmp: &Path, server: &Server) -> (String, String) {
+/// What the template's agent said before its snapshot.
+struct Template {
+    reference: String,
+    secret: String,
+    hash: String,
+}
+
+/// The number of new chunks a `thaw vm snapshot` reported, and of all.
+fn chunks(said: &str) -> (u64, u64) {
+    let (all, rest) = said.split_once(" chunks (").expect("a chunk count");
+    let all = all.rsplit(' ').next().unwrap().parse().unwrap();
+    let new = rest.split(' ').next().unwrap().parse().unwrap();
+    (new, all)
+}
+
+/// Boots the template and snapshots it into `vm:v1` after one `count`;
+/// then resumes it, counts once more and snapshots `vm:v2`, which must
+/// share at least 90% of its chunks with `vm:v1`.
+fn snapshot(kit: &GuestKit, tmp: &Path, server: &Server) -> Template {
     let initrd = tmp.join("initrd");
     let cpio = Initramfs::for_guest(kit, &GuestConfig::new(SCRIPT))
         .unwrap()
@@ -81,10 +111,25 @@ fn snapshot(kit: &GuestKit, tmp: &Path, server: &Server) -> (String, String) {
     let _running = Vm(&template);
     let mut c = console(&template);
     c.write_line("hello").unwrap();
-    let secret = line(&mut c, "secret ");
-    let pushed = thaw_ok(&["vm", "snapshot", t, "--push", &reference]);
-    eprintln!("{pushed}");
-    (reference, secret)
+    let secret = line(&mut c, "ready ")["ready ".len()..].to_string();
+    assert_eq!(ask(&mut c, "count"), "count 1");
+    let hash = ask(&mut c, "hash");
+    let first = thaw_ok(&["vm", "snapshot", t, "--push", &reference, "--resume"]);
+    eprintln!("{first}");
+    assert_eq!(ask(&mut c, "count"), "count 2");
+    let second = thaw_ok(&["vm", "snapshot", t, "--push", &server.reference("vm:v2")]);
+    eprintln!("{second}");
+    let (new, all) = chunks(&second);
+    assert!(
+        new * 10 <= all,
+        "a second snapshot after a small change stored {new} new chunks of {all}"
+    );
+    assert!(chunks(&first).1 > 0);
+    Template {
+        reference,
+        secret,
+        hash,
+    }
 }
 
 #[test]
@@ -92,7 +137,8 @@ fn a_snapshot_restores_lazily_from_a_thaw_mount() {
     let kit = require_guest!();
     let tmp = tempfile::tempdir().unwrap();
     let mut server = Server::start(&tmp.path().join("store"));
-    let (reference, secret) = snapshot(&kit, tmp.path(), &server);
+    let tpl = snapshot(&kit, tmp.path(), &server);
+    let reference = tpl.reference.clone();
     // A new server process over the same store, and an empty cache.
     server.restart();
 
@@ -110,9 +156,10 @@ fn a_snapshot_restores_lazily_from_a_thaw_mount() {
     eprintln!("{said}");
     let _vm = Vm(&restored);
     let mut c = console(&restored);
-    c.write_line("go").unwrap();
-    let after = line(&mut c, "after restore: ");
-    assert_eq!(after, format!("after restore: {secret}"));
+    // The counter goes on from the snapshot; memory is the template's.
+    assert_eq!(ask(&mut c, "count"), "count 2");
+    assert_eq!(ask(&mut c, "secret"), format!("secret {}", tpl.secret));
+    assert_eq!(ask(&mut c, "hash"), tpl.hash);
 
     // The memory came on demand: a fraction of it was fetched.
     let stats = thaw_json(&["stats", restored.join("image").to_str().unwrap()]);
@@ -137,7 +184,8 @@ fn a_pool_hands_out_running_vms() {
     let kit = require_guest!();
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(&tmp.path().join("store"));
-    let (reference, secret) = snapshot(&kit, tmp.path(), &server);
+    let tpl = snapshot(&kit, tmp.path(), &server);
+    let reference = tpl.reference.clone();
     let dir = tmp.path().join("pool");
     let cache = tmp.path().join("cache");
     let mut pool = std::process::Command::new(thaw_bin())
@@ -165,11 +213,8 @@ fn a_pool_hands_out_running_vms() {
         eprintln!("claimed {c}");
         let vm = std::path::PathBuf::from(c["dir"].as_str().unwrap());
         let mut con = console(&vm);
-        con.write_line("go").unwrap();
-        assert_eq!(
-            line(&mut con, "after restore: "),
-            format!("after restore: {secret}")
-        );
+        assert_eq!(ask(&mut con, "count"), "count 2");
+        assert_eq!(ask(&mut con, "secret"), format!("secret {}", tpl.secret));
         claimed.push(vm);
     }
     let distinct: std::collections::HashSet<_> = claimed.iter().collect();

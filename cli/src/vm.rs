@@ -150,11 +150,12 @@ fn snapshot(a: SnapshotArgs) -> Result<()> {
         .block_on(thaw_client::push::push(&image, &r, &remote, &opts))
         .with_context(|| format!("push of {} failed", image.display()))?;
     println!(
-        "snapshot saved in {:.2}s, pushed as {r} ({}): {} in {} chunks, {} uploaded",
+        "snapshot saved in {:.2}s, pushed as {r} ({}): {} in {} chunks ({} new), {} uploaded",
         saved.as_secs_f64(),
         report.manifest,
         human(report.bytes),
         report.chunks,
+        report.chunks_uploaded,
         human(report.bytes_uploaded)
     );
     if a.resume {
@@ -195,10 +196,12 @@ fn mount(reference: &str, image: &Path, cache: Option<&Path>, access: &AccessArg
     let mut cmd = std::process::Command::new(exe);
     // Guest page faults are not sequential reads: no readahead beyond the
     // kernel's smallest window (`thaw bench --suite vm` measured both).
-    cmd.arg("mount")
-        .arg(reference)
-        .arg(image)
-        .args(["--readahead", "0", "--kernel-readahead", "128K"]);
+    cmd.arg("mount").arg(reference).arg(image).args([
+        "--readahead",
+        "0",
+        "--kernel-readahead",
+        "128K",
+    ]);
     if let Some(c) = cache {
         cmd.arg("--cache-dir").arg(c);
     }
