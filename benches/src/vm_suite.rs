@@ -2,16 +2,19 @@
 //! chunk size of the memory image, beside a restore from the snapshot on
 //! local disk.
 //!
-//! A template guest (TCG) fills 64 MiB of its memory with random "weights"
-//! and is snapshotted once (`thaw-vmm`); the snapshot is pushed with fixed
-//! chunks of 256 KiB, 512 KiB, 1 MiB and 2 MiB. Each is restored with an
-//! empty cache (a real `thaw mount`), and the guest then hashes its weights,
-//! touching every page of them: the time to restore, the time to that first
-//! full pass over the working set, and what was fetched. A page fault wants
-//! small chunks, throughput large ones; this says where the balance is.
+//! A template guest (TCG) fills 64 MiB of its memory with random "weights",
+//! starts a small agent on its serial port and is snapshotted once
+//! (`thaw-vmm`); the snapshot is pushed with fixed chunks of 256 KiB,
+//! 512 KiB, 1 MiB and 2 MiB. Each is restored with an empty cache (a real
+//! `thaw mount`, no readahead), 256 KiB also warm (its disk cache) and by a
+//! claim from a pool; then the agent answers a ping and hashes its weights,
+//! touching every page of them. Reported: the time to the first answer, the
+//! time of that pass over the working set, and what was fetched. A page
+//! fault wants small chunks, throughput large ones; this says where the
+//! balance is.
 
 use crate::thaw::{self, EmbeddedServer, MountFlags, ThawBin};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 use std::fmt;
 use std::os::unix::net::UnixStream;
@@ -35,11 +38,12 @@ pub struct VmSuiteConfig {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreResult {
-    /// `local` (the snapshot directory) or the chunk size, in KiB.
+    /// Where the memory came from.
     pub source: String,
-    /// Mount (thaw only), QEMU start and device state load, in ms.
-    pub restore_ms: f64,
-    /// The guest hashing its 64 MiB working set after the restore, in s.
+    /// From the restore's start (mount, QEMU, state; or the claim) to the
+    /// guest's agent answering its first command, in ms.
+    pub first_answer_ms: f64,
+    /// The guest hashing its 64 MiB working set after that, in s.
     pub touch_s: f64,
     pub chunks_fetched: Option<u64>,
     pub chunk_bytes_fetched: Option<u64>,
@@ -55,13 +59,17 @@ pub struct VmReport {
     pub results: Vec<RestoreResult>,
 }
 
-/// The template: make the working set, say so, wait; after the restore,
-/// touch all of it.
+/// The template's agent: makes the working set, then answers `ping` and,
+/// for `touch`, hashes the working set (every page of it).
 const SCRIPT: &str = r#"
 dd if=/dev/urandom of=/tmp/weights bs=1M count=64 2>/dev/null
-echo "ready $(md5sum < /tmp/weights)"
-read go
-time -f 'touch %e' sh -c 'md5sum < /tmp/weights' 2>&1 | sed 's/  -$//; s/^/after /'
+echo "ready $(md5sum < /tmp/weights | cut -c1-32)"
+while read cmd; do
+  case "$cmd" in
+    ping) echo pong ;;
+    touch) time -f 'touched %e' sh -c 'echo "hash $(md5sum < /tmp/weights | cut -c1-32)"' 2>&1 ;;
+  esac
+done
 "#;
 
 fn console(dir: &Path) -> Result<Console> {
@@ -71,7 +79,7 @@ fn console(dir: &Path) -> Result<Console> {
         match UnixStream::connect(&path) {
             Ok(s) => return Ok(Console::start(s)?),
             Err(e) if Instant::now() > deadline => return Err(e.into()),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
 }
@@ -83,20 +91,22 @@ fn line(c: &mut Console, prefix: &str) -> Result<String> {
     }
 }
 
-/// Resumes a restored guest, lets it touch its working set, checks it.
-fn touch(dir: &Path, expected: &str) -> Result<f64> {
+/// Asks the resumed guest in `dir` for its first answer, then to touch its
+/// working set; checks the hash. Returns (first answer since `started`,
+/// touch seconds).
+fn agent(dir: &Path, started: Instant, expected: &str) -> Result<(f64, f64)> {
     let mut c = console(dir)?;
-    c.write_line("go")?;
-    let after = line(&mut c, "after ")?;
-    let touch = line(&mut c, "after touch ")?;
-    if after.trim_start_matches("after ").trim() != expected {
-        bail!("the restored guest's memory differs: {after} (expected {expected})");
+    c.write_line("ping")?;
+    line(&mut c, "pong")?;
+    let first = started.elapsed().as_secs_f64() * 1000.0;
+    c.write_line("touch")?;
+    let hash = line(&mut c, "hash ")?;
+    let touched = line(&mut c, "touched ")?;
+    if hash.trim_start_matches("hash ") != expected {
+        bail!("the restored guest's memory differs: {hash} (expected {expected})");
     }
-    touch
-        .trim_start_matches("after touch ")
-        .trim()
-        .parse()
-        .context("the guest's time")
+    let touch_s = touched.trim_start_matches("touched ").trim().parse()?;
+    Ok((first, touch_s))
 }
 
 /// Runs the suite; progress goes to stderr.
@@ -116,10 +126,8 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
     let spec = VmSpec::qemu("tcg", MEMORY_MIB, 1, "console=ttyS0 quiet panic=-1", true);
     qemu::run(&template, &kit.kernel, Some(&initrd), &spec)?;
     let mut c = console(&template)?;
-    let ready = line(&mut c, "ready ")?;
-    let expected = ready
+    let expected = line(&mut c, "ready ")?
         .trim_start_matches("ready ")
-        .trim_end_matches(" -")
         .trim()
         .to_string();
     let snapshot_s = qemu::snapshot(&template)?.as_secs_f64();
@@ -127,64 +135,97 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
     let image = qemu::image_dir(&template);
 
     let mut results = Vec::new();
+    let mut row = |source: String,
+                   first: f64,
+                   touch: f64,
+                   stats: Option<&thaw::StatsReport>,
+                   stored: Option<u64>| {
+        results.push(RestoreResult {
+            source,
+            first_answer_ms: first,
+            touch_s: touch,
+            chunks_fetched: stats.map(|s| s.chunks_fetched),
+            chunk_bytes_fetched: stats.map(|s| s.chunk_bytes_fetched),
+            stored_bytes: stored,
+        })
+    };
+
     eprintln!("restoring from local disk");
     let local = work.join("local");
     let t = Instant::now();
     qemu::restore(&local, &image, false)?;
-    let restore_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let touch_s = touch(&local, &expected);
+    let measured = agent(&local, t, &expected);
     let _ = qemu::quit(&local);
-    results.push(RestoreResult {
-        source: "local".into(),
-        restore_ms,
-        touch_s: touch_s?,
-        chunks_fetched: None,
-        chunk_bytes_fetched: None,
-        stored_bytes: None,
-    });
+    let (first, touch) = measured?;
+    row("local snapshot directory".into(), first, touch, None, None);
 
     let rt = tokio::runtime::Runtime::new()?;
     let thaw_bin = ThawBin(cfg.thaw_bin.clone());
-    // Each chunk size with the mount's defaults (thaw readahead on
-    // sequential reads, 1 MiB kernel readahead), and 256 KiB without
-    // readahead: page faults are not sequential reads.
-    let quiet = MountFlags {
+    // Page faults are not sequential reads: restores mount without readahead.
+    let flags = MountFlags {
         readahead: Some(0),
         kernel_readahead: Some(128 << 10),
     };
-    let runs = [
-        (256u32, MountFlags::default(), ""),
-        (512, MountFlags::default(), ""),
-        (1024, MountFlags::default(), ""),
-        (2048, MountFlags::default(), ""),
-        (256, quiet, ", no readahead"),
-    ];
-    for (i, (kib, flags, label)) in runs.into_iter().enumerate() {
-        let server = EmbeddedServer::start(&rt, &work.join(format!("store{i}")))?;
+    for kib in [256u32, 512, 1024, 2048] {
+        let server = EmbeddedServer::start(&rt, &work.join(format!("store{kib}")))?;
         let reference = server.reference(&format!("vm:{kib}k"));
         let pushed = thaw::push_chunked(&rt, &image, &reference, kib << 10)?;
-        eprintln!("restoring from thaw, {kib} KiB chunks{label}");
-        let dir = work.join(format!("restore{i}"));
-        let mp = qemu::image_dir(&dir);
-        let t = Instant::now();
-        thaw_bin.mount(&reference, &mp, &work.join(format!("cache{i}")), flags)?;
-        let restored = qemu::restore(&dir, &mp, false);
-        let restore_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let touched = restored
-            .map_err(anyhow::Error::from)
-            .and_then(|_| touch(&dir, &expected));
-        let stats = thaw::mount_stats(&mp);
-        let _ = qemu::quit(&dir);
-        thaw_bin.umount(&mp);
-        let stats = stats?;
-        results.push(RestoreResult {
-            source: format!("{kib} KiB{label}"),
-            restore_ms,
-            touch_s: touched?,
-            chunks_fetched: Some(stats.chunks_fetched),
-            chunk_bytes_fetched: Some(stats.chunk_bytes_fetched),
-            stored_bytes: Some(pushed.bytes_uploaded),
-        });
+        let cache = work.join(format!("cache{kib}"));
+        let warm_too = if kib == 256 { 2 } else { 1 };
+        for pass in 0..warm_too {
+            let label = if pass == 0 { "cold" } else { "warm" };
+            eprintln!("restoring from thaw, {kib} KiB chunks, {label}");
+            let dir = work.join(format!("restore{kib}-{pass}"));
+            let mp = qemu::image_dir(&dir);
+            let t = Instant::now();
+            thaw_bin.mount(&reference, &mp, &cache, flags)?;
+            let measured = qemu::restore(&dir, &mp, false)
+                .map_err(anyhow::Error::from)
+                .and_then(|_| agent(&dir, t, &expected));
+            let stats = thaw::mount_stats(&mp);
+            let _ = qemu::quit(&dir);
+            thaw_bin.umount(&mp);
+            let (first, touch) = measured?;
+            let stats = stats?;
+            row(
+                format!("thaw {label}, {kib} KiB chunks"),
+                first,
+                touch,
+                Some(&stats),
+                Some(pushed.bytes_uploaded),
+            );
+        }
+        if kib == 256 {
+            eprintln!("claiming from a pool of 2");
+            let pool = work.join("pool");
+            let mut child = std::process::Command::new(&cfg.thaw_bin)
+                .args(["vm", "pool", &reference])
+                .arg(&pool)
+                .args(["--size", "2", "--cache-dir"])
+                .arg(work.join("cache-pool"))
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            // Let the pool fill before the claim is timed.
+            std::thread::sleep(Duration::from_secs(5));
+            let t = Instant::now();
+            let claimed = thaw_vmm::pool::claim(&pool);
+            let measured = claimed
+                .map_err(anyhow::Error::from)
+                .and_then(|c| agent(&c.dir, t, &expected).map(|m| (c.dir, m)));
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+            let (dir, (first, touch)) = measured?;
+            let _ = qemu::quit(&dir);
+            thaw_bin.umount(&qemu::image_dir(&pool));
+            row(
+                "pool claim, 256 KiB chunks".into(),
+                first,
+                touch,
+                None,
+                None,
+            );
+        }
         server.stop(&rt)?;
     }
     let _ = qemu::quit(&template);
@@ -205,8 +246,8 @@ impl fmt::Display for VmReport {
         )?;
         writeln!(
             f,
-            "{:<24} {:>11} {:>9} {:>8} {:>13} {:>10}",
-            "source", "restore ms", "touch s", "chunks", "fetched MiB", "stored MiB"
+            "{:<28} {:>15} {:>9} {:>8} {:>13} {:>10}",
+            "source", "first answer ms", "touch s", "chunks", "fetched MiB", "stored MiB"
         )?;
         let mib = |b: Option<u64>| {
             b.map_or("-".into(), |b| {
@@ -216,9 +257,9 @@ impl fmt::Display for VmReport {
         for r in &self.results {
             writeln!(
                 f,
-                "{:<24} {:>11.0} {:>9.2} {:>8} {:>13} {:>10}",
+                "{:<28} {:>15.0} {:>9.2} {:>8} {:>13} {:>10}",
                 r.source,
-                r.restore_ms,
+                r.first_answer_ms,
                 r.touch_s,
                 r.chunks_fetched.map_or("-".into(), |c| c.to_string()),
                 mib(r.chunk_bytes_fetched),
