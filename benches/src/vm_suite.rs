@@ -205,8 +205,9 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
                 .arg(work.join("cache-pool"))
                 .stderr(std::process::Stdio::null())
                 .spawn()?;
-            // Let the pool fill before the claim is timed.
-            std::thread::sleep(Duration::from_secs(5));
+            // Let the pool fill (two restores under emulation) before the
+            // claim is timed.
+            std::thread::sleep(Duration::from_secs(15));
             let t = Instant::now();
             let claimed = thaw_vmm::pool::claim(&pool);
             let measured = claimed
