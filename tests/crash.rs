@@ -3,15 +3,16 @@
 //!
 //! Each round starts a server over a new directory store, pushes image v1
 //! under `img:latest` to the end, then starts a push of v2 (more files and
-//! larger ones, sharing v1's) under the same tag and, after a random delay,
-//! kills one of:
+//! larger ones, sharing v1's) under the same tag and, at a random moment (a
+//! delay, or as soon as every chunk or the manifest is stored), kills one of:
 //!
 //! - the push;
 //! - the server, restarted at once (the push may ride through on its retries);
 //! - the server, restarted only once the push has failed, which it must do
 //!   with a clear error, not hang.
 //!
-//! Then, with the server back:
+//! Then, with the server back (the store is read right after the kill, to
+//! tell where in the push it landed):
 //!
 //! - no staging file (`<path>#<n>`) is left in the store;
 //! - the tag resolves to v1 or v2, and exports as exactly that tree;
@@ -68,20 +69,18 @@ fn killed_pushes_and_servers_leave_a_consistent_store() {
     let mut tally: BTreeMap<(Kill, Phase), usize> = BTreeMap::new();
     for round in 0..runs {
         let kill = Kill::ALL[round % Kill::ALL.len()];
-        // Up to the time a whole push of v2 takes, so kills land in every phase.
-        let delay = images.v2_push.mul_f64(rng.below(1001) as f64 / 1000.0);
+        let when = When::pick(&mut rng, images.v2_push);
         let work = dir.path().join(format!("round-{round}"));
-        let outcome = crash_round(&images, &work, kill, delay);
+        let outcome = crash_round(&images, &work, kill, when);
         eprintln!(
-            "crash: round {}/{runs}: {kill} after {} ms: {outcome}",
-            round + 1,
-            delay.as_millis()
+            "crash: round {}/{runs}: {kill} {when}: {outcome}",
+            round + 1
         );
         *tally.entry((kill, outcome.phase)).or_default() += 1;
         std::fs::remove_dir_all(&work).unwrap();
     }
     eprintln!(
-        "crash: {runs} rounds passed in {:.1}s; kills by phase:",
+        "crash: {runs} rounds passed in {:.1}s; where the kills landed:",
         started.elapsed().as_secs_f64()
     );
     for ((kill, phase), n) in &tally {
@@ -133,7 +132,63 @@ impl fmt::Display for Kill {
     }
 }
 
-/// How far the push of v2 had got when the kill came, as the store tells.
+/// When a round kills.
+#[derive(Debug, Clone, Copy)]
+enum When {
+    /// This long after the push of v2 started.
+    After(Duration),
+    /// As soon as every chunk of v2 is stored: the manifest is next.
+    ChunksStored,
+    /// As soon as the manifest of v2 is stored: the tag is next.
+    ManifestStored,
+}
+
+impl When {
+    /// Mostly a delay up to the time a whole push of v2 takes, so kills land
+    /// anywhere in it; else at one of the two short windows at its end,
+    /// which a delay seldom hits.
+    fn pick(rng: &mut Rng, push: Duration) -> When {
+        match rng.below(10) {
+            0..6 => When::After(push.mul_f64(rng.below(1001) as f64 / 1000.0)),
+            6..8 => When::ChunksStored,
+            _ => When::ManifestStored,
+        }
+    }
+
+    /// Waits for this moment of the push `child` makes into `store`, or for
+    /// the push to end.
+    fn wait(self, child: &mut Child, store: &Path, images: &Images) {
+        let reached = || match self {
+            When::After(_) => true,
+            When::ChunksStored => images
+                .v2_chunks
+                .iter()
+                .all(|hex| store.join("chunks").join(&hex[..2]).join(hex).is_file()),
+            When::ManifestStored => manifest_file(store, &images.v2_manifest).is_file(),
+        };
+        if let When::After(delay) = self {
+            std::thread::sleep(delay);
+        }
+        let start = Instant::now();
+        while !reached() && child.try_wait().unwrap().is_none() {
+            assert!(start.elapsed() < PUSH_GIVES_UP_WITHIN, "{self} never came");
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+}
+
+impl fmt::Display for When {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            When::After(delay) => write!(f, "after {} ms", delay.as_millis()),
+            When::ChunksStored => f.write_str("once all chunks are stored"),
+            When::ManifestStored => f.write_str("once the manifest is stored"),
+        }
+    }
+}
+
+/// How far the push of v2 had got when the kill came, as the store tells
+/// right after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Phase {
     /// Not one of v2's new chunks stored (walking, hashing, asking what is missing).
@@ -161,7 +216,7 @@ impl fmt::Display for Phase {
 /// What a round saw.
 struct Outcome {
     phase: Phase,
-    /// v2's chunks not in v1 that were stored when the store settled.
+    /// v2's chunks not in v1 that were stored right after the kill.
     new_chunks_stored: usize,
     new_chunks: usize,
     /// How the push of v2 ended: `None` if it was killed.
@@ -173,7 +228,7 @@ impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}/{} new chunks stored, {}; push ",
+            "{}/{} new chunks stored at the kill, {}; push ",
             self.new_chunks_stored, self.new_chunks, self.phase
         )?;
         match &self.push {
@@ -259,7 +314,7 @@ impl Images {
 }
 
 /// One round (see the module doc); panics on any inconsistency.
-fn crash_round(images: &Images, work: &Path, kill: Kill, delay: Duration) -> Outcome {
+fn crash_round(images: &Images, work: &Path, kill: Kill, when: When) -> Outcome {
     let store = work.join("store");
     let mut server = Server::start(&store);
     let reference = server.reference(TAG);
@@ -267,24 +322,30 @@ fn crash_round(images: &Images, work: &Path, kill: Kill, delay: Duration) -> Out
     assert_eq!(pushed, images.v1_manifest, "v1 pushes as the same manifest");
 
     let mut child = spawn_push(&images.v2, &reference);
-    std::thread::sleep(delay);
-    let ended = match kill {
+    when.wait(&mut child, &store, images);
+    let finished_first = child.try_wait().unwrap().is_some();
+    let (at_kill, ended) = match kill {
         Kill::Push => {
-            let finished = child.try_wait().unwrap().is_some();
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
-            finished.then(|| push_result(&out))
+            (
+                progress(&store, images),
+                finished_first.then(|| push_result(&out)),
+            )
         }
         Kill::ServerRestarted => {
+            server.kill();
+            let at_kill = progress(&store, images);
             server.restart();
             let out = finish_within(child, PUSH_GIVES_UP_WITHIN, "push across a restart");
-            Some(push_result(&out))
+            (at_kill, Some(push_result(&out)))
         }
         Kill::ServerUntilPushFails => {
             server.kill();
+            let at_kill = progress(&store, images);
             let out = finish_within(child, PUSH_GIVES_UP_WITHIN, "push to a dead server");
             server.restart();
-            Some(push_result(&out))
+            (at_kill, Some(push_result(&out)))
         }
     };
     if let Some(Err(e)) = &ended {
@@ -293,34 +354,24 @@ fn crash_round(images: &Images, work: &Path, kill: Kill, delay: Duration) -> Out
             "a push cut off from its server fails with an unclear error: {e}"
         );
     }
-    if kill == Kill::ServerUntilPushFails {
-        // It gave up, or it had finished before the kill.
-        assert!(ended.is_some());
+    if kill == Kill::ServerUntilPushFails && !finished_first {
+        assert!(
+            matches!(ended, Some(Err(_))),
+            "a push whose server died and stayed dead succeeded"
+        );
     }
 
     let stored = settled_chunks(&store);
     let tag = tag_of(&server, TAG).expect("the tag resolves after a crash");
-    let tree = images.tree_of(&tag);
-    assert_same_tree(tree, &export(&server, &work.join("out-after-crash")));
-    fsck_clean(&store);
-
-    let new: BTreeSet<&String> = images.v2_chunks.difference(&images.v1_chunks).collect();
-    let new_chunks_stored = new.iter().filter(|id| stored.contains(**id)).count();
-    let manifest_stored = manifest_file(&store, &images.v2_manifest).is_file();
-    let phase = match () {
-        _ if tag == images.v2_manifest => Phase::TagMoved,
-        _ if manifest_stored => Phase::ManifestStored,
-        _ if new_chunks_stored == new.len() => Phase::ChunksStored,
-        _ if new_chunks_stored > 0 => Phase::UploadingChunks,
-        _ => Phase::BeforeUploads,
-    };
     if matches!(ended, Some(Ok(()))) {
         assert_eq!(
-            phase,
-            Phase::TagMoved,
+            tag, images.v2_manifest,
             "a push that succeeded moved the tag"
         );
     }
+    let tree = images.tree_of(&tag);
+    assert_same_tree(tree, &export(&server, &work.join("out-after-crash")));
+    fsck_clean(&store);
 
     let lacking = images.v2_chunks.difference(&stored).count() as u64;
     let report = push(&images.v2, &reference);
@@ -333,12 +384,30 @@ fn crash_round(images: &Images, work: &Path, kill: Kill, delay: Duration) -> Out
     assert_eq!(tag_of(&server, TAG).as_deref(), Some(&*images.v2_manifest));
     assert_same_tree(&images.v2, &export(&server, &work.join("out-after-repush")));
     Outcome {
-        phase,
-        new_chunks_stored,
-        new_chunks: new.len(),
+        phase: at_kill.0,
+        new_chunks_stored: at_kill.1,
+        new_chunks: images.v2_chunks.difference(&images.v1_chunks).count(),
         push: ended,
         reuploaded,
     }
+}
+
+/// How far the push of v2 has got, read from the store's directory: the
+/// phase, and how many of v2's chunks that v1 lacks are stored.
+fn progress(store: &Path, images: &Images) -> (Phase, usize) {
+    let stored = stored_chunks(store);
+    let new: Vec<&String> = images.v2_chunks.difference(&images.v1_chunks).collect();
+    let new_stored = new.iter().filter(|id| stored.contains(**id)).count();
+    let tag_file = store.join("tags").join(TAG.replace(':', "/"));
+    let tag = std::fs::read_to_string(tag_file).unwrap_or_default();
+    let phase = match () {
+        _ if tag.trim() == images.v2_manifest => Phase::TagMoved,
+        _ if manifest_file(store, &images.v2_manifest).is_file() => Phase::ManifestStored,
+        _ if new_stored == new.len() => Phase::ChunksStored,
+        _ if new_stored > 0 => Phase::UploadingChunks,
+        _ => Phase::BeforeUploads,
+    };
+    (phase, new_stored)
 }
 
 fn s(p: &Path) -> &str {
