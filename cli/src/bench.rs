@@ -6,7 +6,7 @@ use crate::cmd::parse_bytes;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
-use thaw_bench::{demo, mount_suite, startup, Images, Link, Workload};
+use thaw_bench::{demo, load, mount_suite, startup, Images, Link, Workload};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 pub enum Suite {
@@ -14,6 +14,9 @@ pub enum Suite {
     Startup,
     /// Mount throughput and latency beside squashfuse and fetch+decompress.
     Mount,
+    /// A `thaw serve` under ~1,000 clients with hostile ones: requests/s,
+    /// latency, health checks, server memory against its budgets.
+    Load,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -58,6 +61,15 @@ pub struct BenchArgs {
     /// Skip the peers.
     #[arg(long)]
     no_peers: bool,
+    /// Load suite: seconds of load.
+    #[arg(long, default_value_t = 20.0)]
+    seconds: f64,
+    /// Load suite: well-behaved clients.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Load suite: hostile clients of each kind (six kinds).
+    #[arg(long, default_value_t = 50)]
+    hostile: usize,
     /// Print the JSON result on stdout.
     #[arg(long)]
     json: bool,
@@ -77,6 +89,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let report = mount_suite::run(&config)?;
         report.write_files(&a.out)?;
         return print(&report, a.json);
+    }
+    if a.suite == Suite::Load {
+        let config = load::LoadConfig {
+            thaw_bin,
+            work_dir: a.work_dir,
+            seconds: a.seconds,
+            clients: a.clients,
+            hostile: a.hostile,
+            cache_mem: 64 << 20,
+            body_memory: 64 << 20,
+        };
+        let report = load::run(&config)?;
+        let json = report.write_files(&a.out)?;
+        print(&report, a.json)?;
+        if !a.json {
+            println!("\nwritten: {}", json.display());
+        }
+        return Ok(());
     }
     let config = startup::StartupConfig {
         thaw_bin,
