@@ -12,11 +12,14 @@
 //! - a write that makes no progress for the idle timeout fails, so a client
 //!   that stops reading its response does not keep it in memory;
 //! - at most `max_connections` are open. At the cap a new connection closes
-//!   the one that has gone longest without a request handled, among those
-//!   not handling one now (waiting for a request head, a request permit, or
-//!   a client to read its response). Only handled requests are safe, and
-//!   there are at most as many as there are request permits, so a flood of
-//!   slow connections cannot keep out a health check or a read.
+//!   one of those not handling a request now: first those that never sent
+//!   a whole request nor had one handled (oldest first), then those kept
+//!   alive between requests, then those whose request waits for a permit or
+//!   for its client to read ([`tracker::Registry::evict_oldest`]). So under
+//!   overload the connections that trickle or send nothing make room for
+//!   each other, and clients that work keep theirs. Only handled requests
+//!   are safe, and there are at most as many as there are request permits,
+//!   so a flood of slow connections cannot keep out a health check or a read.
 //!
 //! On shutdown the server stops accepting, lets requests in flight finish
 //! for the shutdown grace, then closes whatever is left.

@@ -248,6 +248,65 @@ async fn at_the_connection_cap_the_oldest_idle_connection_makes_room() {
     server.stop().await;
 }
 
+fn get_missing_chunk_head() -> String {
+    let path = format!("/v1/chunks/{}", Digest::of(b"not stored"));
+    format!("GET {path} HTTP/1.1\r\nhost: thaw\r\n\r\n")
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_a_queued_request_keeps_its_connection() {
+    use object_store::memory::InMemory;
+    use object_store::throttle::{ThrottleConfig, ThrottledStore};
+    // One read slot, and each read holds it for a second.
+    let throttle = ThrottleConfig {
+        wait_get_per_call: Duration::from_secs(1),
+        ..ThrottleConfig::default()
+    };
+    let config = ServerConfig {
+        max_connections: 3,
+        max_concurrency: 1,
+        // Past the test's patience: only an eviction closes a silent connection.
+        header_timeout: Duration::from_secs(60),
+        ..ServerConfig::default()
+    };
+    let store = ThrottledStore::new(InMemory::new(), throttle);
+    let server = Server::start(std::sync::Arc::new(store), config).await;
+    let mut reading = TcpStream::connect(&server.addr).await.unwrap();
+    reading
+        .write_all(get_missing_chunk_head().as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut queued = TcpStream::connect(&server.addr).await.unwrap();
+    queued
+        .write_all(get_missing_chunk_head().as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Newer than the queued request, and sending nothing.
+    let mut silent = TcpStream::connect(&server.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let http = reqwest::Client::builder()
+        .timeout(PATIENCE)
+        .build()
+        .unwrap();
+    let health = http.get(format!("{}/v1/health", server.base)).send();
+    assert_eq!(health.await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        read_to_close(&mut silent).await,
+        Some(vec![]),
+        "the connection without a request made room"
+    );
+    assert_eq!(status_line(&mut reading).await, "HTTP/1.1 404 Not Found");
+    assert_eq!(
+        status_line(&mut queued).await,
+        "HTTP/1.1 404 Not Found",
+        "the queued request was answered"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn shutdown_does_not_wait_long_for_a_stalled_upload() {
     let config = ServerConfig {
