@@ -121,6 +121,45 @@ async fn bodies_held_at_once_stay_within_the_body_memory() {
 }
 
 #[tokio::test]
+async fn a_batch_read_does_not_wait_for_body_memory_that_uploads_hold() {
+    let config = ServerConfig {
+        body_memory: 2 << 20,
+        ..ServerConfig::default()
+    };
+    let server = start(config).await;
+    let (id, _) = server.put_chunk(b"read me while uploads stall").await;
+    // Two chunk uploads that send their heads and nothing more: their
+    // declared lengths take the whole body memory.
+    let mut uploads = JoinSet::new();
+    for i in 0..2u8 {
+        let mut tcp = TcpStream::connect(&server.addr).await.unwrap();
+        let path = format!("/v1/chunks/{}", Digest::of(&[i]));
+        uploads.spawn(async move {
+            tcp.write_all(put_head(&path, 1 << 20).as_bytes())
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+        });
+    }
+    let start = std::time::Instant::now();
+    while server.metric("thaw_request_body_bytes").await < 2 << 20 {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the uploads did not take the room"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ids = serde_json::json!({ "ids": [id] });
+    let batch = server.post_json("/v1/chunks/batch", &ids);
+    let answer = tokio::time::timeout(PATIENCE, batch)
+        .await
+        .expect("a batch read answered while uploads hold the body memory");
+    assert_eq!(answer.status(), StatusCode::OK);
+    uploads.shutdown().await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn unfinished_request_heads_are_closed_after_the_header_timeout() {
     let config = ServerConfig {
         header_timeout: Duration::from_secs(1),
