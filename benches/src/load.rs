@@ -53,6 +53,10 @@ pub struct LoadConfig {
     pub clients: usize,
     /// Hostile clients of each kind.
     pub hostile: usize,
+    /// The kinds of hostile clients.
+    pub hostile_kinds: Vec<Hostile>,
+    /// The server's connection cap (`--max-connections`).
+    pub max_connections: usize,
     /// The server's hot cache (`--cache-mem`).
     pub cache_mem: u64,
     /// The server's body memory (`--body-memory`).
@@ -89,7 +93,7 @@ pub(crate) struct Target {
 /// Runs the suite; progress goes to stderr.
 pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
     let open_files = sys::raise_open_files(1 << 16).context("cannot raise RLIMIT_NOFILE")?;
-    let needed = cfg.clients + cfg.hostile * Hostile::ALL.len() + 256;
+    let needed = cfg.clients + cfg.hostile * cfg.hostile_kinds.len() + 256;
     if open_files < needed as u64 {
         bail!(
             "the open-file limit is {open_files}; this load needs about {needed} (raise ulimit -n)"
@@ -111,18 +115,22 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
     let idle_rss = sys::proc_status_bytes(pid, "VmRSS").unwrap_or(0);
 
     eprintln!("thaw bench: ceiling, {CEILING_CLIENTS} clients for {CEILING_SECONDS} s");
-    let (ceiling, _, _) = rt.block_on(phase(&target, CEILING_CLIENTS, 0, CEILING_SECONDS));
+    let (ceiling, _, _) = rt.block_on(phase(&target, CEILING_CLIENTS, (0, &[]), CEILING_SECONDS));
 
     eprintln!(
         "thaw bench: load, {} clients and {} hostile for {} s",
         cfg.clients,
-        cfg.hostile * Hostile::ALL.len(),
+        cfg.hostile * cfg.hostile_kinds.len(),
         cfg.seconds
     );
     let sampler = RssSampler::start(pid);
     let (server_cpu, own_cpu) = (sys::proc_cpu(pid).unwrap_or_default(), sys::own_cpu());
-    let (load, health, hostile) =
-        rt.block_on(phase(&target, cfg.clients, cfg.hostile, cfg.seconds));
+    let (load, health, hostile) = rt.block_on(phase(
+        &target,
+        cfg.clients,
+        (cfg.hostile, &cfg.hostile_kinds),
+        cfg.seconds,
+    ));
     let cpu = report::Cpu {
         server_seconds: (sys::proc_cpu(pid).unwrap_or_default() - server_cpu).as_secs_f64(),
         load_seconds: (sys::own_cpu() - own_cpu).as_secs_f64(),
@@ -150,19 +158,19 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
     ))
 }
 
-/// One phase: `clients` good clients, `hostile` of each hostile kind and
-/// the health prober, for `seconds`.
+/// One phase: `clients` good clients, `hostile.0` of each hostile kind in
+/// `hostile.1` and the health prober, for `seconds`.
 async fn phase(
     target: &Arc<Target>,
     clients: usize,
-    hostile: usize,
+    hostile: (usize, &[Hostile]),
     seconds: f64,
 ) -> (Figures, HealthFigures, BTreeMap<Hostile, HostileTally>) {
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(seconds);
     let mut attackers = JoinSet::new();
-    for (k, kind) in Hostile::ALL.into_iter().enumerate() {
-        for i in 0..hostile {
+    for (k, &kind) in hostile.1.iter().enumerate() {
+        for i in 0..hostile.0 {
             let seed = (k * 1_000_000 + i) as u64;
             let attacker = hostile::client(kind, target.clone(), seed, end);
             attackers.spawn(async move { (kind, attacker.await) });

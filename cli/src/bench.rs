@@ -70,6 +70,9 @@ pub struct BenchArgs {
     /// Load suite: hostile clients of each kind (six kinds).
     #[arg(long, default_value_t = 50)]
     hostile: usize,
+    /// Load suite: the server's connection cap.
+    #[arg(long, default_value_t = thaw_server::ServerConfig::default().max_connections)]
+    max_connections: usize,
     /// Print the JSON result on stdout.
     #[arg(long)]
     json: bool,
@@ -97,6 +100,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             seconds: a.seconds,
             clients: a.clients,
             hostile: a.hostile,
+            hostile_kinds: hostile_kinds()?,
+            max_connections: a.max_connections,
             cache_mem: 64 << 20,
             body_memory: 64 << 20,
         };
@@ -123,6 +128,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("\nwritten: {}, {}", json.display(), svg.display());
     }
     Ok(())
+}
+
+/// The hostile kinds of the load suite: all, or those `THAW_BENCH_LOAD_KINDS`
+/// names (comma-separated, as in the JSON). Not a flag: only for telling
+/// what each kind costs the server.
+fn hostile_kinds() -> Result<Vec<load::Hostile>> {
+    let Ok(names) = std::env::var("THAW_BENCH_LOAD_KINDS") else {
+        return Ok(load::Hostile::ALL.to_vec());
+    };
+    names
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(|name| {
+            serde_json::from_value(serde_json::Value::String(name.trim().to_owned()))
+                .with_context(|| format!("THAW_BENCH_LOAD_KINDS: no hostile kind {name:?}"))
+        })
+        .collect()
 }
 
 fn images(a: &BenchArgs) -> Result<Images> {

@@ -22,7 +22,9 @@ const UPLOAD_LEN: usize = 1 << 20;
 const BATCH_IDS: usize = 64;
 
 /// A kind of hostile client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Hostile {
     /// A request head one byte at a time, never finished.

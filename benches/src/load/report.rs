@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 pub struct ServerSetup {
     pub cache_mem: u64,
     pub body_memory: u64,
-    /// The rest are `thaw serve`'s defaults.
     pub max_connections: usize,
+    /// The rest are `thaw serve`'s defaults.
     pub max_concurrency: usize,
     pub max_uploads: usize,
     pub header_timeout_secs: u64,
@@ -29,7 +29,7 @@ impl ServerSetup {
         ServerSetup {
             cache_mem: cfg.cache_mem,
             body_memory: cfg.body_memory,
-            max_connections: defaults.max_connections,
+            max_connections: cfg.max_connections,
             max_concurrency: defaults.max_concurrency,
             max_uploads: defaults.max_uploads,
             header_timeout_secs: defaults.header_timeout.as_secs(),
@@ -45,6 +45,8 @@ impl ServerSetup {
             self.cache_mem.to_string(),
             "--body-memory".into(),
             self.body_memory.to_string(),
+            "--max-connections".into(),
+            self.max_connections.to_string(),
         ]
     }
 
