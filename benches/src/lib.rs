@@ -4,7 +4,8 @@
 //! lives here: generated workloads and their read plans ([`workload`]), a
 //! user-space link emulator ([`link`]), the machine's ceilings
 //! ([`ceilings`]), drivers for peers on the same data ([`peers`]), the
-//! startup, mount, virtio-fs and VM suites, the chart, and the demo. Entry points take a
+//! startup, mount, load, virtio-fs and VM suites, the chart, and the demo.
+//! Entry points take a
 //! plain config and return a report that serializes to the suite's JSON and
 //! displays as its table; the CLI parses flags and prints.
 //!
@@ -16,6 +17,7 @@ pub mod ceilings;
 pub mod chart;
 pub mod demo;
 pub mod link;
+pub mod load;
 pub mod mount_suite;
 mod peers;
 pub mod startup;
@@ -27,6 +29,7 @@ pub mod workload;
 
 pub use demo::{DemoConfig, DemoReport};
 pub use link::Link;
+pub use load::{LoadConfig, LoadReport};
 pub use mount_suite::{MountReport, MountSuiteConfig};
 pub use startup::{Images, StartupConfig, StartupReport};
 pub use workload::Workload;

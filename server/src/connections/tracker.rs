@@ -54,6 +54,8 @@ pub(crate) struct Conn {
     requests: AtomicUsize,
     /// Requests being handled under a permit.
     handling: AtomicUsize,
+    /// Whether a request of it has been handled since it opened.
+    served: AtomicBool,
     /// When a request of it was last handled (or it opened), in nanoseconds
     /// after the registry's epoch: the eviction order.
     last_handled: AtomicU64,
@@ -139,6 +141,7 @@ pub(crate) struct Handling(Arc<Conn>);
 impl Drop for Handling {
     fn drop(&mut self) {
         self.0.last_handled.store(self.0.now(), Ordering::Relaxed);
+        self.0.served.store(true, Ordering::Relaxed);
         self.0.handling.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -173,6 +176,7 @@ impl Registry {
             }),
             requests: AtomicUsize::new(0),
             handling: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
             last_handled: AtomicU64::new(self.epoch.elapsed().as_nanos() as u64),
             epoch: self.epoch,
             evicted: AtomicBool::new(false),
@@ -187,15 +191,31 @@ impl Registry {
         }
     }
 
-    /// Asks the connection that has gone longest without a request handled,
-    /// among those not handling one now, to close. False if there is none.
+    /// Asks a connection not handling a request now to close, in this order:
+    ///
+    /// 1. without a request in progress and never served (a head trickling
+    ///    in, a client that sends nothing): the oldest first;
+    /// 2. without a request in progress (kept alive between requests): the
+    ///    one that has gone longest without a request handled;
+    /// 3. with a request waiting for a permit or for its client to read:
+    ///    those never served first, then as in 2.
+    ///
+    /// So under overload connections that trickle or send nothing make room
+    /// for each other, and clients that work keep theirs, however fast new
+    /// connections come. False if there is none.
     pub(crate) fn evict_oldest(&self) -> bool {
         let open = self.lock();
         let victim = open
             .values()
             .filter(|c| c.handling.load(Ordering::Relaxed) == 0)
             .filter(|c| !c.evicted.load(Ordering::Relaxed))
-            .min_by_key(|c| c.last_handled.load(Ordering::Relaxed));
+            .min_by_key(|c| {
+                (
+                    c.requests.load(Ordering::Relaxed) > 0,
+                    c.served.load(Ordering::Relaxed),
+                    c.last_handled.load(Ordering::Relaxed),
+                )
+            });
         match victim {
             Some(conn) => {
                 conn.evicted.store(true, Ordering::Relaxed);
@@ -275,5 +295,29 @@ mod tests {
             .await
             .expect("then the next one not being handled");
         assert!(!registry.evict_oldest(), "the busy one is never picked");
+    }
+
+    #[tokio::test]
+    async fn eviction_order_follows_what_connections_do() {
+        let registry = Registry::new();
+        let queued = registry.open();
+        let _request = queued.conn().request_started();
+        let kept_alive = registry.open();
+        drop(kept_alive.conn().handling());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        // The newest two: nothing handled, nothing asked.
+        let (silent, newer_silent) = (registry.open(), registry.open());
+        for (expected, why) in [
+            (&silent, "the oldest of those that never sent a request"),
+            (&newer_silent, "then the next of those"),
+            (&kept_alive, "then a connection kept alive between requests"),
+            (&queued, "then one whose request waits"),
+        ] {
+            assert!(registry.evict_oldest());
+            tokio::time::timeout(Duration::from_secs(1), expected.conn().evicted())
+                .await
+                .expect(why);
+        }
+        assert!(!registry.evict_oldest());
     }
 }
