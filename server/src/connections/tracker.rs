@@ -60,9 +60,10 @@ pub(crate) struct Conn {
     /// after the registry's epoch: the eviction order.
     last_handled: AtomicU64,
     epoch: Instant,
-    /// Until its socket has first been read dry, a new connection cannot be
-    /// evicted: at the cap, where connections come and go fast, each gets
-    /// the chance to show a whole request before it is judged idle.
+    /// Until its socket has first been read dry or a request of it has
+    /// started, a new connection cannot be evicted: at the cap, where
+    /// connections come and go fast, each gets the chance to show a whole
+    /// request before it is judged idle.
     fresh: AtomicBool,
     evicted: AtomicBool,
     evict: Notify,
@@ -96,6 +97,8 @@ impl Conn {
     /// with its response body) is dropped.
     pub(crate) fn request_started(self: &Arc<Self>) -> InRequest {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        // The server may read no more until the request is handled.
+        self.fresh.store(false, Ordering::Relaxed);
         self.phase.send_replace(Phase::Request);
         InRequest(self.clone())
     }
