@@ -455,7 +455,7 @@ fn a_read_waiting_for_the_network_does_not_hold_up_the_others() {
     let mut guest = Guest::boot(&kit, &w.config(script)).unwrap();
     guest.wait_for("ready", SCRIPT_TIMEOUT).unwrap();
     // The server stops answering: slow.bin's fetch hangs, fast.bin is cached.
-    let pid = w.server.pid().to_string();
+    let pid = w.server.pid().expect("the server runs").to_string();
     assert!(Command::new("kill")
         .args(["-STOP", &pid])
         .status()

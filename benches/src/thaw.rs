@@ -9,13 +9,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
+pub use thaw_client::image::stats::StatsReport;
 use thaw_client::image::{Image, ImageOptions};
 use thaw_client::reference::Selector;
 use thaw_client::{ImageRef, Remote};
 use tokio::runtime::Runtime;
 
 pub use thaw_client::export::ExportReport;
-pub use thaw_client::image::stats::StatsReport;
 pub use thaw_client::inspect::InspectReport;
 pub use thaw_client::push::PushReport;
 
@@ -76,6 +76,22 @@ fn remote(reference: &str) -> Result<(ImageRef, Remote)> {
 pub fn push(rt: &Runtime, dir: &Path, reference: &str) -> Result<PushReport> {
     let (r, remote) = remote(reference)?;
     let opts = Default::default();
+    Ok(rt.block_on(thaw_client::push::push(dir, &r, &remote, &opts))?)
+}
+
+/// Pushes `dir` as `reference` cut into fixed chunks of `chunk_size` bytes.
+pub fn push_chunked(
+    rt: &Runtime,
+    dir: &Path,
+    reference: &str,
+    chunk_size: u32,
+) -> Result<PushReport> {
+    let (r, remote) = remote(reference)?;
+    let opts = thaw_client::push::PushOptions {
+        chunking: thaw_format::Chunking::new(thaw_format::ChunkingMode::Fixed, chunk_size)
+            .map_err(anyhow::Error::msg)?,
+        ..Default::default()
+    };
     Ok(rt.block_on(thaw_client::push::push(dir, &r, &remote, &opts))?)
 }
 

@@ -6,7 +6,9 @@ use crate::cmd::parse_bytes;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
-use thaw_bench::{demo, mount_suite, startup, virtiofs_suite, Images, Link, Workload};
+use thaw_bench::{
+    demo, load, mount_suite, startup, virtiofs_suite, vm_suite, Images, Link, Workload,
+};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 pub enum Suite {
@@ -14,8 +16,13 @@ pub enum Suite {
     Startup,
     /// Mount throughput and latency beside squashfuse and fetch+decompress.
     Mount,
+    /// A `thaw serve` under ~1,000 clients with hostile ones: requests/s,
+    /// latency, health checks, server memory against its budgets.
+    Load,
     /// In-guest reads over `thaw virtiofs` beside virtiofsd (boots QEMU guests).
     Virtiofs,
+    /// QEMU memory snapshots restored from thaw per chunk size, beside local disk.
+    Vm,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -60,6 +67,18 @@ pub struct BenchArgs {
     /// Skip the peers.
     #[arg(long)]
     no_peers: bool,
+    /// Load suite: seconds of load.
+    #[arg(long, default_value_t = 20.0)]
+    seconds: f64,
+    /// Load suite: well-behaved clients.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Load suite: hostile clients of each kind (six kinds).
+    #[arg(long, default_value_t = 50)]
+    hostile: usize,
+    /// Load suite: the server's connection cap.
+    #[arg(long, default_value_t = thaw_server::ServerConfig::default().max_connections)]
+    max_connections: usize,
     /// Print the JSON result on stdout.
     #[arg(long)]
     json: bool,
@@ -79,6 +98,41 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let report = mount_suite::run(&config)?;
         report.write_files(&a.out)?;
         return print(&report, a.json);
+    }
+    if a.suite == Suite::Load {
+        let config = load::LoadConfig {
+            thaw_bin,
+            work_dir: a.work_dir,
+            seconds: a.seconds,
+            clients: a.clients,
+            hostile: a.hostile,
+            hostile_kinds: hostile_kinds()?,
+            max_connections: a.max_connections,
+            cache_mem: 64 << 20,
+            body_memory: 64 << 20,
+        };
+        let report = load::run(&config)?;
+        let json = report.write_files(&a.out)?;
+        print(&report, a.json)?;
+        if !a.json {
+            println!("\nwritten: {}", json.display());
+        }
+        return Ok(());
+    }
+    if a.suite == Suite::Vm {
+        let config = vm_suite::VmSuiteConfig {
+            thaw_bin,
+            work_dir: a.work_dir,
+        };
+        let report = vm_suite::run(&config)?;
+        std::fs::create_dir_all(&a.out)?;
+        let json = a.out.join("vm.json");
+        std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
+        print(&report, a.json)?;
+        if !a.json {
+            println!("\nwritten: {}", json.display());
+        }
+        return Ok(());
     }
     if a.suite == Suite::Virtiofs {
         let config = virtiofs_suite::VirtiofsSuiteConfig {
@@ -113,6 +167,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("\nwritten: {}, {}", json.display(), svg.display());
     }
     Ok(())
+}
+
+/// The hostile kinds of the load suite: all, or those `THAW_BENCH_LOAD_KINDS`
+/// names (comma-separated, as in the JSON). Not a flag: only for telling
+/// what each kind costs the server.
+fn hostile_kinds() -> Result<Vec<load::Hostile>> {
+    let Ok(names) = std::env::var("THAW_BENCH_LOAD_KINDS") else {
+        return Ok(load::Hostile::ALL.to_vec());
+    };
+    names
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(|name| {
+            serde_json::from_value(serde_json::Value::String(name.trim().to_owned()))
+                .with_context(|| format!("THAW_BENCH_LOAD_KINDS: no hostile kind {name:?}"))
+        })
+        .collect()
 }
 
 fn images(a: &BenchArgs) -> Result<Images> {

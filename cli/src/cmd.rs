@@ -48,6 +48,11 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Working-set profiles: record what a start reads, for the next cold start to stream.
     Profile(crate::profile::ProfileArgs),
+    /// VM memory snapshots as images: run, snapshot, restore lazily (QEMU).
+    Vm {
+        #[command(subcommand)]
+        command: crate::vm::VmCommand,
+    },
 }
 
 /// How to reach a chunk server.
@@ -79,6 +84,18 @@ impl AccessArgs {
             token: read_token(self.token_file.as_deref())?,
             ca_pem,
         })
+    }
+}
+
+impl AccessArgs {
+    /// Passes these flags on to another `thaw` command.
+    pub(crate) fn pass_to(&self, cmd: &mut std::process::Command) {
+        if let Some(t) = &self.token_file {
+            cmd.arg("--token-file").arg(t);
+        }
+        if let Some(c) = &self.ca_file {
+            cmd.arg("--ca-file").arg(c);
+        }
     }
 }
 
@@ -269,6 +286,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => crate::bench::demo(a),
         Command::Bench(a) => crate::bench::run(a),
         Command::Profile(a) => crate::profile::run(a),
+        Command::Vm { command } => crate::vm::run(command),
     }
 }
 

@@ -4,6 +4,7 @@ mod attach;
 mod bench;
 mod cmd;
 mod profile;
+mod vm;
 
 use clap::Parser;
 

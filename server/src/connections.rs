@@ -12,11 +12,14 @@
 //! - a write that makes no progress for the idle timeout fails, so a client
 //!   that stops reading its response does not keep it in memory;
 //! - at most `max_connections` are open. At the cap a new connection closes
-//!   the one that has gone longest without a request handled, among those
-//!   not handling one now (waiting for a request head, a request permit, or
-//!   a client to read its response). Only handled requests are safe, and
-//!   there are at most as many as there are request permits, so a flood of
-//!   slow connections cannot keep out a health check or a read.
+//!   one of those not handling a request now: first those that never sent
+//!   a whole request nor had one handled (oldest first), then those kept
+//!   alive between requests, then those whose request waits for a permit or
+//!   for its client to read ([`tracker::Registry::evict_oldest`]). So under
+//!   overload the connections that trickle or send nothing make room for
+//!   each other, and clients that work keep theirs. Only handled requests
+//!   are safe, and there are at most as many as there are request permits,
+//!   so a flood of slow connections cannot keep out a health check or a read.
 //!
 //! On shutdown the server stops accepting, lets requests in flight finish
 //! for the shutdown grace, then closes whatever is left.
@@ -56,6 +59,20 @@ impl ConnHandle {
     }
 }
 
+/// Connections accepted at the cap that may wait at once for the slot an
+/// eviction frees: beyond `max_connections`, the most sockets the server
+/// holds open.
+const WAITING_MAX: usize = 64;
+
+/// How an accepted connection gets its slot.
+enum Admission {
+    /// A slot was free.
+    Now(OwnedSemaphorePermit),
+    /// At the cap: a place among the waiting connections, and the slots to
+    /// wait on.
+    Waiting(OwnedSemaphorePermit, Arc<Semaphore>),
+}
+
 /// What bounds the connections of one server.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
@@ -83,6 +100,7 @@ pub(crate) async fn serve(
     let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let registry = Registry::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let waiting = Arc::new(Semaphore::new(WAITING_MAX));
     let (stop, stopping) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
@@ -100,28 +118,46 @@ pub(crate) async fn serve(
                 }
             },
         };
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
+        // At the cap, a connection waits for the slot its eviction frees
+        // in a task of its own, so that under load (when the evicted
+        // connection's task may take a while to be scheduled) the loop goes
+        // on accepting: a health check is not stuck behind the queue.
+        let admitted = match slots.clone().try_acquire_owned() {
+            Ok(slot) => Admission::Now(slot),
             Err(_) => {
                 if registry.evict_oldest() {
                     state.metrics.connection_evicted();
                 }
                 tokio::select! {
                     () = &mut shutdown => break,
-                    slot = slots.clone().acquire_owned() => slot.expect("the slots are never closed"),
+                    waiting = waiting.clone().acquire_owned() => {
+                        Admission::Waiting(waiting.expect("never closed"), slots.clone())
+                    }
                 }
             }
         };
-        state.metrics.connection_opened();
-        let connection = Connection {
-            registered: registry.open(),
-            _slot: slot,
-            app: app.clone(),
-            state: state.clone(),
-            limits,
-            tls: tls.clone(),
-        };
-        tasks.spawn(connection.serve(tcp, stopping.clone()));
+        let (registry, app, state, tls) =
+            (registry.clone(), app.clone(), state.clone(), tls.clone());
+        let mut stopping = stopping.clone();
+        tasks.spawn(async move {
+            let slot = match admitted {
+                Admission::Now(slot) => slot,
+                Admission::Waiting(_waiting, slots) => tokio::select! {
+                    slot = slots.acquire_owned() => slot.expect("never closed"),
+                    _ = stopping.wait_for(|stop| *stop) => return,
+                },
+            };
+            state.metrics.connection_opened();
+            let connection = Connection {
+                registered: registry.open(),
+                _slot: slot,
+                app,
+                state,
+                limits,
+                tls,
+            };
+            connection.serve(tcp, stopping).await;
+        });
     }
     drop(listener);
     let _ = stop.send(true);

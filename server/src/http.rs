@@ -4,7 +4,7 @@
 //! depend on it and not on each other.
 
 use crate::error::ApiError;
-use crate::state::{AppState, Shared};
+use crate::state::{AppState, BodyBound, Shared};
 use axum::body::{Body, HttpBody};
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Request};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
@@ -116,18 +116,20 @@ impl BodyRoom {
     }
 }
 
-/// Reads a request body of at most `limit` bytes within the body timeout,
-/// in room taken from the body memory. A body is refused (413) before a
-/// byte is read when its declared length is over the limit, and as soon as
-/// the bytes that came exceed it, so nothing beyond the limit is ever held;
-/// one that does not arrive in time, room included, gets 408. Room for the
-/// declared length is taken before reading, so such a body never holds part
-/// of its room while it waits for the rest.
+/// Reads a request body of at most `bound.limit` bytes within the body
+/// timeout, in room taken from the body memory (if `bound.takes_room`). A
+/// body is refused (413) before a byte is read when its declared length is
+/// over the limit, and as soon as the bytes that came exceed it, so nothing
+/// beyond the limit is ever held; one that does not arrive in time, room
+/// included, gets 408. Room for the declared length is taken before
+/// reading, so such a body never holds part of its room while it waits for
+/// the rest.
 pub(crate) async fn read_body(
     body: Body,
-    limit: usize,
+    bound: BodyBound,
     state: &AppState,
 ) -> Result<(Bytes, BodyRoom), ApiError> {
+    let limit = bound.limit;
     let too_large = || {
         ApiError::too_large(format!(
             "request body exceeds this route's limit of {limit} bytes (see docs/api.md)"
@@ -140,7 +142,9 @@ pub(crate) async fn read_body(
     let declared = declared as usize;
     let deadline = tokio::time::Instant::now() + state.body_timeout;
     let mut room = BodyRoom(None);
-    in_time(deadline, room.grow(declared, state)).await??;
+    if bound.takes_room {
+        in_time(deadline, room.grow(declared, state)).await??;
+    }
     let mut buf = BytesMut::with_capacity(declared.min(RESERVE_MAX));
     let mut body = body.into_data_stream();
     loop {
@@ -155,7 +159,9 @@ pub(crate) async fn read_body(
         if len > limit {
             return Err(too_large());
         }
-        in_time(deadline, room.grow(len, state)).await??;
+        if bound.takes_room {
+            in_time(deadline, room.grow(len, state)).await??;
+        }
         buf.extend_from_slice(&data);
     }
 }
@@ -171,14 +177,14 @@ async fn in_time<T>(
 }
 
 /// A request whose body was read ahead ([`read_body`] with its route's
-/// limit), and the room it holds.
+/// bound), and the room it holds.
 pub(crate) async fn with_body_read(
     request: Request,
     state: &AppState,
 ) -> Result<(Request, BodyRoom), ApiError> {
-    let limit = state.body_limit(matched_route(&request));
+    let bound = state.body_bound(matched_route(&request));
     let (parts, body) = request.into_parts();
-    let (bytes, room) = read_body(body, limit, state).await?;
+    let (bytes, room) = read_body(body, bound, state).await?;
     Ok((Request::from_parts(parts, Body::from(bytes)), room))
 }
 
@@ -190,8 +196,8 @@ impl FromRequest<Shared> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &Shared) -> Result<Self, ApiError> {
-        let limit = state.body_limit(matched_route(&request));
-        let (body, room) = read_body(request.into_body(), limit, state).await?;
+        let bound = state.body_bound(matched_route(&request));
+        let (body, room) = read_body(request.into_body(), bound, state).await?;
         state.metrics.bytes_in(body.len() as u64);
         Ok(RawBody(body, room))
     }

@@ -36,6 +36,18 @@ pub(crate) struct AppState {
 
 pub(crate) type Shared = Arc<AppState>;
 
+/// What bounds a route's request body (`http::read_body`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyBound {
+    /// The largest body the route takes (0 for routes without a body).
+    pub(crate) limit: usize,
+    /// Whether the body takes room in the body memory. A batch read's does
+    /// not: it is small, one connection holds one at most, and a read must
+    /// not wait for room that uploads hold for as long as their bodies
+    /// take to arrive.
+    pub(crate) takes_room: bool,
+}
+
 impl AppState {
     pub(crate) fn new(store: Arc<dyn ObjectStore>, config: &ServerConfig) -> Shared {
         // Bodies take room in KiB permits, at most u32::MAX at a time.
@@ -58,17 +70,23 @@ impl AppState {
         (self.body_memory_kib - self.bodies.available_permits()) as u64 * 1024
     }
 
-    /// The largest body the route template `route` takes (0 for routes
-    /// without a body).
-    pub(crate) fn body_limit(&self, route: Option<&str>) -> usize {
+    /// What bounds the body of the route template `route`.
+    pub(crate) fn body_bound(&self, route: Option<&str>) -> BodyBound {
+        let upload = |limit| BodyBound {
+            limit,
+            takes_room: true,
+        };
         match route {
-            Some("/v1/chunks/missing") => id_list_body_max(MISSING_MAX_IDS),
-            Some("/v1/chunks/batch") => id_list_body_max(BATCH_MAX_IDS),
-            Some("/v1/chunks/{id}") => CHUNK_BODY_MAX,
-            Some("/v1/manifests/{digest}") => self.max_body,
-            Some("/v1/tags/{name}/{tag}") => TAG_BODY_MAX,
-            Some("/v1/profiles/{digest}") => PROFILE_BODY_MAX,
-            _ => 0,
+            Some("/v1/chunks/missing") => upload(id_list_body_max(MISSING_MAX_IDS)),
+            Some("/v1/chunks/batch") => BodyBound {
+                limit: id_list_body_max(BATCH_MAX_IDS),
+                takes_room: false,
+            },
+            Some("/v1/chunks/{id}") => upload(CHUNK_BODY_MAX),
+            Some("/v1/manifests/{digest}") => upload(self.max_body),
+            Some("/v1/tags/{name}/{tag}") => upload(TAG_BODY_MAX),
+            Some("/v1/profiles/{digest}") => upload(PROFILE_BODY_MAX),
+            _ => upload(0),
         }
     }
 

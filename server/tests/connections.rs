@@ -121,6 +121,45 @@ async fn bodies_held_at_once_stay_within_the_body_memory() {
 }
 
 #[tokio::test]
+async fn a_batch_read_does_not_wait_for_body_memory_that_uploads_hold() {
+    let config = ServerConfig {
+        body_memory: 2 << 20,
+        ..ServerConfig::default()
+    };
+    let server = start(config).await;
+    let (id, _) = server.put_chunk(b"read me while uploads stall").await;
+    // Two chunk uploads that send their heads and nothing more: their
+    // declared lengths take the whole body memory.
+    let mut uploads = JoinSet::new();
+    for i in 0..2u8 {
+        let mut tcp = TcpStream::connect(&server.addr).await.unwrap();
+        let path = format!("/v1/chunks/{}", Digest::of(&[i]));
+        uploads.spawn(async move {
+            tcp.write_all(put_head(&path, 1 << 20).as_bytes())
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+        });
+    }
+    let start = std::time::Instant::now();
+    while server.metric("thaw_request_body_bytes").await < 2 << 20 {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the uploads did not take the room"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ids = serde_json::json!({ "ids": [id] });
+    let batch = server.post_json("/v1/chunks/batch", &ids);
+    let answer = tokio::time::timeout(PATIENCE, batch)
+        .await
+        .expect("a batch read answered while uploads hold the body memory");
+    assert_eq!(answer.status(), StatusCode::OK);
+    uploads.shutdown().await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn unfinished_request_heads_are_closed_after_the_header_timeout() {
     let config = ServerConfig {
         header_timeout: Duration::from_secs(1),
@@ -245,6 +284,65 @@ async fn at_the_connection_cap_the_oldest_idle_connection_makes_room() {
         "the oldest made room"
     );
     assert!(server.metric("thaw_connections_evicted_total").await >= 1);
+    server.stop().await;
+}
+
+fn get_missing_chunk_head() -> String {
+    let path = format!("/v1/chunks/{}", Digest::of(b"not stored"));
+    format!("GET {path} HTTP/1.1\r\nhost: thaw\r\n\r\n")
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_a_queued_request_keeps_its_connection() {
+    use object_store::memory::InMemory;
+    use object_store::throttle::{ThrottleConfig, ThrottledStore};
+    // One read slot, and each read holds it for a second.
+    let throttle = ThrottleConfig {
+        wait_get_per_call: Duration::from_secs(1),
+        ..ThrottleConfig::default()
+    };
+    let config = ServerConfig {
+        max_connections: 3,
+        max_concurrency: 1,
+        // Past the test's patience: only an eviction closes a silent connection.
+        header_timeout: Duration::from_secs(60),
+        ..ServerConfig::default()
+    };
+    let store = ThrottledStore::new(InMemory::new(), throttle);
+    let server = Server::start(std::sync::Arc::new(store), config).await;
+    let mut reading = TcpStream::connect(&server.addr).await.unwrap();
+    reading
+        .write_all(get_missing_chunk_head().as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut queued = TcpStream::connect(&server.addr).await.unwrap();
+    queued
+        .write_all(get_missing_chunk_head().as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Newer than the queued request, and sending nothing.
+    let mut silent = TcpStream::connect(&server.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let http = reqwest::Client::builder()
+        .timeout(PATIENCE)
+        .build()
+        .unwrap();
+    let health = http.get(format!("{}/v1/health", server.base)).send();
+    assert_eq!(health.await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        read_to_close(&mut silent).await,
+        Some(vec![]),
+        "the connection without a request made room"
+    );
+    assert_eq!(status_line(&mut reading).await, "HTTP/1.1 404 Not Found");
+    assert_eq!(
+        status_line(&mut queued).await,
+        "HTTP/1.1 404 Not Found",
+        "the queued request was answered"
+    );
     server.stop().await;
 }
 

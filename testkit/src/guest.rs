@@ -18,7 +18,7 @@
 //! ([`console`]); a test waits for a line, writes a line (a script blocked on
 //! `read` goes on), or waits for the script's end and its exit status.
 //!
-//! Snapshot and restore use migration to a file over QMP ([`qmp`]):
+//! Snapshot and restore use migration to a file over QMP ([`Qmp`], from `thaw-vmm`):
 //! [`Guest::save_to`] stops the guest, migrates to `file:PATH` and quits;
 //! [`Guest::restore`] starts QEMU with the same configuration and
 //! `-incoming defer`, loads the file and continues. A virtio-fs device
@@ -38,13 +38,12 @@ pub mod initramfs;
 mod kit;
 mod modules;
 pub mod qemu;
-pub mod qmp;
 mod virtiofsd;
 
 pub use config::{GuestConfig, GuestFile, VirtioFs};
 pub use kit::GuestKit;
 pub use qemu::{Guest, ScriptOutput};
-pub use qmp::Qmp;
+pub use thaw_vmm::qmp::Qmp;
 pub use virtiofsd::Virtiofsd;
 
 use std::io::Write;
@@ -88,6 +87,12 @@ pub enum GuestError {
 impl std::fmt::Debug for GuestError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl From<thaw_vmm::qmp::QmpError> for GuestError {
+    fn from(e: thaw_vmm::qmp::QmpError) -> GuestError {
+        GuestError::Qmp(e.to_string())
     }
 }
 

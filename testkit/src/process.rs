@@ -97,6 +97,7 @@ pub struct Server {
     child: Option<Child>,
     pub port: u16,
     pub store: PathBuf,
+    bin: PathBuf,
     extra: Vec<String>,
 }
 
@@ -107,14 +108,25 @@ impl Server {
 
     /// Starts a server over `store` (a directory) with extra `thaw serve` arguments.
     pub fn start_with(store: &Path, extra: &[&str]) -> Server {
+        Server::start_bin(&thaw_bin(), store, extra)
+    }
+
+    /// Starts `bin serve` over `store` with extra arguments.
+    pub fn start_bin(bin: &Path, store: &Path, extra: &[&str]) -> Server {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let (child, port) = spawn(store, "127.0.0.1:0", &extra);
+        let (child, port) = spawn(bin, store, "127.0.0.1:0", &extra);
         Server {
             child: Some(child),
             port,
             store: store.to_path_buf(),
+            bin: bin.to_path_buf(),
             extra,
         }
+    }
+
+    /// The process id of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `127.0.0.1:PORT`
@@ -132,11 +144,6 @@ impl Server {
         format!("{}/{}", self.addr(), name_tag)
     }
 
-    /// The server process's id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("server running").id()
-    }
-
     /// Kills the process (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -151,7 +158,7 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let listen = format!("127.0.0.1:{}", self.port);
-            let (mut child, _) = spawn(&self.store, &listen, &self.extra);
+            let (mut child, _) = spawn(&self.bin, &self.store, &listen, &self.extra);
             std::thread::sleep(Duration::from_millis(100));
             if child.try_wait().expect("poll thaw serve").is_none() {
                 self.child = Some(child);
@@ -192,16 +199,16 @@ impl Drop for Server {
     }
 }
 
-/// Starts `thaw serve` and reads the port from its first line.
-fn spawn(store: &Path, listen: &str, extra: &[String]) -> (Child, u16) {
-    let mut child = Command::new(thaw_bin())
+/// Starts `BIN serve` and reads the port from its first line.
+fn spawn(bin: &Path, store: &Path, listen: &str, extra: &[String]) -> (Child, u16) {
+    let mut child = Command::new(bin)
         .args(["serve", "--listen", listen, "--store"])
         .arg(format!("file://{}", store.display()))
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("spawn {} serve: {e}", thaw_bin().display()));
+        .unwrap_or_else(|e| panic!("spawn {} serve: {e}", bin.display()));
     let stdout = child.stdout.take().expect("piped stdout");
     let mut line = String::new();
     BufReader::new(stdout)

@@ -342,7 +342,10 @@ impl Fetcher {
     /// the disk cache.
     fn verified(&self, id: Digest, data: Result<Bytes, FetchError>) -> Result<Bytes, FetchError> {
         match &data {
-            Ok(bytes) => self.disk_store(id, bytes.clone()),
+            Ok(bytes) => {
+                Stats::add_to(&self.stats.chunk_bytes_fetched, bytes.len() as u64);
+                self.disk_store(id, bytes.clone())
+            }
             Err(e) => {
                 Stats::inc(&self.stats.digest_mismatches);
                 tracing::error!("refusing a chunk from the server: {e}");

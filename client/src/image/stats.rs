@@ -24,6 +24,8 @@ pub struct Stats {
     /// Chunks fetched over the network, and their frame bytes.
     pub chunks_fetched: AtomicU64,
     pub bytes_fetched: AtomicU64,
+    /// The verified chunks' own (uncompressed) bytes.
+    pub chunk_bytes_fetched: AtomicU64,
     /// Of those, fetched by readahead rather than on demand.
     pub prefetched: AtomicU64,
     pub fetch_errors: AtomicU64,
@@ -59,6 +61,10 @@ fn add(c: &AtomicU64, n: u64) {
 impl Stats {
     pub fn inc(c: &AtomicU64) {
         add(c, 1);
+    }
+
+    pub fn add_to(c: &AtomicU64, n: u64) {
+        add(c, n);
     }
 
     pub fn add(c: &AtomicU64, n: u64) {
@@ -121,6 +127,7 @@ impl Stats {
             joined: g(&self.joined),
             chunks_fetched: g(&self.chunks_fetched),
             bytes_fetched: g(&self.bytes_fetched),
+            chunk_bytes_fetched: g(&self.chunk_bytes_fetched),
             prefetched: g(&self.prefetched),
             fetch_errors: g(&self.fetch_errors),
             digest_mismatches: g(&self.digest_mismatches),
@@ -166,6 +173,8 @@ pub struct StatsReport {
     pub joined: u64,
     pub chunks_fetched: u64,
     pub bytes_fetched: u64,
+    #[serde(default)]
+    pub chunk_bytes_fetched: u64,
     pub prefetched: u64,
     pub fetch_errors: u64,
     pub digest_mismatches: u64,

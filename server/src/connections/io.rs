@@ -1,7 +1,8 @@
 //! A connection's socket, watched: bytes read move the connection out of
-//! waiting (so the header timeout starts), and a write that makes no progress
-//! for the write timeout fails, which closes a connection whose client has
-//! stopped reading its response and frees what the response held.
+//! waiting (so the header timeout starts), a read that finds nothing more
+//! makes a new connection one that may be evicted, and a write that makes
+//! no progress for the write timeout fails, which closes a connection whose
+//! client has stopped reading its response and frees what the response held.
 
 use super::tracker::Conn;
 use std::future::Future;
@@ -64,8 +65,10 @@ impl AsyncRead for WatchedIo {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.tcp).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.conn.bytes_arrived();
+        match polled {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => self.conn.bytes_arrived(),
+            Poll::Pending => self.conn.read_dry(),
+            _ => {}
         }
         polled
     }

@@ -54,10 +54,17 @@ pub(crate) struct Conn {
     requests: AtomicUsize,
     /// Requests being handled under a permit.
     handling: AtomicUsize,
+    /// Whether a request of it has been handled since it opened.
+    served: AtomicBool,
     /// When a request of it was last handled (or it opened), in nanoseconds
     /// after the registry's epoch: the eviction order.
     last_handled: AtomicU64,
     epoch: Instant,
+    /// Until its socket has first been read dry or a request of it has
+    /// started, a new connection cannot be evicted: at the cap, where
+    /// connections come and go fast, each gets the chance to show a whole
+    /// request before it is judged idle.
+    fresh: AtomicBool,
     evicted: AtomicBool,
     evict: Notify,
 }
@@ -80,10 +87,18 @@ impl Conn {
         });
     }
 
+    /// A read found nothing more to read: what the client sent at once has
+    /// been taken (and a whole request in it started).
+    pub(crate) fn read_dry(&self) {
+        self.fresh.store(false, Ordering::Relaxed);
+    }
+
     /// A request head has arrived; the request lasts until the guard (kept
     /// with its response body) is dropped.
     pub(crate) fn request_started(self: &Arc<Self>) -> InRequest {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        // The server may read no more until the request is handled.
+        self.fresh.store(false, Ordering::Relaxed);
         self.phase.send_replace(Phase::Request);
         InRequest(self.clone())
     }
@@ -139,6 +154,7 @@ pub(crate) struct Handling(Arc<Conn>);
 impl Drop for Handling {
     fn drop(&mut self) {
         self.0.last_handled.store(self.0.now(), Ordering::Relaxed);
+        self.0.served.store(true, Ordering::Relaxed);
         self.0.handling.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -173,8 +189,10 @@ impl Registry {
             }),
             requests: AtomicUsize::new(0),
             handling: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
             last_handled: AtomicU64::new(self.epoch.elapsed().as_nanos() as u64),
             epoch: self.epoch,
+            fresh: AtomicBool::new(true),
             evicted: AtomicBool::new(false),
             evict: Notify::new(),
         });
@@ -187,15 +205,33 @@ impl Registry {
         }
     }
 
-    /// Asks the connection that has gone longest without a request handled,
-    /// among those not handling one now, to close. False if there is none.
+    /// Asks a connection not handling a request now to close, in this order:
+    ///
+    /// 1. without a request in progress and never served (a head trickling
+    ///    in, a client that sends nothing): the oldest first;
+    /// 2. without a request in progress (kept alive between requests): the
+    ///    one that has gone longest without a request handled;
+    /// 3. with a request waiting for a permit or for its client to read:
+    ///    those never served first, then as in 2.
+    ///
+    /// So under overload connections that trickle or send nothing make room
+    /// for each other, and clients that work keep theirs, however fast new
+    /// connections come. A connection not yet read dry is spared (see
+    /// `fresh`). False if there is none.
     pub(crate) fn evict_oldest(&self) -> bool {
         let open = self.lock();
         let victim = open
             .values()
             .filter(|c| c.handling.load(Ordering::Relaxed) == 0)
+            .filter(|c| !c.fresh.load(Ordering::Relaxed))
             .filter(|c| !c.evicted.load(Ordering::Relaxed))
-            .min_by_key(|c| c.last_handled.load(Ordering::Relaxed));
+            .min_by_key(|c| {
+                (
+                    c.requests.load(Ordering::Relaxed) > 0,
+                    c.served.load(Ordering::Relaxed),
+                    c.last_handled.load(Ordering::Relaxed),
+                )
+            });
         match victim {
             Some(conn) => {
                 conn.evicted.store(true, Ordering::Relaxed);
@@ -239,6 +275,7 @@ mod tests {
         let registry = Registry::new();
         let registered = registry.open();
         let conn = registered.conn();
+        conn.read_dry();
         let start = Instant::now();
         assert_eq!(
             conn.expired(&timeouts).await,
@@ -264,6 +301,9 @@ mod tests {
     async fn eviction_spares_connections_being_handled() {
         let registry = Registry::new();
         let (old, busy, new) = (registry.open(), registry.open(), registry.open());
+        for r in [&old, &busy, &new] {
+            r.conn().read_dry();
+        }
         let _handling = busy.conn().handling();
         // `busy` opened before `new`, and `old` before both.
         assert!(registry.evict_oldest());
@@ -275,5 +315,47 @@ mod tests {
             .await
             .expect("then the next one not being handled");
         assert!(!registry.evict_oldest(), "the busy one is never picked");
+    }
+
+    #[tokio::test]
+    async fn eviction_order_follows_what_connections_do() {
+        let registry = Registry::new();
+        let queued = registry.open();
+        let _request = queued.conn().request_started();
+        let kept_alive = registry.open();
+        drop(kept_alive.conn().handling());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        // The newest two: nothing handled, nothing asked.
+        let (silent, newer_silent) = (registry.open(), registry.open());
+        for r in [&queued, &kept_alive, &silent, &newer_silent] {
+            r.conn().read_dry();
+        }
+        for (expected, why) in [
+            (&silent, "the oldest of those that never sent a request"),
+            (&newer_silent, "then the next of those"),
+            (&kept_alive, "then a connection kept alive between requests"),
+            (&queued, "then one whose request waits"),
+        ] {
+            assert!(registry.evict_oldest());
+            tokio::time::timeout(Duration::from_secs(1), expected.conn().evicted())
+                .await
+                .expect(why);
+        }
+        assert!(!registry.evict_oldest());
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_spared_until_it_is_read_dry() {
+        let registry = Registry::new();
+        let new = registry.open();
+        assert!(
+            !registry.evict_oldest(),
+            "what it sent at once is read first"
+        );
+        new.conn().read_dry();
+        assert!(registry.evict_oldest());
+        tokio::time::timeout(Duration::from_secs(1), new.conn().evicted())
+            .await
+            .expect("then it can go");
     }
 }

@@ -27,8 +27,10 @@ use thaw_format::{ChunkRef, Digest, FRAME_HEADER_LEN};
 /// Store requests in flight for one missing-list request.
 pub(super) const EXISTS_CONCURRENCY: usize = 64;
 /// Frames fetched ahead for one batch read: bounds its memory to this many
-/// frames beyond what the socket has taken.
-const BATCH_CONCURRENCY: usize = 16;
+/// frames beyond what the socket has taken. A client that stops reading
+/// keeps them until the idle timeout cuts it off; four hide a store's
+/// latency well enough with the several batches a client has in flight.
+const BATCH_CONCURRENCY: usize = 4;
 
 /// What the store holds for a chunk a manifest names.
 pub(super) enum ChunkState {

@@ -45,7 +45,7 @@ pub enum Waited {
 
 impl Console {
     /// Starts reading `stream` (QEMU's end of the serial port) on a thread.
-    pub(crate) fn start(stream: UnixStream) -> std::io::Result<Console> {
+    pub fn start(stream: UnixStream) -> std::io::Result<Console> {
         let shared = Arc::new(Shared::default());
         let mut reader = stream.try_clone()?;
         let echo = std::env::var_os("THAW_GUEST_LOG").is_some_and(|v| v != "0");

@@ -5,7 +5,6 @@
 //! `{"return": ...}` or `{"error": {"class", "desc"}}`; events
 //! (`{"event": ...}`) may arrive at any time and are kept until asked for.
 
-use super::GuestError;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
@@ -14,6 +13,26 @@ use std::time::{Duration, Instant};
 
 /// How long a command may take to answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What can go wrong talking to QEMU.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("QMP: cannot {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP: {0}")]
+    Protocol(String),
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> QmpError + '_ {
+    move |source| QmpError::Io {
+        what: what.to_string(),
+        source,
+    }
+}
 
 /// A QMP connection, past the capabilities negotiation.
 #[derive(Debug)]
@@ -27,10 +46,8 @@ pub struct Qmp {
 
 impl Qmp {
     /// Reads the greeting and negotiates capabilities.
-    pub fn handshake(stream: UnixStream) -> Result<Qmp, GuestError> {
-        let writer = stream
-            .try_clone()
-            .map_err(GuestError::io("clone the QMP socket"))?;
+    pub fn handshake(stream: UnixStream) -> Result<Qmp, QmpError> {
+        let writer = stream.try_clone().map_err(io("clone the socket"))?;
         let mut qmp = Qmp {
             reader: BufReader::new(stream),
             writer,
@@ -39,16 +56,18 @@ impl Qmp {
         };
         let greeting = qmp
             .read_message(Instant::now() + REPLY_TIMEOUT)?
-            .ok_or_else(|| GuestError::Qmp("no greeting".into()))?;
+            .ok_or_else(|| QmpError::Protocol("no greeting".into()))?;
         if greeting.get("QMP").is_none() {
-            return Err(GuestError::Qmp(format!("unexpected greeting {greeting}")));
+            return Err(QmpError::Protocol(format!(
+                "unexpected greeting {greeting}"
+            )));
         }
         qmp.execute("qmp_capabilities", json!({}))?;
         Ok(qmp)
     }
 
     /// Runs `command` with `arguments` (an object) and returns its `return`.
-    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, GuestError> {
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
         let mut request = json!({ "execute": command });
         if arguments.as_object().is_some_and(|a| !a.is_empty()) {
             request["arguments"] = arguments;
@@ -56,22 +75,25 @@ impl Qmp {
         let line = format!("{request}\n");
         self.writer
             .write_all(line.as_bytes())
-            .map_err(GuestError::io(format!("send QMP {command}")))?;
+            .map_err(|source| QmpError::Io {
+                what: format!("send {command}"),
+                source,
+            })?;
         let deadline = Instant::now() + REPLY_TIMEOUT;
         loop {
             let Some(mut message) = self.read_message(deadline)? else {
-                return Err(GuestError::Qmp(format!(
+                return Err(QmpError::Protocol(format!(
                     "no reply to {command} in {REPLY_TIMEOUT:?}"
                 )));
             };
             if message.get("event").is_some() {
                 self.events.push_back(message);
             } else if let Some(error) = message.get("error") {
-                return Err(GuestError::Qmp(format!("{command}: {error}")));
+                return Err(QmpError::Protocol(format!("{command}: {error}")));
             } else if let Some(value) = message.get_mut("return") {
                 return Ok(value.take());
             } else {
-                return Err(GuestError::Qmp(format!(
+                return Err(QmpError::Protocol(format!(
                     "unexpected reply to {command}: {message}"
                 )));
             }
@@ -80,11 +102,7 @@ impl Qmp {
 
     /// The next event named `name` (earlier events of other names are
     /// dropped), or `None` if none came within `timeout`.
-    pub fn wait_event(
-        &mut self,
-        name: &str,
-        timeout: Duration,
-    ) -> Result<Option<Value>, GuestError> {
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Option<Value>, QmpError> {
         let deadline = Instant::now() + timeout;
         loop {
             while let Some(event) = self.events.pop_front() {
@@ -95,7 +113,7 @@ impl Qmp {
             match self.read_message(deadline)? {
                 Some(message) if message.get("event").is_some() => self.events.push_back(message),
                 Some(message) => {
-                    return Err(GuestError::Qmp(format!("unexpected message {message}")));
+                    return Err(QmpError::Protocol(format!("unexpected message {message}")));
                 }
                 None => return Ok(None),
             }
@@ -103,7 +121,7 @@ impl Qmp {
     }
 
     /// The next message, or `None` at the deadline.
-    fn read_message(&mut self, deadline: Instant) -> Result<Option<Value>, GuestError> {
+    fn read_message(&mut self, deadline: Instant) -> Result<Option<Value>, QmpError> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -112,19 +130,19 @@ impl Qmp {
             self.reader
                 .get_ref()
                 .set_read_timeout(Some(left))
-                .map_err(GuestError::io("set the QMP read timeout"))?;
+                .map_err(io("set a read timeout"))?;
             match self.reader.read_line(&mut self.partial) {
-                Ok(0) => return Err(GuestError::Qmp("QEMU closed the connection".into())),
+                Ok(0) => return Err(QmpError::Protocol("QEMU closed the connection".into())),
                 Ok(_) if self.partial.ends_with('\n') => {
                     let line = std::mem::take(&mut self.partial);
                     return serde_json::from_str(&line)
                         .map(Some)
-                        .map_err(|e| GuestError::Qmp(format!("bad JSON {line:?}: {e}")));
+                        .map_err(|e| QmpError::Protocol(format!("bad JSON {line:?}: {e}")));
                 }
                 Ok(_) => {}
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(GuestError::io("read from QMP")(e)),
+                Err(e) => return Err(io("read from QEMU")(e)),
             }
         }
     }

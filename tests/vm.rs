@@ -1,0 +1,230 @@
+//! `thaw vm`: a QEMU guest (TCG) whose RAM is a file is snapshotted into a
+//! thaw image and restored from a thaw mount with a fresh cache, its memory
+//! faulting in on demand. Skips loudly where QEMU or the guest kernel is
+//! missing (`scripts/setup.sh` installs them).
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use thaw_testkit::guest::console::{Console, Waited};
+use thaw_testkit::guest::initramfs::Initramfs;
+use thaw_testkit::guest::{GuestConfig, GuestKit};
+use thaw_testkit::{require_guest, thaw, thaw_bin, thaw_json, thaw_ok, Server};
+
+const WAIT: Duration = Duration::from_secs(120);
+const MEMORY_MIB: u64 = 256;
+
+/// A small agent: 48 MiB of random "weights" and a secret in guest memory,
+/// a counter, and a command loop on the serial console.
+const SCRIPT: &str = r#"
+read hello
+dd if=/dev/urandom of=/tmp/weights bs=1M count=48 2>/dev/null
+secret=$(head -c 16 /dev/urandom | md5sum | cut -c1-16)
+i=0
+echo "ready $secret"
+while read cmd; do
+  case "$cmd" in
+    count) i=$((i + 1)); echo "count $i" ;;
+    hash) echo "hash $(md5sum < /tmp/weights | cut -c1-32)" ;;
+    secret) echo "secret $secret" ;;
+    quit) break ;;
+  esac
+done
+"#;
+
+/// Sends `cmd` to the agent and returns its answer.
+fn ask(c: &mut Console, cmd: &str) -> String {
+    c.write_line(cmd).unwrap();
+    line(c, &format!("{cmd} "))
+}
+
+fn console(dir: &Path) -> Console {
+    let path = dir.join("console.sock");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match UnixStream::connect(&path) {
+            Ok(s) => return Console::start(s).unwrap(),
+            Err(e) if Instant::now() > deadline => panic!("console {}: {e}", path.display()),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn line(c: &mut Console, prefix: &str) -> String {
+    match c.wait_line(WAIT, |l| l.starts_with(prefix)) {
+        Waited::Line(_, l) => l,
+        other => panic!("no {prefix:?} line: {other:?}\n{}", c.lines().join("\n")),
+    }
+}
+
+/// Stops the VM in a directory on drop, whatever the test did.
+struct Vm<'a>(&'a Path);
+
+impl Drop for Vm<'_> {
+    fn drop(&mut self) {
+        let _ = thaw(&["vm", "stop", self.0.to_str().unwrap()]);
+    }
+}
+
+/// What the template's agent said before its snapshot.
+struct Template {
+    reference: String,
+    secret: String,
+    hash: String,
+}
+
+/// The number of new chunks a `thaw vm snapshot` reported, and of all.
+fn chunks(said: &str) -> (u64, u64) {
+    let (all, rest) = said.split_once(" chunks (").expect("a chunk count");
+    let all = all.rsplit(' ').next().unwrap().parse().unwrap();
+    let new = rest.split(' ').next().unwrap().parse().unwrap();
+    (new, all)
+}
+
+/// Boots the template and snapshots it into `vm:v1` after one `count`;
+/// then resumes it, counts once more and snapshots `vm:v2`, which must
+/// share at least 90% of its chunks with `vm:v1`.
+fn snapshot(kit: &GuestKit, tmp: &Path, server: &Server) -> Template {
+    let initrd = tmp.join("initrd");
+    let cpio = Initramfs::for_guest(kit, &GuestConfig::new(SCRIPT))
+        .unwrap()
+        .to_cpio();
+    std::fs::write(&initrd, cpio).unwrap();
+    let reference = server.reference("vm:v1");
+    let template = tmp.join("template");
+    let t = template.to_str().unwrap();
+    thaw_ok(&[
+        "vm",
+        "run",
+        t,
+        "--kernel",
+        kit.kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--memory",
+        &format!("{MEMORY_MIB}M"),
+        "--accel",
+        "tcg",
+        "--append",
+        "console=ttyS0 quiet panic=-1",
+    ]);
+    let _running = Vm(&template);
+    let mut c = console(&template);
+    c.write_line("hello").unwrap();
+    let secret = line(&mut c, "ready ")["ready ".len()..].to_string();
+    assert_eq!(ask(&mut c, "count"), "count 1");
+    let hash = ask(&mut c, "hash");
+    let first = thaw_ok(&["vm", "snapshot", t, "--push", &reference, "--resume"]);
+    eprintln!("{first}");
+    assert_eq!(ask(&mut c, "count"), "count 2");
+    let second = thaw_ok(&["vm", "snapshot", t, "--push", &server.reference("vm:v2")]);
+    eprintln!("{second}");
+    let (new, all) = chunks(&second);
+    assert!(
+        new * 10 <= all,
+        "a second snapshot after a small change stored {new} new chunks of {all}"
+    );
+    assert!(chunks(&first).1 > 0);
+    Template {
+        reference,
+        secret,
+        hash,
+    }
+}
+
+#[test]
+fn a_snapshot_restores_lazily_from_a_thaw_mount() {
+    let kit = require_guest!();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&tmp.path().join("store"));
+    let tpl = snapshot(&kit, tmp.path(), &server);
+    let reference = tpl.reference.clone();
+    // A new server process over the same store, and an empty cache.
+    server.restart();
+
+    let restored = tmp.path().join("restored");
+    let r = restored.to_str().unwrap();
+    let cache = tmp.path().join("cache");
+    let said = thaw_ok(&[
+        "vm",
+        "restore",
+        &reference,
+        r,
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    eprintln!("{said}");
+    let _vm = Vm(&restored);
+    let mut c = console(&restored);
+    // The counter goes on from the snapshot; memory is the template's.
+    assert_eq!(ask(&mut c, "count"), "count 2");
+    assert_eq!(ask(&mut c, "secret"), format!("secret {}", tpl.secret));
+    assert_eq!(ask(&mut c, "hash"), tpl.hash);
+
+    // The memory came on demand: a fraction of it was fetched.
+    let stats = thaw_json(&["stats", restored.join("image").to_str().unwrap()]);
+    let fetched = stats["chunk_bytes_fetched"].as_u64().unwrap();
+    let memory = MEMORY_MIB << 20;
+    eprintln!(
+        "fetched {} MiB in {} chunks of {} MiB of memory",
+        fetched >> 20,
+        stats["chunks_fetched"],
+        MEMORY_MIB
+    );
+    assert!(fetched > 0, "{stats}");
+    assert!(
+        fetched < memory / 2,
+        "restore fetched {fetched} bytes: {stats}"
+    );
+    assert_eq!(stats["digest_mismatches"].as_u64(), Some(0));
+}
+
+#[test]
+fn a_pool_hands_out_running_vms() {
+    let kit = require_guest!();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let tpl = snapshot(&kit, tmp.path(), &server);
+    let reference = tpl.reference.clone();
+    let dir = tmp.path().join("pool");
+    let cache = tmp.path().join("cache");
+    let mut pool = std::process::Command::new(thaw_bin())
+        .args([
+            "vm",
+            "pool",
+            &reference,
+            dir.to_str().unwrap(),
+            "--size",
+            "2",
+        ])
+        .arg("--cache-dir")
+        .arg(&cache)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !dir.join("pool.sock").exists() {
+        assert!(Instant::now() < deadline, "the pool never listened");
+        assert!(pool.try_wait().unwrap().is_none(), "the pool exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut claimed = Vec::new();
+    for _ in 0..3 {
+        let c = thaw_json(&["vm", "claim", dir.to_str().unwrap()]);
+        eprintln!("claimed {c}");
+        let vm = std::path::PathBuf::from(c["dir"].as_str().unwrap());
+        let mut con = console(&vm);
+        assert_eq!(ask(&mut con, "count"), "count 2");
+        assert_eq!(ask(&mut con, "secret"), format!("secret {}", tpl.secret));
+        claimed.push(vm);
+    }
+    let distinct: std::collections::HashSet<_> = claimed.iter().collect();
+    assert_eq!(distinct.len(), 3, "a VM was handed out twice");
+    // SIGTERM: the pool ends the VMs nobody claimed.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(pool.id() as i32, libc::SIGTERM) };
+    assert!(pool.wait().unwrap().success());
+    for vm in &claimed {
+        thaw_ok(&["vm", "stop", vm.to_str().unwrap()]);
+    }
+    let _ = thaw(&["umount", dir.join("image").to_str().unwrap()]);
+}
