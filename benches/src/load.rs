@@ -3,9 +3,9 @@
 //!
 //! The server runs over a directory store holding one pushed image (chunks
 //! of 1 MiB, 256 KiB and packed small files, a few hundred MiB, more than
-//! its hot cache) with a small hot cache and body memory, so that its
-//! memory bound is easy to read: RSS should stay under the two budgets plus
-//! a constant. Two phases:
+//! its hot cache) with a small hot cache, body memory and response memory,
+//! so that its memory bound is easy to read: RSS should stay under the
+//! three budgets plus a constant. Two phases:
 //!
 //! 1. the ceiling: a few clients, nothing hostile, the most this server
 //!    answers on this machine;
@@ -61,6 +61,8 @@ pub struct LoadConfig {
     pub cache_mem: u64,
     /// The server's body memory (`--body-memory`).
     pub body_memory: u64,
+    /// The server's response memory (`--response-memory`).
+    pub response_memory: u64,
 }
 
 /// Clients of the ceiling phase: enough to keep both cores busy.
@@ -149,6 +151,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
     let counters = report::ServerCounters {
         connections_evicted: metric("thaw_connections_evicted_total"),
         connections_timed_out: metric("thaw_connections_timed_out_total"),
+        stalled_responses_closed: metric("thaw_stalled_responses_closed_total"),
         connections_open_at_end: metric("thaw_connections_open"),
         hot_cache_bytes_at_end: metric("thaw_hot_cache_bytes"),
         request_body_bytes_at_end: metric("thaw_request_body_bytes"),

@@ -110,6 +110,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             max_connections: a.max_connections,
             cache_mem: 64 << 20,
             body_memory: 64 << 20,
+            response_memory: 64 << 20,
         };
         let report = load::run(&config)?;
         let json = report.write_files(&a.out)?;

@@ -173,6 +173,11 @@ pub struct ServeArgs {
     /// Bytes of request bodies held at once (suffixes K, M, G); bodies wait for room.
     #[arg(long, default_value = "1G", value_parser = parse_bytes)]
     body_memory: u64,
+    /// Bytes of frames, manifests and profiles held at once by responses being
+    /// sent (suffixes K, M, G); reads wait for room, and close the client that
+    /// stopped reading longest to make some.
+    #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+    response_memory: u64,
     /// Connections open at once; at the cap a new one closes the one idle longest.
     #[arg(long, default_value_t = ServerConfig::default().max_connections)]
     max_connections: usize,
@@ -336,6 +341,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         max_concurrency: a.max_concurrency,
         max_uploads: a.max_uploads,
         body_memory: a.body_memory,
+        response_memory: a.response_memory,
         max_connections: a.max_connections,
         header_timeout: Duration::from_secs(a.header_timeout),
         idle_timeout: Duration::from_secs(a.idle_timeout),

@@ -46,7 +46,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
-use tracker::{Conn, InRequest, Registered, Registry, Timeouts};
+pub(crate) use tracker::Registry;
+use tracker::{Conn, InRequest, Registered, Timeouts};
 
 /// How a request reaches its connection: handlers mark it handled (see
 /// [`Conn::handling`]) while they hold a request permit.
@@ -98,7 +99,7 @@ pub(crate) async fn serve(
         shutdown_grace: config.shutdown_grace,
     };
     let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-    let registry = Registry::new();
+    let registry = state.connections.clone();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let waiting = Arc::new(Semaphore::new(WAITING_MAX));
     let (stop, stopping) = watch::channel(false);

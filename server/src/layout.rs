@@ -15,7 +15,7 @@
 
 use bytes::Bytes;
 use object_store::path::{Path, PathPart};
-use object_store::ObjectStore;
+use object_store::{GetResult, ObjectStore};
 use thaw_format::Digest;
 
 pub(crate) const CHUNKS: &str = "chunks";
@@ -68,8 +68,20 @@ pub(crate) async fn get(
     store: &dyn ObjectStore,
     path: &Path,
 ) -> object_store::Result<Option<Bytes>> {
+    match open(store, path).await? {
+        Some(object) => object.bytes().await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The object at `path`, opened: its size is known (`meta.size`), its bytes
+/// not read yet. `None` if there is none.
+pub(crate) async fn open(
+    store: &dyn ObjectStore,
+    path: &Path,
+) -> object_store::Result<Option<GetResult>> {
     match store.get(path).await {
-        Ok(result) => result.bytes().await.map(Some),
+        Ok(object) => Ok(Some(object)),
         Err(object_store::Error::NotFound { .. }) => Ok(None),
         Err(e) => Err(e),
     }

@@ -27,6 +27,7 @@ mod fsck;
 mod http;
 mod layout;
 mod metrics;
+mod responses;
 mod routes;
 mod staging;
 mod state;
@@ -61,6 +62,10 @@ pub struct ServerConfig {
     /// Bytes of request bodies held at once, across all requests: a body
     /// waits for room before it is read.
     pub body_memory: u64,
+    /// Bytes of chunk frames, manifests and profiles held at once by
+    /// responses being sent: a read waits for room before it reads, and
+    /// closes the response stalled longest to make some.
+    pub response_memory: u64,
     /// Reads (`GET`, `HEAD`, batch reads) handled at once; more wait for a slot.
     pub max_concurrency: usize,
     /// Uploads (`PUT`, the missing list) handled at once; more wait for a slot.
@@ -92,6 +97,7 @@ impl Default for ServerConfig {
             pull_token: None,
             max_body: 256 << 20,
             body_memory: 1 << 30,
+            response_memory: 256 << 20,
             max_concurrency: 256,
             max_uploads: 64,
             max_connections: 1024,

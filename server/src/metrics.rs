@@ -16,6 +16,8 @@ pub(crate) const HOT_CACHE_HITS_TOTAL: &str = "thaw_hot_cache_hits_total";
 pub(crate) const HOT_CACHE_MISSES_TOTAL: &str = "thaw_hot_cache_misses_total";
 pub(crate) const HOT_CACHE_BYTES: &str = "thaw_hot_cache_bytes";
 pub(crate) const REQUEST_BODY_BYTES: &str = "thaw_request_body_bytes";
+pub(crate) const RESPONSE_BYTES: &str = "thaw_response_bytes";
+pub(crate) const STALLED_RESPONSES_CLOSED_TOTAL: &str = "thaw_stalled_responses_closed_total";
 pub(crate) const CHUNKS_SERVED_TOTAL: &str = "thaw_chunks_served_total";
 pub(crate) const QUARANTINED_TOTAL: &str = "thaw_quarantined_total";
 pub(crate) const CONNECTIONS_OPEN: &str = "thaw_connections_open";
@@ -37,6 +39,7 @@ pub(crate) struct Metrics {
     connections_open: AtomicU64,
     connections_timed_out: AtomicU64,
     connections_evicted: AtomicU64,
+    stalled_responses_closed: AtomicU64,
 }
 
 impl Metrics {
@@ -85,8 +88,19 @@ impl Metrics {
         self.connections_evicted.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub(crate) fn render(&self, hot_cache_bytes: u64, body_bytes: u64) -> String {
+    pub(crate) fn stalled_response_closed(&self) {
+        self.stalled_responses_closed
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition of every metric, with the bytes held
+    /// now by the hot cache, request bodies and responses.
+    pub(crate) fn render(
+        &self,
+        hot_cache_bytes: u64,
+        body_bytes: u64,
+        response_bytes: u64,
+    ) -> String {
         let mut out = String::new();
         header(
             &mut out,
@@ -145,6 +159,12 @@ impl Metrics {
                 body_bytes,
             ),
             (
+                RESPONSE_BYTES,
+                "gauge",
+                "Bytes of room held for frames, manifests and profiles being sent.",
+                response_bytes,
+            ),
+            (
                 CHUNKS_SERVED_TOTAL,
                 "counter",
                 "Chunk frames sent, by GET and batch reads.",
@@ -173,6 +193,12 @@ impl Metrics {
                 "counter",
                 "Connections closed to make room at the connection cap.",
                 load(&self.connections_evicted),
+            ),
+            (
+                STALLED_RESPONSES_CLOSED_TOTAL,
+                "counter",
+                "Connections closed because their client stopped reading while others waited for response memory.",
+                load(&self.stalled_responses_closed),
             ),
         ];
         for (name, kind, help, value) in scalars {
@@ -206,7 +232,7 @@ mod tests {
         m.request("/v1/chunks/{id}", 200);
         m.request("a\"b", 404);
         m.chunk_served();
-        let text = m.render(7, 0);
+        let text = m.render(7, 0, 0);
         assert!(
             text.contains("thaw_http_requests_total{route=\"/v1/chunks/{id}\",status=\"200\"} 2\n")
         );

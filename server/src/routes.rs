@@ -154,9 +154,11 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 async fn metrics_text(State(state): State<Shared>) -> Response {
-    let text = state
-        .metrics
-        .render(state.cache.bytes(), state.body_bytes());
+    let text = state.metrics.render(
+        state.cache.bytes(),
+        state.body_bytes(),
+        state.responses.held(),
+    );
     (
         [(
             header::CONTENT_TYPE,

@@ -1,11 +1,14 @@
 //! The state every handler shares: the store, the hot cache, the metrics,
-//! the request permits and the body limits.
+//! the request permits, the body limits and the response memory.
 
 use crate::cache::HotCache;
+use crate::connections::Registry;
 use crate::error::ApiError;
 use crate::layout;
 use crate::metrics::Metrics;
+use crate::responses::{ResponseMemory, Room};
 use crate::ServerConfig;
+use bytes::Bytes;
 use object_store::path::Path;
 use object_store::ObjectStore;
 use std::sync::Arc;
@@ -32,6 +35,10 @@ pub(crate) struct AppState {
     pub(crate) bodies: Arc<Semaphore>,
     pub(crate) body_memory_kib: usize,
     max_body: usize,
+    /// Room for the frames that responses hold.
+    pub(crate) responses: ResponseMemory,
+    /// Every open connection.
+    pub(crate) connections: Arc<Registry>,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -52,6 +59,7 @@ impl AppState {
     pub(crate) fn new(store: Arc<dyn ObjectStore>, config: &ServerConfig) -> Shared {
         // Bodies take room in KiB permits, at most u32::MAX at a time.
         let body_memory_kib = (config.body_memory >> 10).clamp(1, u32::MAX.into()) as usize;
+        let connections = Registry::new();
         Arc::new(AppState {
             store,
             cache: HotCache::new(config.cache_mem),
@@ -62,6 +70,8 @@ impl AppState {
             bodies: Arc::new(Semaphore::new(body_memory_kib)),
             body_memory_kib,
             max_body: config.max_body,
+            responses: ResponseMemory::new(config.response_memory, connections.clone()),
+            connections,
         })
     }
 
@@ -88,6 +98,30 @@ impl AppState {
             Some("/v1/profiles/{digest}") => upload(PROFILE_BODY_MAX),
             _ => upload(0),
         }
+    }
+
+    /// The object at `path` and the room it takes in the response memory,
+    /// which it waits for before it reads a byte; `None` if there is none.
+    pub(crate) async fn read_with_room(
+        &self,
+        path: &Path,
+    ) -> Result<Option<(Bytes, Room)>, ApiError> {
+        let Some(object) = layout::open(&*self.store, path)
+            .await
+            .map_err(ApiError::store)?
+        else {
+            return Ok(None);
+        };
+        let room = self.responses.room(object.meta.size, &self.metrics).await;
+        let bytes = object.bytes().await.map_err(ApiError::store)?;
+        Ok(Some((bytes, room)))
+    }
+
+    /// The object at `path`, for a response: it holds its room in the
+    /// response memory for as long as any copy of it lives.
+    pub(crate) async fn read_for_response(&self, path: &Path) -> Result<Option<Bytes>, ApiError> {
+        let read = self.read_with_room(path).await?;
+        Ok(read.map(|(bytes, room)| ResponseMemory::hold(bytes, room)))
     }
 
     /// Moves the stored object at `path`, which failed verification for

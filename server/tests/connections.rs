@@ -400,3 +400,69 @@ async fn staging_files_a_crash_left_are_removed_at_start() {
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn clients_that_stop_reading_cannot_hold_the_response_memory() {
+    let budget = 4u64 << 20;
+    let config = ServerConfig {
+        response_memory: budget,
+        ..ServerConfig::default()
+    };
+    let server = start(config).await;
+    let mut ids = Vec::new();
+    for seed in 0..16 {
+        let (id, status) = server.put_chunk(&noise(seed, 1 << 20)).await;
+        assert!(status.is_success());
+        ids.push(id);
+    }
+    // Clients that ask for 16 MiB each and read nothing, with small
+    // receive buffers: the sockets fill, and their responses stall holding
+    // the frames they are sending and those fetched ahead.
+    let body = serde_json::to_vec(&serde_json::json!({ "ids": ids })).unwrap();
+    let mut stalled = JoinSet::new();
+    for _ in 0..3 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut tcp = socket.connect(server.addr.parse().unwrap()).await.unwrap();
+        let head = format!(
+            "POST /v1/chunks/batch HTTP/1.1\r\nhost: thaw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let body = body.clone();
+        stalled.spawn(async move {
+            tcp.write_all(head.as_bytes()).await.unwrap();
+            tcp.write_all(&body).await.unwrap();
+            std::future::pending::<()>().await;
+        });
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let held = server.metric("thaw_response_bytes").await;
+        assert!(held <= budget, "{held} bytes held, over the budget");
+        if held >= budget / 2 {
+            break;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the stalled batches did not take the response memory ({held} bytes)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A well-behaved read gets room in seconds, not after the idle timeout
+    // (60 s) has cut off the stalled clients.
+    for id in &ids[..4] {
+        let path = format!("/v1/chunks/{id}");
+        let read = server.get(&path);
+        let answer = tokio::time::timeout(PATIENCE, read)
+            .await
+            .expect("a read answered while stalled clients hold the response memory");
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(answer.bytes().await.unwrap().len() as u64 >> 20, 1);
+    }
+    let closed = server.metric("thaw_stalled_responses_closed_total").await;
+    assert!(closed >= 1, "no stalled response was closed");
+    let held = server.metric("thaw_response_bytes").await;
+    assert!(held <= budget, "{held} bytes held, over the budget");
+    stalled.shutdown().await;
+    server.stop().await;
+}

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 pub struct ServerSetup {
     pub cache_mem: u64,
     pub body_memory: u64,
+    pub response_memory: u64,
     pub max_connections: usize,
     /// The rest are `thaw serve`'s defaults.
     pub max_concurrency: usize,
@@ -29,6 +30,7 @@ impl ServerSetup {
         ServerSetup {
             cache_mem: cfg.cache_mem,
             body_memory: cfg.body_memory,
+            response_memory: cfg.response_memory,
             max_connections: cfg.max_connections,
             max_concurrency: defaults.max_concurrency,
             max_uploads: defaults.max_uploads,
@@ -45,14 +47,17 @@ impl ServerSetup {
             self.cache_mem.to_string(),
             "--body-memory".into(),
             self.body_memory.to_string(),
+            "--response-memory".into(),
+            self.response_memory.to_string(),
             "--max-connections".into(),
             self.max_connections.to_string(),
         ]
     }
 
-    /// What the server may hold by configuration: its hot cache and its body memory.
+    /// What the server may hold by configuration: its hot cache, its body
+    /// memory and its response memory.
     pub fn budget(&self) -> u64 {
-        self.cache_mem + self.body_memory
+        self.cache_mem + self.body_memory + self.response_memory
     }
 }
 
@@ -198,6 +203,9 @@ pub struct Cpu {
 pub struct ServerCounters {
     pub connections_evicted: u64,
     pub connections_timed_out: u64,
+    /// Connections closed because they stopped reading while others waited
+    /// for response memory.
+    pub stalled_responses_closed: u64,
     pub connections_open_at_end: u64,
     pub hot_cache_bytes_at_end: u64,
     pub request_body_bytes_at_end: u64,
@@ -267,9 +275,10 @@ impl fmt::Display for LoadReport {
         writeln!(f, "\nthaw bench --suite load (loopback)")?;
         writeln!(
             f,
-            "server: hot cache {}, body memory {}, {} connections, {} reads and {} uploads at once; timeouts: header {} s, idle {} s, body {} s",
+            "server: hot cache {}, body memory {}, response memory {}, {} connections, {} reads and {} uploads at once; timeouts: header {} s, idle {} s, body {} s",
             mib(s.cache_mem),
             mib(s.body_memory),
+            mib(s.response_memory),
             s.max_connections,
             s.max_concurrency,
             s.max_uploads,
@@ -360,7 +369,7 @@ impl fmt::Display for LoadReport {
         let m = &self.memory;
         writeln!(
             f,
-            "\nserver memory: budget {} (hot cache + body memory); RSS idle {}, peak sampled {}, high-water {} ({}{} against the budget), at the end {}",
+            "\nserver memory: budget {} (hot cache + body memory + response memory); RSS idle {}, peak sampled {}, high-water {} ({}{} against the budget), at the end {}",
             mib(m.budget_bytes),
             mib(m.idle_rss_bytes),
             mib(m.peak_rss_bytes),
@@ -372,8 +381,11 @@ impl fmt::Display for LoadReport {
         let c = &self.counters;
         writeln!(
             f,
-            "server counters: {} connections evicted at the cap, {} timed out; {} open at the end",
-            c.connections_evicted, c.connections_timed_out, c.connections_open_at_end
+            "server counters: {} connections evicted at the cap, {} timed out, {} closed for stalling while others waited for response memory; {} open at the end",
+            c.connections_evicted,
+            c.connections_timed_out,
+            c.stalled_responses_closed,
+            c.connections_open_at_end
         )?;
         let cpu = &self.cpu;
         let machine = cpu.wall_seconds * cpu.cores as f64;

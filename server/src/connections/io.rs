@@ -3,6 +3,8 @@
 //! makes a new connection one that may be evicted, and a write that makes
 //! no progress for the write timeout fails, which closes a connection whose
 //! client has stopped reading its response and frees what the response held.
+//! How long a write has been blocked is also what picks the connection to
+//! close when the response memory runs short (`crate::responses`).
 
 use super::tracker::Conn;
 use std::future::Future;
@@ -40,8 +42,13 @@ impl WatchedIo {
         polled: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         if polled.is_ready() {
-            self.stalled = None;
+            if self.stalled.take().is_some() {
+                self.conn.write_unblocked();
+            }
             return polled;
+        }
+        if self.stalled.is_none() {
+            self.conn.write_blocked();
         }
         let limit = self.write_timeout;
         let stalled = self

@@ -65,6 +65,9 @@ pub(crate) struct Conn {
     /// connections come and go fast, each gets the chance to show a whole
     /// request before it is judged idle.
     fresh: AtomicBool,
+    /// Since when a write of its response has been blocked (nanoseconds
+    /// after the epoch, plus one), or 0 when none is.
+    write_blocked_since: AtomicU64,
     evicted: AtomicBool,
     evict: Notify,
 }
@@ -91,6 +94,20 @@ impl Conn {
     /// been taken (and a whole request in it started).
     pub(crate) fn read_dry(&self) {
         self.fresh.store(false, Ordering::Relaxed);
+    }
+
+    /// A write found the socket full: the client has not taken what was
+    /// sent. Kept from the first such write until one makes progress.
+    pub(crate) fn write_blocked(&self) {
+        let now = self.now() + 1;
+        let _ =
+            self.write_blocked_since
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// A write made progress.
+    pub(crate) fn write_unblocked(&self) {
+        self.write_blocked_since.store(0, Ordering::Relaxed);
     }
 
     /// A request head has arrived; the request lasts until the guard (kept
@@ -193,6 +210,7 @@ impl Registry {
             last_handled: AtomicU64::new(self.epoch.elapsed().as_nanos() as u64),
             epoch: self.epoch,
             fresh: AtomicBool::new(true),
+            write_blocked_since: AtomicU64::new(0),
             evicted: AtomicBool::new(false),
             evict: Notify::new(),
         });
@@ -232,14 +250,34 @@ impl Registry {
                     c.last_handled.load(Ordering::Relaxed),
                 )
             });
-        match victim {
-            Some(conn) => {
-                conn.evicted.store(true, Ordering::Relaxed);
-                conn.evict.notify_one();
-                true
-            }
-            None => false,
-        }
+        victim.is_some_and(|conn| conn.ask_to_close())
+    }
+
+    /// Asks the connection whose response has been unable to write for
+    /// longest to close, if that has lasted `min` (see `responses`). False
+    /// if there is none.
+    pub(crate) fn evict_stalled(&self, min: Duration) -> bool {
+        let open = self.lock();
+        let now = self.epoch.elapsed().as_nanos() as u64 + 1;
+        let min = min.as_nanos() as u64;
+        let victim = open
+            .values()
+            .filter(|c| !c.evicted.load(Ordering::Relaxed))
+            .filter_map(|c| {
+                let since = c.write_blocked_since.load(Ordering::Relaxed);
+                (since != 0 && now.saturating_sub(since) >= min).then_some((since, c))
+            })
+            .min_by_key(|(since, _)| *since);
+        victim.is_some_and(|(_, conn)| conn.ask_to_close())
+    }
+}
+
+impl Conn {
+    /// Marks this connection evicted and wakes its task, which closes it.
+    fn ask_to_close(&self) -> bool {
+        self.evicted.store(true, Ordering::Relaxed);
+        self.evict.notify_one();
+        true
     }
 }
 

@@ -12,6 +12,7 @@
 use crate::error::ApiError;
 use crate::http::{blocking, immutable, immutable_head, parse_digest, JsonBody, Param, RawBody};
 use crate::layout;
+use crate::responses::ResponseMemory;
 use crate::state::{AppState, Shared};
 use axum::body::Body;
 use axum::extract::State;
@@ -42,19 +43,22 @@ pub(super) enum ChunkState {
 
 impl AppState {
     /// The frame of `id`, from the hot cache or the store (then verified
-    /// and cached). A stored frame that fails verification is quarantined
-    /// and reads as `None`.
+    /// and cached), holding room in the response memory for as long as
+    /// any copy of it lives: room is taken before the frame is read. A
+    /// stored frame that fails verification is quarantined and reads as
+    /// `None`.
     pub(crate) async fn read_chunk(&self, id: &Digest) -> Result<Option<Bytes>, ApiError> {
-        if let Some(frame) = self.cache.get(id) {
-            self.metrics.cache_hit();
-            return Ok(Some(frame));
+        if let Some(len) = self.cache.peek(id).map(|frame| frame.len()) {
+            let room = self.responses.room(len as u64, &self.metrics).await;
+            // It may have left the cache while this read waited for room.
+            if let Some(frame) = self.cache.get(id) {
+                self.metrics.cache_hit();
+                return Ok(Some(ResponseMemory::hold(frame, room)));
+            }
         }
         self.metrics.cache_miss();
         let path = layout::chunk_path(id);
-        let Some(frame) = layout::get(&*self.store, &path)
-            .await
-            .map_err(ApiError::store)?
-        else {
+        let Some((frame, room)) = self.read_with_room(&path).await? else {
             return Ok(None);
         };
         let (checked, id) = (frame.clone(), *id);
@@ -63,7 +67,7 @@ impl AppState {
             return Ok(None);
         }
         self.cache.insert(id, frame.clone());
-        Ok(Some(frame))
+        Ok(Some(ResponseMemory::hold(frame, room)))
     }
 
     pub(crate) async fn chunk_exists(&self, id: &Digest) -> Result<bool, ApiError> {

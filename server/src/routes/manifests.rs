@@ -69,9 +69,7 @@ pub(super) async fn get(
 ) -> Result<Response, ApiError> {
     let digest = parse_digest(&raw)?;
     let path = layout::manifest_path(&digest);
-    let bytes = layout::get(&*state.store, &path)
-        .await
-        .map_err(ApiError::store)?;
+    let bytes = state.read_for_response(&path).await?;
     let bytes = bytes.ok_or_else(|| ApiError::not_found(format!("manifest {digest}")))?;
     Ok(immutable(&digest, bytes))
 }

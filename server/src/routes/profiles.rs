@@ -45,9 +45,9 @@ fn headers(sum: &Digest) -> [(header::HeaderName, HeaderValue); 3] {
 
 async fn stored(state: &Shared, raw: &str) -> Result<(Digest, Bytes), ApiError> {
     let digest = parse_digest(raw)?;
-    let bytes = layout::get(&*state.store, &layout::profile_path(&digest))
-        .await
-        .map_err(ApiError::store)?;
+    let bytes = state
+        .read_for_response(&layout::profile_path(&digest))
+        .await?;
     let bytes =
         bytes.ok_or_else(|| ApiError::not_found(format!("a profile of manifest {digest}")))?;
     Ok((digest, bytes))
