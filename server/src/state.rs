@@ -10,7 +10,7 @@ use crate::responses::{ResponseMemory, Room};
 use crate::ServerConfig;
 use bytes::Bytes;
 use object_store::path::Path;
-use object_store::ObjectStore;
+use object_store::{GetResult, ObjectStore};
 use std::sync::Arc;
 use std::time::Duration;
 use thaw_format::wire::{
@@ -100,28 +100,29 @@ impl AppState {
         }
     }
 
-    /// The object at `path` and the room it takes in the response memory,
-    /// which it waits for before it reads a byte; `None` if there is none.
-    pub(crate) async fn read_with_room(
+    /// The bytes of an opened object, read once there is room for them in
+    /// the response memory, and the room they take.
+    pub(crate) async fn read_into_room(
         &self,
-        path: &Path,
-    ) -> Result<Option<(Bytes, Room)>, ApiError> {
+        object: GetResult,
+    ) -> Result<(Bytes, Room), ApiError> {
+        let room = self.responses.room(object.meta.size, &self.metrics).await;
+        let bytes = object.bytes().await.map_err(ApiError::store)?;
+        Ok((bytes, room))
+    }
+
+    /// The object at `path`, for a response: read once there is room for it
+    /// in the response memory, which it holds for as long as any copy of it
+    /// lives. `None` if there is none.
+    pub(crate) async fn read_for_response(&self, path: &Path) -> Result<Option<Bytes>, ApiError> {
         let Some(object) = layout::open(&*self.store, path)
             .await
             .map_err(ApiError::store)?
         else {
             return Ok(None);
         };
-        let room = self.responses.room(object.meta.size, &self.metrics).await;
-        let bytes = object.bytes().await.map_err(ApiError::store)?;
-        Ok(Some((bytes, room)))
-    }
-
-    /// The object at `path`, for a response: it holds its room in the
-    /// response memory for as long as any copy of it lives.
-    pub(crate) async fn read_for_response(&self, path: &Path) -> Result<Option<Bytes>, ApiError> {
-        let read = self.read_with_room(path).await?;
-        Ok(read.map(|(bytes, room)| ResponseMemory::hold(bytes, room)))
+        let (bytes, room) = self.read_into_room(object).await?;
+        Ok(Some(ResponseMemory::hold(bytes, room)))
     }
 
     /// Moves the stored object at `path`, which failed verification for

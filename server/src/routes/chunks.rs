@@ -21,17 +21,26 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use futures::{stream, StreamExt, TryStreamExt};
+use object_store::GetResult;
 use thaw_format::frame::{self, FrameError};
 use thaw_format::wire::{self, BATCH_MAX_IDS, MISSING_MAX_IDS};
 use thaw_format::{ChunkRef, Digest, FRAME_HEADER_LEN};
 
 /// Store requests in flight for one missing-list request.
 pub(super) const EXISTS_CONCURRENCY: usize = 64;
-/// Frames fetched ahead for one batch read: bounds its memory to this many
-/// frames beyond what the socket has taken. A client that stops reading
-/// keeps them until the idle timeout cuts it off; four hide a store's
-/// latency well enough with the several batches a client has in flight.
+/// Chunks a batch read finds in the store ahead of the one it sends: four
+/// hide a store's latency well enough with the several batches a client has
+/// in flight. Finding takes no memory; reading waits for its turn.
 const BATCH_CONCURRENCY: usize = 4;
+
+/// A chunk found and not read yet ([`AppState::open_chunk`]).
+pub(crate) enum Opened {
+    /// In the hot cache, with a frame of this length.
+    Cached(usize),
+    /// In the store, opened.
+    Stored(GetResult),
+    Missing,
+}
 
 /// What the store holds for a chunk a manifest names.
 pub(super) enum ChunkState {
@@ -42,25 +51,58 @@ pub(super) enum ChunkState {
 }
 
 impl AppState {
-    /// The frame of `id`, from the hot cache or the store (then verified
-    /// and cached), holding room in the response memory for as long as
-    /// any copy of it lives: room is taken before the frame is read. A
-    /// stored frame that fails verification is quarantined and reads as
-    /// `None`.
+    /// The frame of `id`, from the hot cache or the store: see
+    /// [`AppState::open_chunk`] and [`AppState::read_opened`].
     pub(crate) async fn read_chunk(&self, id: &Digest) -> Result<Option<Bytes>, ApiError> {
+        let opened = self.open_chunk(id).await?;
+        self.read_opened(id, opened).await
+    }
+
+    /// Where the frame of `id` is, found but not read: it takes no memory
+    /// yet, so that a batch read can look ahead without holding frames.
+    pub(crate) async fn open_chunk(&self, id: &Digest) -> Result<Opened, ApiError> {
         if let Some(len) = self.cache.peek(id).map(|frame| frame.len()) {
-            let room = self.responses.room(len as u64, &self.metrics).await;
-            // It may have left the cache while this read waited for room.
-            if let Some(frame) = self.cache.get(id) {
-                self.metrics.cache_hit();
-                return Ok(Some(ResponseMemory::hold(frame, room)));
-            }
+            return Ok(Opened::Cached(len));
         }
+        self.open_stored(id).await
+    }
+
+    async fn open_stored(&self, id: &Digest) -> Result<Opened, ApiError> {
         self.metrics.cache_miss();
-        let path = layout::chunk_path(id);
-        let Some((frame, room)) = self.read_with_room(&path).await? else {
-            return Ok(None);
+        let object = layout::open(&*self.store, &layout::chunk_path(id))
+            .await
+            .map_err(ApiError::store)?;
+        Ok(object.map_or(Opened::Missing, Opened::Stored))
+    }
+
+    /// The frame of an opened chunk, read once there is room for it in the
+    /// response memory, which it holds for as long as any copy of it lives.
+    /// A frame from the store is verified, then cached; one that fails is
+    /// quarantined and reads as `None`.
+    pub(crate) async fn read_opened(
+        &self,
+        id: &Digest,
+        opened: Opened,
+    ) -> Result<Option<Bytes>, ApiError> {
+        let object = match opened {
+            Opened::Missing => return Ok(None),
+            Opened::Stored(object) => object,
+            Opened::Cached(len) => {
+                let room = self.responses.room(len as u64, &self.metrics).await;
+                if let Some(frame) = self.cache.get(id) {
+                    self.metrics.cache_hit();
+                    return Ok(Some(ResponseMemory::hold(frame, room)));
+                }
+                // It left the cache while this read waited for room.
+                drop(room);
+                match self.open_stored(id).await? {
+                    Opened::Stored(object) => object,
+                    _ => return Ok(None),
+                }
+            }
         };
+        let path = layout::chunk_path(id);
+        let (frame, room) = self.read_into_room(object).await?;
         let (checked, id) = (frame.clone(), *id);
         if let Err(why) = blocking(move || frame::verify(&checked, &id)).await? {
             self.quarantine(&path, why).await?;
@@ -244,14 +286,22 @@ pub(super) async fn batch(
     JsonBody(list): JsonBody<IdList>,
 ) -> Result<Response, ApiError> {
     let ids = list.parse(BATCH_MAX_IDS)?;
+    let io = |e: ApiError| std::io::Error::other(format!("{e:?}"));
+    // Chunks are found ahead (a store's latency is in the finding), but
+    // read one at a time, each when the last has been taken: a response
+    // waiting for room holds no frame, and one whose client stops reading
+    // holds one or two.
+    let opener = state.clone();
     let records = stream::iter(ids)
         .map(move |id| {
+            let state = opener.clone();
+            async move { Ok((id, state.open_chunk(&id).await.map_err(io)?)) }
+        })
+        .buffered(BATCH_CONCURRENCY)
+        .and_then(move |(id, opened)| {
             let state = state.clone();
             async move {
-                let frame = state
-                    .read_chunk(&id)
-                    .await
-                    .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+                let frame = state.read_opened(&id, opened).await.map_err(io)?;
                 let parts = record(&id, frame.as_ref());
                 if frame.is_some() {
                     state.metrics.chunk_served();
@@ -264,7 +314,6 @@ pub(super) async fn batch(
                 ))
             }
         })
-        .buffered(BATCH_CONCURRENCY)
         .try_flatten();
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
