@@ -177,6 +177,101 @@ fn a_snapshot_restores_lazily_from_a_thaw_mount() {
         "restore fetched {fetched} bytes: {stats}"
     );
     assert_eq!(stats["digest_mismatches"].as_u64(), Some(0));
+
+    // A dead server: a restore with an empty cache fails at once, saying so.
+    server.kill();
+    let started = Instant::now();
+    let out = restore_into(tmp.path(), "dead", &reference);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a restore from a dead server: {said}"
+    );
+    assert!(
+        said.contains("cannot mount") && said.contains(&server.addr()),
+        "{said}"
+    );
+    assert!(started.elapsed() < WAIT, "{:?}", started.elapsed());
+
+    // Memory damaged in the store: one byte flipped in every stored chunk
+    // of the memory file. The server finds them bad and quarantines them,
+    // so a restore with an empty cache cannot read the guest's memory. The
+    // VM must stop rather than run on other memory, and say why.
+    server.restart();
+    let damaged = damage_memory_chunks(tmp.path());
+    assert!(
+        damaged > 0,
+        "no chunk of the memory file found in the store"
+    );
+    let started = Instant::now();
+    let out = restore_into(tmp.path(), "damaged", &reference);
+    let dir = tmp.path().join("damaged");
+    let _damaged_vm = Vm(&dir);
+    let why = if out.status.success() {
+        // The state loaded; the guest's first touch of damaged memory stops it.
+        wait_for_failure(&dir)
+    } else {
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    eprintln!(
+        "damaged memory ({damaged} chunks): {why} ({:?})",
+        started.elapsed()
+    );
+    assert!(why.contains("is not on the server"), "{why}");
+}
+
+/// `thaw vm restore REF TMP/NAME` with an empty cache of its own.
+fn restore_into(tmp: &Path, name: &str, reference: &str) -> std::process::Output {
+    let dir = tmp.join(name);
+    let cache = tmp.join(format!("{name}-cache"));
+    thaw(&[
+        "vm",
+        "restore",
+        reference,
+        dir.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ])
+}
+
+/// Flips a byte in the stored frame of every 256 KiB chunk of the
+/// template's memory file (the chunk size `thaw vm snapshot` uses); returns
+/// how many it found stored (zero chunks are holes, never stored).
+fn damage_memory_chunks(tmp: &Path) -> usize {
+    let memory = std::fs::read(tmp.join("template/image/memory")).unwrap();
+    let chunks = tmp.join("store/chunks");
+    let mut damaged = 0;
+    for chunk in memory.chunks(256 << 10) {
+        let hex = thaw_format::Digest::of(chunk).to_hex();
+        let path = chunks.join(&hex[..2]).join(&hex);
+        if let Ok(mut frame) = std::fs::read(&path) {
+            let last = frame.len() - 1;
+            frame[last] ^= 0x55;
+            std::fs::write(&path, frame).unwrap();
+            damaged += 1;
+        }
+    }
+    damaged
+}
+
+/// Waits for `thaw vm status` to say that the VM in `dir` failed on a read
+/// of its image; returns the read error it gives.
+fn wait_for_failure(dir: &Path) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = thaw(&["vm", "status", dir.to_str().unwrap(), "--json"]);
+        let status: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        if status["state"] == "failed" {
+            assert!(!out.status.success(), "a failed VM's status exits 1");
+            return status["read_error"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM on damaged memory did not stop: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

@@ -299,5 +299,8 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         "errors      fetch {}, digest mismatch {}, corrupt cache entries {}, cache write {}; evicted {}",
         s.fetch_errors, s.digest_mismatches, s.disk_corrupt, s.disk_write_errors, s.disk_evicted
     );
+    if !s.last_error.is_empty() {
+        println!("last error  {}", s.last_error);
+    }
     Ok(())
 }

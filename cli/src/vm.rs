@@ -21,6 +21,9 @@ pub enum VmCommand {
     Restore(RestoreArgs),
     /// Continue a paused VM.
     Resume(DirArgs),
+    /// Say whether the VM in DIR runs; for a restored VM that stopped because
+    /// its image could not be read, say why (and exit 1).
+    Status(StatusArgs),
     /// End the VM in DIR (and unmount its image if it was restored).
     Stop(DirArgs),
     /// Keep N VMs restored from REF paused in DIR, refilled in the background.
@@ -102,6 +105,14 @@ pub struct RestoreArgs {
 }
 
 #[derive(Args)]
+pub struct StatusArgs {
+    dir: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 pub struct DirArgs {
     dir: PathBuf,
 }
@@ -112,6 +123,7 @@ pub fn run(cmd: VmCommand) -> Result<()> {
         VmCommand::Snapshot(a) => snapshot(a),
         VmCommand::Restore(a) => restore(a),
         VmCommand::Resume(a) => Ok(qemu::resume(&a.dir)?),
+        VmCommand::Status(a) => status(a),
         VmCommand::Stop(a) => stop(a),
         VmCommand::Pool(a) => pool(a),
         VmCommand::Claim(a) => claim(a),
@@ -177,6 +189,10 @@ fn restore(a: RestoreArgs) -> Result<()> {
     let loaded = match loaded {
         Ok(t) => t,
         Err(e) => {
+            let e = match read_error(&image) {
+                Some(why) => e.context(format!("the snapshot could not be read: {why}")),
+                None => e,
+            };
             let _ = thaw_fuse::unmount_and_wait(&image, std::time::Duration::from_secs(15));
             return Err(e);
         }
@@ -188,6 +204,52 @@ fn restore(a: RestoreArgs) -> Result<()> {
         loaded.as_secs_f64() * 1000.0
     );
     print_sockets(&a.dir, if a.paused { "paused" } else { "running" });
+    Ok(())
+}
+
+/// Why the last read of the thaw mount at `image` failed, if one did.
+fn read_error(image: &Path) -> Option<String> {
+    let stats = thaw_fuse::query_stats(image).ok()?;
+    Some(stats.last_error).filter(|e| !e.is_empty())
+}
+
+/// What `thaw vm status --json` prints.
+#[derive(serde::Serialize)]
+struct VmStatus {
+    /// QEMU's run state (`running`, `paused`...), `stopped`, or `failed`: no
+    /// QEMU runs and the image's last read failed. A restored VM maps its
+    /// memory from the mount, so a page that cannot be read (a chunk gone
+    /// from the server or damaged there, a server that does not answer
+    /// within the fetch timeout) stops it rather than let it run on wrong
+    /// memory.
+    state: String,
+    /// Why the image's last read failed, if one did.
+    read_error: Option<String>,
+}
+
+fn status(a: StatusArgs) -> Result<()> {
+    let read_error = read_error(&qemu::image_dir(&a.dir));
+    let state = match qemu::status(&a.dir).context("cannot ask QEMU")? {
+        qemu::Status::Up(state) => state,
+        qemu::Status::Gone if read_error.is_some() => "failed".to_owned(),
+        qemu::Status::Gone => "stopped".to_owned(),
+    };
+    let failed = state == "failed";
+    let report = VmStatus { state, read_error };
+    if a.json {
+        crate::cmd::print_json(&report)?;
+    } else {
+        println!("{}", report.state);
+        if let Some(why) = &report.read_error {
+            println!("last read of the image failed: {why}");
+        }
+    }
+    if failed {
+        bail!(
+            "the VM in {} stopped: its image could not be read",
+            a.dir.display()
+        );
+    }
     Ok(())
 }
 

@@ -196,6 +196,33 @@ pub fn quit(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether QEMU runs for the VM in `dir`, and as what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// QEMU runs; its run state as the monitor gives it (`running`,
+    /// `paused`, `inmigrate`, `internal-error`...).
+    Up(String),
+    /// No QEMU runs for this directory: it was never started, it was
+    /// stopped, or it died.
+    Gone,
+}
+
+/// What the VM in `dir` is doing now.
+pub fn status(dir: &Path) -> Result<Status> {
+    let pid = std::fs::read_to_string(dir.join("qemu.pid")).unwrap_or_default();
+    let pid = pid.trim();
+    // A dead QEMU leaves its pid file; a live one is a QEMU process.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let qemu = String::from_utf8_lossy(&cmdline).contains("qemu");
+    if pid.is_empty() || !qemu {
+        return Ok(Status::Gone);
+    }
+    let info = connect(dir)?.execute("query-status", json!({}))?;
+    Ok(Status::Up(
+        info["status"].as_str().unwrap_or("unknown").to_string(),
+    ))
+}
+
 /// Starts a VM in `dir` from the snapshot at `image` (a thaw mount, or any
 /// directory holding one) and loads its state; continues it unless
 /// `paused`. Returns how long QEMU's start and the state load took.

@@ -205,7 +205,11 @@ impl Fetcher {
                 }
             }
         };
-        pending.await
+        let got = pending.await;
+        if let Err(e) = &got {
+            self.stats.set_last_error(e.to_string());
+        }
+        got
     }
 
     /// Spawns the load of `chunk`; called with the in-flight table locked.

@@ -50,6 +50,8 @@ pub struct Stats {
     pub profile_stream_us: AtomicU64,
     /// What became of the profile (see [`StatsReport::profile`]).
     profile: Mutex<String>,
+    /// Why the last read that failed did (see [`StatsReport::last_error`]).
+    last_error: Mutex<String>,
     latencies_us: Mutex<Vec<u32>>,
     latency_next: AtomicU64,
 }
@@ -79,6 +81,11 @@ impl Stats {
     /// Says what became of the profile.
     pub fn set_profile(&self, state: impl Into<String>) {
         *self.profile.lock().expect("stats lock") = state.into();
+    }
+
+    /// Records why a read failed.
+    pub fn set_last_error(&self, why: impl Into<String>) {
+        *self.last_error.lock().expect("stats lock") = why.into();
     }
 
     /// Records one batch of the profile's stream.
@@ -136,6 +143,7 @@ impl Stats {
             disk_evicted: g(&self.disk_evicted),
             mem_cache_bytes: g(&self.mem_cache_bytes),
             profile: self.profile.lock().expect("stats lock").clone(),
+            last_error: self.last_error.lock().expect("stats lock").clone(),
             profile_chunks: g(&self.profile_chunks),
             profile_bytes: g(&self.profile_bytes),
             profile_batches: g(&self.profile_batches),
@@ -182,6 +190,12 @@ pub struct StatsReport {
     pub disk_write_errors: u64,
     pub disk_evicted: u64,
     pub mem_cache_bytes: u64,
+    /// Why the last read that failed did (a chunk not on the server, one
+    /// that did not match its digest, a server that did not answer within
+    /// the fetch timeout); empty if none has failed. A restored VM that
+    /// stopped on a read of its memory says why here.
+    #[serde(default)]
+    pub last_error: String,
     /// What became of the image's profile: `none` (none stored), `off`
     /// (`--no-profile`), `streaming`, `done`, `stopped: <why>` (the cache
     /// budget, a failed request), `refused: <why>` (damaged, or for another

@@ -286,6 +286,11 @@ async fn a_corrupt_frame_is_an_error_and_nothing_is_cached() {
     assert!(t.fs.read(ino, 0, 10).await.is_err());
     assert_eq!(t.source.requests_for(&id), 2);
     assert_eq!(t.fs.stats.report().digest_mismatches, 2);
+    assert_eq!(
+        t.fs.stats.report().last_error,
+        format!("chunk {id} does not match its digest"),
+        "the stats say why the read failed"
+    );
     let cache = DiskCache::open(t._cache.path(), 1 << 30).unwrap();
     assert!(matches!(cache.get(&id, MIB as u32), Lookup::Miss));
 }
