@@ -9,7 +9,7 @@ use std::time::Instant;
 use thaw_client::push::PushOptions;
 use thaw_client::ImageRef;
 use thaw_format::{Chunking, ChunkingMode};
-use thaw_vmm::{qemu, VmSpec};
+use thaw_vmm::{Status, VmSpec, Vmm};
 
 #[derive(Subcommand)]
 pub enum VmCommand {
@@ -72,6 +72,16 @@ pub struct RunArgs {
     /// QEMU accelerator: kvm, or tcg where there is no KVM.
     #[arg(long, default_value = "kvm")]
     accel: String,
+    /// The VMM: QEMU, or Cloud Hypervisor (`$THAW_CLOUD_HYPERVISOR` or
+    /// `cloud-hypervisor` on the path; KVM only, no pool yet).
+    #[arg(long, value_enum, default_value_t = VmmKind::Qemu)]
+    vmm: VmmKind,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum VmmKind {
+    Qemu,
+    CloudHypervisor,
 }
 
 #[derive(Args)]
@@ -122,7 +132,7 @@ pub fn run(cmd: VmCommand) -> Result<()> {
         VmCommand::Run(a) => boot(a),
         VmCommand::Snapshot(a) => snapshot(a),
         VmCommand::Restore(a) => restore(a),
-        VmCommand::Resume(a) => Ok(qemu::resume(&a.dir)?),
+        VmCommand::Resume(a) => Ok(vmm_of(&a.dir)?.resume(&a.dir)?),
         VmCommand::Status(a) => status(a),
         VmCommand::Stop(a) => stop(a),
         VmCommand::Pool(a) => pool(a),
@@ -138,9 +148,14 @@ fn boot(a: RunArgs) -> Result<()> {
         &a.append,
         a.initrd.is_some(),
     );
-    qemu::run(&a.dir, &a.kernel, a.initrd.as_deref(), &spec)
+    let spec = match a.vmm {
+        VmmKind::Qemu => spec,
+        VmmKind::CloudHypervisor => spec.for_cloud_hypervisor(),
+    };
+    let vmm = thaw_vmm::vmm_named(&spec.vmm)?;
+    vmm.run(&a.dir, &a.kernel, a.initrd.as_deref(), &spec)
         .with_context(|| format!("cannot start the VM in {}", a.dir.display()))?;
-    print_sockets(&a.dir, "running");
+    print_sockets(&*vmm, &a.dir, "running");
     Ok(())
 }
 
@@ -149,8 +164,9 @@ fn snapshot(a: SnapshotArgs) -> Result<()> {
     let remote = a.access.read()?.remote(&r)?;
     let chunk_size = u32::try_from(a.chunk_size).context("chunk size too large")?;
     let chunking = Chunking::new(ChunkingMode::Fixed, chunk_size).map_err(anyhow::Error::msg)?;
-    let saved = qemu::snapshot(&a.dir).context("cannot snapshot the VM")?;
-    let image = qemu::image_dir(&a.dir);
+    let vmm = vmm_of(&a.dir)?;
+    let saved = vmm.snapshot(&a.dir).context("cannot snapshot the VM")?;
+    let image = thaw_vmm::image_dir(&a.dir);
     let opts = PushOptions {
         chunking,
         level: 3,
@@ -172,22 +188,24 @@ fn snapshot(a: SnapshotArgs) -> Result<()> {
         human(report.bytes_uploaded)
     );
     if a.resume {
-        qemu::resume(&a.dir)?;
+        vmm.resume(&a.dir)?;
     }
     Ok(())
 }
 
 fn restore(a: RestoreArgs) -> Result<()> {
-    let image = qemu::image_dir(&a.dir);
+    let image = thaw_vmm::image_dir(&a.dir);
     std::fs::create_dir_all(&image)
         .with_context(|| format!("cannot create {}", image.display()))?;
     let started = Instant::now();
     mount(&a.reference, &image, a.cache_dir.as_deref(), &a.access)?;
     let mounted = started.elapsed();
-    let loaded = qemu::restore(&a.dir, &image, a.paused)
+    // The snapshot's own spec names its VMM.
+    let loaded = vmm_of(&a.dir)
+        .and_then(|vmm| Ok((vmm.restore(&a.dir, &image, a.paused)?, vmm)))
         .with_context(|| format!("cannot restore {} in {}", a.reference, a.dir.display()));
-    let loaded = match loaded {
-        Ok(t) => t,
+    let (loaded, vmm) = match loaded {
+        Ok(done) => done,
         Err(e) => {
             let e = match read_error(&image) {
                 Some(why) => e.context(format!("the snapshot could not be read: {why}")),
@@ -198,13 +216,18 @@ fn restore(a: RestoreArgs) -> Result<()> {
         }
     };
     println!(
-        "restored {} (mount {:.0} ms, QEMU start and state {:.0} ms)",
+        "restored {} (mount {:.0} ms, VMM start and state {:.0} ms)",
         a.reference,
         mounted.as_secs_f64() * 1000.0,
         loaded.as_secs_f64() * 1000.0
     );
-    print_sockets(&a.dir, if a.paused { "paused" } else { "running" });
+    print_sockets(&*vmm, &a.dir, if a.paused { "paused" } else { "running" });
     Ok(())
+}
+
+/// The VMM of the VM in `dir`, as its image's `vm.json` names it.
+fn vmm_of(dir: &Path) -> Result<Box<dyn Vmm>> {
+    thaw_vmm::vmm_of(dir).with_context(|| format!("no VM in {}", dir.display()))
 }
 
 /// Why the last read of the thaw mount at `image` failed, if one did.
@@ -228,11 +251,14 @@ struct VmStatus {
 }
 
 fn status(a: StatusArgs) -> Result<()> {
-    let read_error = read_error(&qemu::image_dir(&a.dir));
-    let state = match qemu::status(&a.dir).context("cannot ask QEMU")? {
-        qemu::Status::Up(state) => state,
-        qemu::Status::Gone if read_error.is_some() => "failed".to_owned(),
-        qemu::Status::Gone => "stopped".to_owned(),
+    let read_error = read_error(&thaw_vmm::image_dir(&a.dir));
+    let state = match vmm_of(&a.dir)?
+        .status(&a.dir)
+        .context("cannot ask the VMM")?
+    {
+        Status::Up(state) => state,
+        Status::Gone if read_error.is_some() => "failed".to_owned(),
+        Status::Gone => "stopped".to_owned(),
     };
     let failed = state == "failed";
     let report = VmStatus { state, read_error };
@@ -281,10 +307,19 @@ fn mount(reference: &str, image: &Path, cache: Option<&Path>, access: &AccessArg
 
 /// `thaw vm pool`: one mount of the snapshot, shared by every VM of the pool.
 fn pool(a: PoolArgs) -> Result<()> {
-    let image = qemu::image_dir(&a.dir);
+    let image = thaw_vmm::image_dir(&a.dir);
     std::fs::create_dir_all(&image)
         .with_context(|| format!("cannot create {}", image.display()))?;
     mount(&a.reference, &image, a.cache_dir.as_deref(), &a.access)?;
+    let spec = VmSpec::read(&image);
+    if let Some(other) = spec.as_ref().ok().filter(|s| s.vmm != "qemu") {
+        let vmm = other.vmm.clone();
+        let _ = thaw_fuse::unmount_and_wait(&image, std::time::Duration::from_secs(15));
+        bail!(
+            "{} is a {vmm} snapshot: the pool runs QEMU VMs only",
+            a.reference
+        );
+    }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
     std::thread::spawn(move || {
@@ -330,12 +365,12 @@ fn claim(a: ClaimArgs) -> Result<()> {
 }
 
 fn stop(a: DirArgs) -> Result<()> {
-    if qemu::qmp_socket(&a.dir).exists() {
-        qemu::quit(&a.dir).context("cannot stop the VM")?;
-    } else {
-        eprintln!("thaw: the VM in {} is not running", a.dir.display());
+    let vmm = vmm_of(&a.dir)?;
+    match vmm.status(&a.dir) {
+        Ok(Status::Up(_)) => vmm.quit(&a.dir).context("cannot stop the VM")?,
+        _ => eprintln!("thaw: the VM in {} is not running", a.dir.display()),
     }
-    let image = qemu::image_dir(&a.dir);
+    let image = thaw_vmm::image_dir(&a.dir);
     // A restored VM's image is a thaw mount; a booted VM's is a directory.
     if thaw_fuse::query_stats(&image).is_ok() {
         thaw_fuse::unmount_and_wait(&image, std::time::Duration::from_secs(15))?;
@@ -343,10 +378,10 @@ fn stop(a: DirArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_sockets(dir: &Path, state: &str) {
+fn print_sockets(vmm: &dyn Vmm, dir: &Path, state: &str) {
     println!(
         "VM {state}: monitor {}, console {}",
-        qemu::qmp_socket(dir).display(),
-        qemu::console_socket(dir).display()
+        vmm.control_socket(dir).display(),
+        thaw_vmm::console_socket(dir).display()
     );
 }

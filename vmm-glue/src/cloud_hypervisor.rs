@@ -18,14 +18,170 @@
 //! `OnDemand` only when the snapshot has no vhost-user device, and `Copy`
 //! otherwise.
 
-use crate::{Result, VmError};
+use crate::{console_socket, image_dir, Result, Status, VmError, VmSpec, Vmm};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a new process has to answer on its API socket.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The Cloud Hypervisor binary: `$THAW_CLOUD_HYPERVISOR`, or
+/// `cloud-hypervisor` on the path.
+pub fn binary() -> PathBuf {
+    std::env::var_os("THAW_CLOUD_HYPERVISOR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "cloud-hypervisor".into())
+}
+
+/// The API socket of the VM in `dir`.
+pub fn api_socket(dir: &Path) -> PathBuf {
+    dir.join("api.sock")
+}
+
+fn pid_file(dir: &Path) -> PathBuf {
+    dir.join("cloud-hypervisor.pid")
+}
+
+/// Cloud Hypervisor as a [`Vmm`]: one process per VM directory, started in
+/// the background with its API on `DIR/api.sock` and its output in
+/// `DIR/cloud-hypervisor.log`. Guest memory is shared (`memory.shared`), so
+/// a snapshot writes it to `image/memory-ranges` beside `config.json` and
+/// `state.json`, and a restore maps it on demand ([`restore_mode`]).
+pub struct CloudHypervisor;
+
+impl CloudHypervisor {
+    /// Starts a Cloud Hypervisor process for `dir` and waits for its API.
+    fn start(dir: &Path) -> Result<ChClient> {
+        let socket = api_socket(dir);
+        let _ = std::fs::remove_file(&socket);
+        let log_path = dir.join("cloud-hypervisor.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(VmError::io(format!("create {}", log_path.display())))?;
+        let err_log = log.try_clone().map_err(VmError::io("open the log"))?;
+        let mut child = Command::new(binary())
+            .arg("--api-socket")
+            .arg(format!("path={}", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err_log)
+            // Its own process group: a signal to the caller's group (a
+            // Ctrl-C at the shell) does not end the VM.
+            .process_group(0)
+            .spawn()
+            .map_err(VmError::io(format!("run {}", binary().display())))?;
+        let pid = pid_file(dir);
+        std::fs::write(&pid, child.id().to_string())
+            .map_err(VmError::io(format!("write {}", pid.display())))?;
+        let client = ChClient::new(&socket);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(exit)) = child.try_wait() {
+                let said = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(VmError::Vmm(format!(
+                    "Cloud Hypervisor exited at start ({exit}): {}",
+                    said.trim()
+                )));
+            }
+            if client.ping().is_ok() {
+                return Ok(client);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                return Err(VmError::Vmm(format!(
+                    "Cloud Hypervisor did not answer on {} within {START_TIMEOUT:?}",
+                    socket.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The VM's configuration for `vm.create`: the image's kernel and
+    /// initrd, the serial console on `DIR/console.sock`.
+    pub fn config(dir: &Path, spec: &VmSpec) -> ChVmConfig {
+        let image = image_dir(dir);
+        ChVmConfig {
+            cpus: spec.cpus,
+            memory_bytes: u64::from(spec.memory_mib) << 20,
+            kernel: image.join("kernel"),
+            initramfs: spec.initrd.then(|| image.join("initrd")),
+            cmdline: spec.append.clone(),
+            fs: Vec::new(),
+            serial_socket: Some(console_socket(dir)),
+        }
+    }
+}
+
+/// `vm.create` and `vm.boot`.
+pub fn boot(client: &ChClient, config: &ChVmConfig) -> Result<()> {
+    client.create(config)?;
+    client.boot()
+}
+
+/// `vm.pause` and `vm.snapshot` into `image`; the VM stays paused.
+pub fn snapshot_into(client: &ChClient, image: &Path) -> Result<()> {
+    client.pause()?;
+    client.snapshot(image)
+}
+
+/// `vm.restore` of the snapshot at `image` in the mode it allows.
+pub fn restore_from(client: &ChClient, image: &Path, paused: bool) -> Result<()> {
+    client.restore(image, restore_mode(image)?, !paused)
+}
+
+impl Vmm for CloudHypervisor {
+    fn run(&self, dir: &Path, kernel: &Path, initrd: Option<&Path>, spec: &VmSpec) -> Result<()> {
+        crate::prepare_image(dir, kernel, initrd, spec)?;
+        let client = Self::start(dir)?;
+        boot(&client, &Self::config(dir, spec))
+    }
+
+    fn snapshot(&self, dir: &Path) -> Result<Duration> {
+        let started = Instant::now();
+        snapshot_into(&ChClient::new(api_socket(dir)), &image_dir(dir))?;
+        Ok(started.elapsed())
+    }
+
+    fn restore(&self, dir: &Path, image: &Path, paused: bool) -> Result<Duration> {
+        std::fs::create_dir_all(dir).map_err(VmError::io(format!("create {}", dir.display())))?;
+        let started = Instant::now();
+        let client = Self::start(dir)?;
+        restore_from(&client, image, paused)?;
+        Ok(started.elapsed())
+    }
+
+    fn resume(&self, dir: &Path) -> Result<()> {
+        ChClient::new(api_socket(dir)).resume()
+    }
+
+    fn quit(&self, dir: &Path) -> Result<()> {
+        let pid = crate::process_runs(&pid_file(dir), "cloud-hypervisor");
+        ChClient::new(api_socket(dir)).shutdown_vmm()?;
+        if let Some(pid) = pid {
+            crate::wait_gone(pid, START_TIMEOUT);
+        }
+        Ok(())
+    }
+
+    fn status(&self, dir: &Path) -> Result<Status> {
+        if crate::process_runs(&pid_file(dir), "cloud-hypervisor").is_none() {
+            return Ok(Status::Gone);
+        }
+        let info = ChClient::new(api_socket(dir)).info()?;
+        let state = info["state"].as_str().unwrap_or("unknown");
+        Ok(Status::Up(state.to_ascii_lowercase()))
+    }
+
+    fn control_socket(&self, dir: &Path) -> PathBuf {
+        api_socket(dir)
+    }
+}
 
 /// A client of one Cloud Hypervisor process.
 #[derive(Debug, Clone)]
@@ -152,6 +308,11 @@ impl ChClient {
 
     pub fn resume(&self) -> Result<()> {
         self.call("PUT", "vm.resume", None).map(drop)
+    }
+
+    /// Ends the VM and the process (`vmm.shutdown`).
+    pub fn shutdown_vmm(&self) -> Result<()> {
+        self.call("PUT", "vmm.shutdown", None).map(drop)
     }
 
     pub fn info(&self) -> Result<Value> {

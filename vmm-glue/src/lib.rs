@@ -25,8 +25,10 @@
 //! read-only-opened mapping of the file on restore). [`qmp`] is the monitor
 //! client. [`cloud_hypervisor`] is the client of Cloud Hypervisor's REST
 //! API, whose `OnDemand` restore reads each faulting page from the
-//! snapshot's memory file, here on a thaw mount. [`pool`] keeps restored,
-//! paused VMs ready and hands them out running.
+//! snapshot's memory file, here on a thaw mount; [`CloudHypervisor`] drives
+//! one Cloud Hypervisor process per VM directory with it. Both are a [`Vmm`],
+//! and a VM directory's `vm.json` says which one it runs ([`vmm_of`]).
+//! [`pool`] keeps restored, paused QEMU VMs ready and hands them out running.
 
 pub mod cloud_hypervisor;
 pub mod pool;
@@ -34,7 +36,135 @@ pub mod qemu;
 pub mod qmp;
 mod spec;
 
+pub use cloud_hypervisor::CloudHypervisor;
+pub use qemu::Qemu;
 pub use spec::{VmSpec, SPEC_FILE};
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// What `thaw vm` asks of a VMM. A VM directory holds the image-to-be in
+/// `image/` (kernel, initrd, `vm.json`, the VMM's memory and state once
+/// snapshotted), the VMM's API socket, the serial console socket
+/// (`console.sock`) and the VMM's pid file.
+pub trait Vmm {
+    /// Boots a VM in `dir` from `kernel` (and `initrd`) with `spec`; returns
+    /// once the VMM runs in the background.
+    fn run(&self, dir: &Path, kernel: &Path, initrd: Option<&Path>, spec: &VmSpec) -> Result<()>;
+    /// Pauses the VM and writes its snapshot into `image/`; the VM stays
+    /// paused. Returns how long that took.
+    fn snapshot(&self, dir: &Path) -> Result<Duration>;
+    /// Starts a VM in `dir` from the snapshot at `image` (a thaw mount),
+    /// memory on demand, and continues it unless `paused`. Returns how long
+    /// the VMM's start and the restore took.
+    fn restore(&self, dir: &Path, image: &Path, paused: bool) -> Result<Duration>;
+    /// Continues a paused VM.
+    fn resume(&self, dir: &Path) -> Result<()>;
+    /// Ends the VM and waits for its VMM to exit.
+    fn quit(&self, dir: &Path) -> Result<()>;
+    /// What the VM is doing now.
+    fn status(&self, dir: &Path) -> Result<Status>;
+    /// The socket that drives the VMM (QMP, Cloud Hypervisor's API).
+    fn control_socket(&self, dir: &Path) -> PathBuf;
+}
+
+/// Whether the VMM runs for a VM directory, and as what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// The VMM runs; the VM's state as the VMM gives it (`running`,
+    /// `paused`...), lower case.
+    Up(String),
+    /// No VMM runs for this directory: it was never started, it was
+    /// stopped, or it died.
+    Gone,
+}
+
+/// The VMM named `name` in a `vm.json` (`qemu`, `cloud-hypervisor`).
+pub fn vmm_named(name: &str) -> Result<Box<dyn Vmm>> {
+    match name {
+        spec::QEMU => Ok(Box::new(Qemu)),
+        spec::CLOUD_HYPERVISOR => Ok(Box::new(CloudHypervisor)),
+        other => Err(VmError::Spec(format!(
+            "unknown VMM {other:?} (known: {}, {})",
+            spec::QEMU,
+            spec::CLOUD_HYPERVISOR
+        ))),
+    }
+}
+
+/// The VMM of the VM in `dir`, from `dir/image/vm.json`.
+pub fn vmm_of(dir: &Path) -> Result<Box<dyn Vmm>> {
+    vmm_named(&VmSpec::read(&image_dir(dir))?.vmm)
+}
+
+/// Where a VM directory keeps its image.
+pub fn image_dir(dir: &Path) -> PathBuf {
+    dir.join("image")
+}
+
+/// The VM's serial console, a unix socket.
+pub fn console_socket(dir: &Path) -> PathBuf {
+    dir.join("console.sock")
+}
+
+/// Copies `kernel` and `initrd` into `dir/image` and writes `spec` there:
+/// what a boot starts from and a snapshot carries.
+pub(crate) fn prepare_image(
+    dir: &Path,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    spec: &VmSpec,
+) -> Result<PathBuf> {
+    let image = image_dir(dir);
+    std::fs::create_dir_all(&image).map_err(VmError::io(format!("create {}", image.display())))?;
+    let copy = |from: &Path, name: &str| {
+        std::fs::copy(from, image.join(name))
+            .map(|_| ())
+            .map_err(VmError::io(format!("copy {}", from.display())))
+    };
+    copy(kernel, "kernel")?;
+    if let Some(initrd) = initrd {
+        copy(initrd, "initrd")?;
+    }
+    spec.write(&image)?;
+    Ok(image)
+}
+
+/// Whether the process in the pid file `pid_file` runs and is `what`
+/// (a name in its command line): a dead VMM may leave its pid file, and
+/// its pid may be reused.
+pub(crate) fn process_runs(pid_file: &Path, what: &str) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // A zombie (a VMM started by this process that died) does not run.
+    let zombie = stat
+        .rsplit(')')
+        .next()
+        .is_some_and(|s| s.trim_start().starts_with('Z'));
+    (String::from_utf8_lossy(&cmdline).contains(what) && !zombie).then_some(pid)
+}
+
+/// Waits up to `limit` for the process `pid` to be gone.
+pub(crate) fn wait_gone(pid: u32, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    while proc.exists() && std::time::Instant::now() < deadline {
+        let stat = std::fs::read_to_string(proc.join("stat")).unwrap_or_default();
+        if stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'))
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 /// Errors of the VM glue.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +183,8 @@ pub enum VmError {
     Spec(String),
     #[error("QEMU {0}")]
     Qemu(String),
+    #[error("{0}")]
+    Vmm(String),
     #[error("Cloud Hypervisor refused {action} ({status}): {message}")]
     Api {
         action: String,

@@ -19,7 +19,8 @@
 //! virtio-fs device.
 
 use crate::qmp::Qmp;
-use crate::{Result, VmError, VmSpec};
+pub use crate::{console_socket, image_dir};
+use crate::{Result, Status, VmError, VmSpec, Vmm};
 use serde_json::json;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -29,17 +30,45 @@ use std::time::{Duration, Instant};
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Where a VM directory keeps the image and the sockets.
-pub fn image_dir(dir: &Path) -> PathBuf {
-    dir.join("image")
-}
-
 pub fn qmp_socket(dir: &Path) -> PathBuf {
     dir.join("qmp.sock")
 }
 
-pub fn console_socket(dir: &Path) -> PathBuf {
-    dir.join("console.sock")
+fn pid_file(dir: &Path) -> PathBuf {
+    dir.join("qemu.pid")
+}
+
+/// QEMU as a [`Vmm`]: the functions of this module.
+pub struct Qemu;
+
+impl Vmm for Qemu {
+    fn run(&self, dir: &Path, kernel: &Path, initrd: Option<&Path>, spec: &VmSpec) -> Result<()> {
+        run(dir, kernel, initrd, spec)
+    }
+
+    fn snapshot(&self, dir: &Path) -> Result<Duration> {
+        snapshot(dir)
+    }
+
+    fn restore(&self, dir: &Path, image: &Path, paused: bool) -> Result<Duration> {
+        restore(dir, image, paused)
+    }
+
+    fn resume(&self, dir: &Path) -> Result<()> {
+        resume(dir)
+    }
+
+    fn quit(&self, dir: &Path) -> Result<()> {
+        quit(dir)
+    }
+
+    fn status(&self, dir: &Path) -> Result<Status> {
+        status(dir)
+    }
+
+    fn control_socket(&self, dir: &Path) -> PathBuf {
+        qmp_socket(dir)
+    }
 }
 
 /// The QEMU binary: `$THAW_QEMU`, or `qemu-system-x86_64` on the path.
@@ -101,7 +130,7 @@ fn args(spec: &VmSpec, image: &Path, dir: &Path, memory: Memory) -> Vec<String> 
         spec.append.clone(),
         "-daemonize".into(),
         "-pidfile".into(),
-        dir.join("qemu.pid").display().to_string(),
+        pid_file(dir).display().to_string(),
     ];
     if spec.initrd {
         a.push("-initrd".into());
@@ -148,18 +177,7 @@ pub fn connect(dir: &Path) -> Result<Qmp> {
 /// Boots a VM in `dir` from `kernel` (and `initrd`) with `spec`; returns
 /// once QEMU runs in the background.
 pub fn run(dir: &Path, kernel: &Path, initrd: Option<&Path>, spec: &VmSpec) -> Result<()> {
-    let image = image_dir(dir);
-    std::fs::create_dir_all(&image).map_err(VmError::io(format!("create {}", image.display())))?;
-    let copy = |from: &Path, name: &str| {
-        std::fs::copy(from, image.join(name))
-            .map(|_| ())
-            .map_err(VmError::io(format!("copy {}", from.display())))
-    };
-    copy(kernel, "kernel")?;
-    if let Some(initrd) = initrd {
-        copy(initrd, "initrd")?;
-    }
-    spec.write(&image)?;
+    let image = crate::prepare_image(dir, kernel, initrd, spec)?;
     let _ = std::fs::remove_file(image.join("state"));
     start(&args(spec, &image, dir, Memory::Shared), dir)?;
     Ok(())
@@ -186,35 +204,17 @@ pub fn resume(dir: &Path) -> Result<()> {
 
 /// Ends the VM and waits for QEMU to exit (so its files are closed).
 pub fn quit(dir: &Path) -> Result<()> {
-    let pid = std::fs::read_to_string(dir.join("qemu.pid")).unwrap_or_default();
+    let pid = crate::process_runs(&pid_file(dir), "qemu");
     connect(dir)?.execute("quit", json!({}))?;
-    let proc = PathBuf::from(format!("/proc/{}", pid.trim()));
-    let deadline = Instant::now() + SOCKET_TIMEOUT;
-    while !pid.trim().is_empty() && proc.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    if let Some(pid) = pid {
+        crate::wait_gone(pid, SOCKET_TIMEOUT);
     }
     Ok(())
 }
 
-/// Whether QEMU runs for the VM in `dir`, and as what.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Status {
-    /// QEMU runs; its run state as the monitor gives it (`running`,
-    /// `paused`, `inmigrate`, `internal-error`...).
-    Up(String),
-    /// No QEMU runs for this directory: it was never started, it was
-    /// stopped, or it died.
-    Gone,
-}
-
 /// What the VM in `dir` is doing now.
 pub fn status(dir: &Path) -> Result<Status> {
-    let pid = std::fs::read_to_string(dir.join("qemu.pid")).unwrap_or_default();
-    let pid = pid.trim();
-    // A dead QEMU leaves its pid file; a live one is a QEMU process.
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let qemu = String::from_utf8_lossy(&cmdline).contains("qemu");
-    if pid.is_empty() || !qemu {
+    if crate::process_runs(&pid_file(dir), "qemu").is_none() {
         return Ok(Status::Gone);
     }
     let info = connect(dir)?.execute("query-status", json!({}))?;

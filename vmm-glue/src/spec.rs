@@ -8,13 +8,17 @@ use std::path::Path;
 /// The file name of the spec in a VM's image directory.
 pub const SPEC_FILE: &str = "vm.json";
 const SPEC_VERSION: u32 = 1;
+/// The names of the VMMs a spec may give.
+pub(crate) const QEMU: &str = "qemu";
+pub(crate) const CLOUD_HYPERVISOR: &str = "cloud-hypervisor";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     pub version: u32,
-    /// `qemu`.
+    /// `qemu` or `cloud-hypervisor`.
     pub vmm: String,
     /// QEMU's accelerator (`kvm`, `tcg`); a restore must use the same.
+    /// Cloud Hypervisor always uses KVM.
     pub accel: String,
     pub memory_mib: u32,
     pub cpus: u32,
@@ -28,7 +32,7 @@ impl VmSpec {
     pub fn qemu(accel: &str, memory_mib: u32, cpus: u32, append: &str, initrd: bool) -> VmSpec {
         VmSpec {
             version: SPEC_VERSION,
-            vmm: "qemu".into(),
+            vmm: QEMU.into(),
             accel: accel.into(),
             memory_mib,
             cpus,
@@ -55,10 +59,17 @@ impl VmSpec {
                 spec.version
             )));
         }
-        if spec.vmm != "qemu" {
+        if spec.vmm != QEMU && spec.vmm != CLOUD_HYPERVISOR {
             return Err(VmError::Spec(format!("unknown VMM {:?}", spec.vmm)));
         }
         Ok(spec)
+    }
+
+    /// The same VM run by Cloud Hypervisor (KVM).
+    pub fn for_cloud_hypervisor(mut self) -> VmSpec {
+        self.vmm = CLOUD_HYPERVISOR.into();
+        self.accel = "kvm".into();
+        self
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {

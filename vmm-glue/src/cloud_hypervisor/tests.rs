@@ -156,3 +156,43 @@ fn vhost_user_devices_keep_the_restore_on_copy() {
     write(json!({ "net": [{ "vhost_user": true }] }));
     assert_eq!(restore_mode(dir.path()).unwrap(), RestoreMode::Copy);
 }
+
+#[test]
+fn a_vm_directory_boots_snapshots_into_its_image_and_restores_on_demand() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = dir.path().join("vm");
+    let spec = VmSpec::qemu("tcg", 256, 1, "console=ttyS0", true).for_cloud_hypervisor();
+    let image = image_dir(&vm);
+    std::fs::create_dir_all(&image).unwrap();
+    // What Cloud Hypervisor's snapshot writes, without a vhost-user device.
+    std::fs::write(image.join("config.json"), r#"{"memory":{"shared":true}}"#).unwrap();
+    let (socket, seen) = fake_ch(dir.path(), vec![(204, ""); 5]);
+    let ch = ChClient::new(&socket);
+    boot(&ch, &CloudHypervisor::config(&vm, &spec)).unwrap();
+    snapshot_into(&ch, &image).unwrap();
+    restore_from(&ch, &image, true).unwrap();
+    let seen = seen.lock().unwrap();
+    let calls: Vec<&str> = seen.iter().map(|(_, p, _)| p.as_str()).collect();
+    assert_eq!(
+        calls,
+        [
+            "/api/v1/vm.create",
+            "/api/v1/vm.boot",
+            "/api/v1/vm.pause",
+            "/api/v1/vm.snapshot",
+            "/api/v1/vm.restore",
+        ]
+    );
+    let create = &seen[0].2;
+    assert_eq!(create["payload"]["kernel"], json!(image.join("kernel")));
+    assert_eq!(create["payload"]["initramfs"], json!(image.join("initrd")));
+    assert_eq!(create["memory"]["size"], 256u64 << 20);
+    assert_eq!(create["serial"]["socket"], json!(vm.join("console.sock")));
+    let url = format!("file://{}", image.display());
+    assert_eq!(seen[3].2["destination_url"], json!(url));
+    assert_eq!(
+        seen[4].2,
+        json!({ "source_url": url, "memory_restore_mode": "OnDemand", "resume": false }),
+        "a paused restore, memory on demand"
+    );
+}
