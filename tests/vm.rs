@@ -81,10 +81,35 @@ fn chunks(said: &str) -> (u64, u64) {
     (new, all)
 }
 
+/// How a test's VMs run.
+#[derive(Clone, Copy)]
+enum Vmm {
+    /// QEMU under software emulation: runs anywhere.
+    Qemu,
+    /// Cloud Hypervisor: needs its binary and a KVM that runs guests.
+    CloudHypervisor,
+}
+
+impl Vmm {
+    fn run_args(self) -> &'static [&'static str] {
+        match self {
+            Vmm::Qemu => &["--accel", "tcg"],
+            Vmm::CloudHypervisor => &["--vmm", "cloud-hypervisor"],
+        }
+    }
+}
+
 /// Boots the template and snapshots it into `vm:v1` after one `count`;
 /// then resumes it, counts once more and snapshots `vm:v2`, which must
-/// share at least 90% of its chunks with `vm:v1`.
-fn snapshot(kit: &GuestKit, tmp: &Path, server: &Server) -> Template {
+/// share at least 90% of its chunks with `vm:v1`. `None` if the guest says
+/// nothing within `first_words` (a VMM that cannot run guests here).
+fn snapshot(
+    kit: &GuestKit,
+    tmp: &Path,
+    server: &Server,
+    vmm: Vmm,
+    first_words: Duration,
+) -> Option<Template> {
     let initrd = tmp.join("initrd");
     let cpio = Initramfs::for_guest(kit, &GuestConfig::new(SCRIPT))
         .unwrap()
@@ -93,25 +118,31 @@ fn snapshot(kit: &GuestKit, tmp: &Path, server: &Server) -> Template {
     let reference = server.reference("vm:v1");
     let template = tmp.join("template");
     let t = template.to_str().unwrap();
-    thaw_ok(&[
-        "vm",
-        "run",
-        t,
-        "--kernel",
-        kit.kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--memory",
-        &format!("{MEMORY_MIB}M"),
-        "--accel",
-        "tcg",
-        "--append",
-        "console=ttyS0 quiet panic=-1",
-    ]);
+    thaw_ok(
+        &[
+            "vm",
+            "run",
+            t,
+            "--kernel",
+            kit.kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            &format!("{MEMORY_MIB}M"),
+            "--append",
+            "console=ttyS0 quiet panic=-1",
+        ]
+        .into_iter()
+        .chain(vmm.run_args().iter().copied())
+        .collect::<Vec<_>>(),
+    );
     let _running = Vm(&template);
     let mut c = console(&template);
     c.write_line("hello").unwrap();
-    let secret = line(&mut c, "ready ")["ready ".len()..].to_string();
+    let secret = match c.wait_line(first_words, |l| l.starts_with("ready ")) {
+        Waited::Line(_, l) => l["ready ".len()..].to_string(),
+        _ => return None,
+    };
     assert_eq!(ask(&mut c, "count"), "count 1");
     let hash = ask(&mut c, "hash");
     let first = thaw_ok(&["vm", "snapshot", t, "--push", &reference, "--resume"]);
@@ -125,11 +156,11 @@ fn snapshot(kit: &GuestKit, tmp: &Path, server: &Server) -> Template {
         "a second snapshot after a small change stored {new} new chunks of {all}"
     );
     assert!(chunks(&first).1 > 0);
-    Template {
+    Some(Template {
         reference,
         secret,
         hash,
-    }
+    })
 }
 
 #[test]
@@ -137,46 +168,14 @@ fn a_snapshot_restores_lazily_from_a_thaw_mount() {
     let kit = require_guest!();
     let tmp = tempfile::tempdir().unwrap();
     let mut server = Server::start(&tmp.path().join("store"));
-    let tpl = snapshot(&kit, tmp.path(), &server);
+    let tpl =
+        snapshot(&kit, tmp.path(), &server, Vmm::Qemu, WAIT).expect("the agent's first words");
     let reference = tpl.reference.clone();
     // A new server process over the same store, and an empty cache.
     server.restart();
-
     let restored = tmp.path().join("restored");
-    let r = restored.to_str().unwrap();
-    let cache = tmp.path().join("cache");
-    let said = thaw_ok(&[
-        "vm",
-        "restore",
-        &reference,
-        r,
-        "--cache-dir",
-        cache.to_str().unwrap(),
-    ]);
-    eprintln!("{said}");
     let _vm = Vm(&restored);
-    let mut c = console(&restored);
-    // The counter goes on from the snapshot; memory is the template's.
-    assert_eq!(ask(&mut c, "count"), "count 2");
-    assert_eq!(ask(&mut c, "secret"), format!("secret {}", tpl.secret));
-    assert_eq!(ask(&mut c, "hash"), tpl.hash);
-
-    // The memory came on demand: a fraction of it was fetched.
-    let stats = thaw_json(&["stats", restored.join("image").to_str().unwrap()]);
-    let fetched = stats["chunk_bytes_fetched"].as_u64().unwrap();
-    let memory = MEMORY_MIB << 20;
-    eprintln!(
-        "fetched {} MiB in {} chunks of {} MiB of memory",
-        fetched >> 20,
-        stats["chunks_fetched"],
-        MEMORY_MIB
-    );
-    assert!(fetched > 0, "{stats}");
-    assert!(
-        fetched < memory / 2,
-        "restore fetched {fetched} bytes: {stats}"
-    );
-    assert_eq!(stats["digest_mismatches"].as_u64(), Some(0));
+    restore_and_check(tmp.path(), &tpl, &restored);
 
     // A dead server: a restore with an empty cache fails at once, saying so.
     server.kill();
@@ -218,6 +217,77 @@ fn a_snapshot_restores_lazily_from_a_thaw_mount() {
         started.elapsed()
     );
     assert!(why.contains("is not on the server"), "{why}");
+}
+
+/// Restores the template into `restored` with an empty cache and checks
+/// that the guest goes on where it was, on the template's memory, fetched
+/// on demand: a fraction of it.
+fn restore_and_check(tmp: &Path, tpl: &Template, restored: &Path) {
+    let cache = tmp.join("cache");
+    let said = thaw_ok(&[
+        "vm",
+        "restore",
+        &tpl.reference,
+        restored.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    eprintln!("{said}");
+    let mut c = console(restored);
+    // The counter goes on from the snapshot; memory is the template's.
+    assert_eq!(ask(&mut c, "count"), "count 2");
+    assert_eq!(ask(&mut c, "secret"), format!("secret {}", tpl.secret));
+    assert_eq!(ask(&mut c, "hash"), tpl.hash);
+
+    let stats = thaw_json(&["stats", restored.join("image").to_str().unwrap()]);
+    let fetched = stats["chunk_bytes_fetched"].as_u64().unwrap();
+    let memory = MEMORY_MIB << 20;
+    eprintln!(
+        "fetched {} MiB in {} chunks of {} MiB of memory",
+        fetched >> 20,
+        stats["chunks_fetched"],
+        MEMORY_MIB
+    );
+    assert!(fetched > 0, "{stats}");
+    assert!(
+        fetched < memory / 2,
+        "restore fetched {fetched} bytes: {stats}"
+    );
+    assert_eq!(stats["digest_mismatches"].as_u64(), Some(0));
+}
+
+/// The same life under Cloud Hypervisor, where its binary
+/// (`$THAW_CLOUD_HYPERVISOR` or `cloud-hypervisor` on the path) and a KVM
+/// that runs guests exist; elsewhere it says loudly that it skips.
+#[test]
+fn a_cloud_hypervisor_snapshot_restores_lazily_from_a_thaw_mount() {
+    let test = "vm::a_cloud_hypervisor_snapshot_restores_lazily_from_a_thaw_mount";
+    let binary = thaw_vmm::cloud_hypervisor::binary();
+    let found = std::process::Command::new(&binary)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        let why = format!("no Cloud Hypervisor binary ({})", binary.display());
+        thaw_testkit::guest::skip(test, &why);
+        return;
+    }
+    let kit = require_guest!();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&tmp.path().join("store"));
+    let first_words = Duration::from_secs(30);
+    let vmm = Vmm::CloudHypervisor;
+    let Some(tpl) = snapshot(&kit, tmp.path(), &server, vmm, first_words) else {
+        let why = format!(
+            "Cloud Hypervisor booted, but its guest said nothing within {first_words:?}: this KVM cannot run guests"
+        );
+        thaw_testkit::guest::skip(test, &why);
+        return;
+    };
+    server.restart();
+    let restored = tmp.path().join("restored");
+    let _vm = Vm(&restored);
+    restore_and_check(tmp.path(), &tpl, &restored);
 }
 
 /// `thaw vm restore REF TMP/NAME` with an empty cache of its own.
@@ -279,7 +349,8 @@ fn a_pool_hands_out_running_vms() {
     let kit = require_guest!();
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(&tmp.path().join("store"));
-    let tpl = snapshot(&kit, tmp.path(), &server);
+    let tpl =
+        snapshot(&kit, tmp.path(), &server, Vmm::Qemu, WAIT).expect("the agent's first words");
     let reference = tpl.reference.clone();
     let dir = tmp.path().join("pool");
     let cache = tmp.path().join("cache");

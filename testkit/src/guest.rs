@@ -144,6 +144,11 @@ pub fn skip_or_fail(here: &str, why: &str) {
     if std::env::var_os("THAW_REQUIRE_GUEST").is_some_and(|v| v != "0") {
         panic!("{test}: THAW_REQUIRE_GUEST is set but {why}");
     }
+    skip(test, why);
+}
+
+/// Says loudly that `test` skips, and why.
+pub fn skip(test: &str, why: &str) {
     // Straight to stderr: the test harness captures `eprintln!` of a test that
     // passes, and a skip must be seen.
     let _ = writeln!(std::io::stderr(), "\nSKIP: {test}: {why}\n");
