@@ -165,6 +165,7 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
     let flags = MountFlags {
         readahead: Some(0),
         kernel_readahead: Some(128 << 10),
+        ..MountFlags::default()
     };
     for kib in [256u32, 512, 1024, 2048] {
         let server = EmbeddedServer::start(&rt, &work.join(format!("store{kib}")))?;

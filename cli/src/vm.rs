@@ -144,6 +144,7 @@ fn snapshot(a: SnapshotArgs) -> Result<()> {
         level: 3,
         concurrency: 16,
         progress: false,
+        ..PushOptions::default()
     };
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt
