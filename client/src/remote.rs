@@ -639,6 +639,30 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_hangs_is_left_after_the_request_timeout() {
+        let live = crate::testing::TestServer::start().await;
+        let (r, direct) = live.image("slow:v1");
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("a"), b"behind a hung server").unwrap();
+        let pushed = crate::push::push(src.path(), &r, &direct, &Default::default())
+            .await
+            .unwrap();
+        // Takes connections and never answers.
+        let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut remote = Remote::new(&format!("http://{}", hung.local_addr().unwrap()), None)
+            .unwrap()
+            .with_servers(&[live.addr.to_string()])
+            .unwrap();
+        remote.retry.attempts = 1;
+        remote.request_timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        assert_eq!(remote.resolve(&r).await.unwrap(), pushed.manifest);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(remote.failovers(), 1);
+        drop(hung);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_not_found_is_an_answer_and_does_not_fail_over() {
         let first = crate::testing::TestServer::start().await;
         let second = crate::testing::TestServer::start().await;
