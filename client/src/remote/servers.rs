@@ -30,7 +30,7 @@ pub fn fails_over(e: &ClientError) -> bool {
 
 /// The servers of one remote, shared by its clones.
 #[derive(Debug)]
-pub struct Servers {
+pub(crate) struct Servers {
     /// Base URLs, without a trailing slash, in the order given.
     bases: Vec<String>,
     in_use: AtomicUsize,
@@ -115,7 +115,7 @@ impl Servers {
 
 /// The base URL of `--server` `s`: `HOST:PORT` takes `scheme`, the
 /// reference's; `http://HOST:PORT` and `https://HOST:PORT` are kept.
-pub fn server_url(s: &str, scheme: &str) -> Result<String> {
+pub(crate) fn server_url(s: &str, scheme: &str) -> Result<String> {
     let bad = || ClientError::BadServer(s.to_owned());
     let (scheme, host) = match s.split_once("://") {
         Some((scheme @ ("http" | "https"), host)) => (scheme, host),
