@@ -33,7 +33,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use thaw_format::Manifest;
 use thaw_testkit::tree::write;
-use thaw_testkit::{assert_same_tree, noise, thaw, thaw_bin, thaw_json, PythonEnv, Rng, Server};
+use thaw_testkit::{
+    assert_same_tree, finish_within, noise, thaw, thaw_bin, thaw_json, PythonEnv, Rng, Server,
+};
 
 const MIB: usize = 1 << 20;
 /// Rounds when `THAW_CRASH_RUNS` is not set: enough to see every kind of
@@ -439,19 +441,6 @@ fn spawn_push(dir: &Path, reference: &str) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn thaw push")
-}
-
-/// Waits for `child` at most `limit`; kills it and fails if it takes longer.
-fn finish_within(mut child: Child, limit: Duration, what: &str) -> Output {
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("{what} still running after {limit:?}: it hangs");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().unwrap()
 }
 
 /// Success, or the error a finished push printed.

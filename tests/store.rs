@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use thaw_testkit::tree::{chmod, is_root, mknod, set_mtime_ns, set_xattr, write};
-use thaw_testkit::{assert_same_tree, noise, thaw, thaw_bin, thaw_json, Server};
+use thaw_testkit::{
+    assert_same_tree, finish_within, noise, thaw, thaw_bin, thaw_json, thaw_within, Server,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -381,30 +383,6 @@ fn spawn_push(dir: &Path, reference: &str, extra: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn thaw push")
-}
-
-/// Waits for `child` at most `limit`; kills it and fails if it takes longer.
-fn finish_within(mut child: Child, limit: Duration, what: &str) -> Output {
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("{what} still running after {limit:?}: it hangs");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().unwrap()
-}
-
-/// Runs `thaw ARGS`, failing the test if it runs longer than `limit`.
-fn thaw_within(args: &[&str], limit: Duration) -> Output {
-    let child = Command::new(thaw_bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    finish_within(child, limit, &format!("thaw {args:?}"))
 }
 
 fn parse_json(out: &Output) -> Value {

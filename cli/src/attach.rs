@@ -263,6 +263,7 @@ pub fn stats(a: StatsArgs) -> Result<()> {
     }
     println!("image       {}  ({})", s.image, s.manifest);
     println!("attached    {} at {}", s.transport, s.attached_at);
+    println!("server      {} ({} failovers)", s.server, s.failovers);
     println!("reads       {} ({})", s.reads, human(s.read_bytes));
     println!(
         "fetched     {} chunks, {} of {} image bytes ({:.1}%), {} by readahead",

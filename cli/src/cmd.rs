@@ -64,12 +64,19 @@ pub struct AccessArgs {
     /// PEM bundle of the certificate authorities to trust for an https:// server.
     #[arg(long, global = true)]
     ca_file: Option<PathBuf>,
+    /// Another chunk server over the same store, tried after the reference's
+    /// own when a request fails (connection error, timeout, 5xx); repeat it
+    /// for more, tried in order. It takes the reference's scheme unless it
+    /// names one (https://HOST:PORT), and the same token and CAs.
+    #[arg(long = "server", value_name = "HOST:PORT", global = true)]
+    servers: Vec<String>,
 }
 
 /// What [`AccessArgs`] name, read before anything starts.
 pub(crate) struct Access {
     token: Option<String>,
     ca_pem: Option<Vec<u8>>,
+    servers: Vec<String>,
 }
 
 impl AccessArgs {
@@ -83,6 +90,7 @@ impl AccessArgs {
         Ok(Access {
             token: read_token(self.token_file.as_deref())?,
             ca_pem,
+            servers: self.servers.clone(),
         })
     }
 }
@@ -96,12 +104,15 @@ impl AccessArgs {
         if let Some(c) = &self.ca_file {
             cmd.arg("--ca-file").arg(c);
         }
+        for s in &self.servers {
+            cmd.arg("--server").arg(s);
+        }
     }
 }
 
 impl Access {
     pub(crate) fn remote(self, r: &ImageRef) -> Result<Remote> {
-        let remote = Remote::for_ref(r, self.token)?;
+        let remote = Remote::for_ref(r, self.token)?.with_servers(&self.servers)?;
         Ok(match self.ca_pem {
             Some(pem) => remote.with_ca_pem(&pem)?,
             None => remote,

@@ -16,6 +16,8 @@ pub enum ClientError {
     TagRequired(String),
     #[error("push stopped: an upload failed")]
     Aborted,
+    #[error("invalid --server {0:?}: expected [http[s]://]HOST:PORT")]
+    BadServer(String),
     #[error("cannot reach the chunk server at {url}: is `thaw serve` running?")]
     Unreachable { url: String, source: reqwest::Error },
     #[error("cannot use the CA bundle: is it PEM?")]
@@ -51,6 +53,12 @@ pub enum ClientError {
     Manifest(#[from] ManifestError),
     #[error("bad profile")]
     Profile(#[from] ProfileError),
+    #[error("none of the {} chunk servers answered ({})", servers.len(), servers.join(", "))]
+    NoServerAnswered {
+        servers: Vec<String>,
+        /// What the last server tried said.
+        source: Box<ClientError>,
+    },
     #[error("gave up on {what} after {attempts} attempts")]
     GaveUp {
         what: String,
@@ -67,11 +75,14 @@ impl ClientError {
         }
     }
 
-    /// Whether trying again may help (network trouble, server errors).
+    /// Whether trying again, or another server, may help (network trouble,
+    /// timeouts, server errors, a busy server).
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Unreachable { .. } => true,
-            ClientError::Status { status, .. } => *status >= 500 || *status == 429,
+            ClientError::Unreachable { .. } | ClientError::NoServerAnswered { .. } => true,
+            ClientError::Status { status, .. } => {
+                *status >= 500 || *status == 408 || *status == 429
+            }
             _ => false,
         }
     }

@@ -131,7 +131,7 @@ pub struct Image {
     /// The reference it was opened by.
     pub reference: String,
     pub manifest: Digest,
-    /// The chunk server it was opened from.
+    /// The chunk servers it is served from.
     remote: Remote,
 }
 
@@ -146,6 +146,8 @@ impl Image {
             attached_at: attached_at.to_owned(),
             image_bytes: m.logical_bytes(),
             image_chunks: m.chunks.len() as u64,
+            server: self.remote.base().to_owned(),
+            failovers: self.remote.failovers(),
             ..self.fs.stats.report()
         }
     }
@@ -168,10 +170,13 @@ impl Image {
 /// cache by digest, so reopening only resolves the tag (and an image named by
 /// digest needs no network at all).
 pub async fn open(r: &ImageRef, mut remote: Remote, opts: &ImageOptions) -> Result<Image> {
-    // The manifest is fetched under the same deadline as chunks.
+    // The manifest is fetched under the same deadline as chunks. Each
+    // server gets an equal share of it, so a server that hangs leaves time
+    // for the next before a read fails.
     remote.retry.deadline = opts.fetch_timeout;
     remote.retry.attempts = u32::MAX;
-    remote.request_timeout = opts.fetch_timeout.max(Duration::from_millis(100));
+    let share = opts.fetch_timeout / remote.servers().len() as u32;
+    remote.request_timeout = share.max(Duration::from_millis(100));
     let started = Instant::now();
     let digest = remote.resolve(r).await?;
     let disk = opts.disk_cache()?;

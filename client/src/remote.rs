@@ -1,17 +1,24 @@
 //! HTTP client for the chunk server API (`docs/api.md`).
 //!
 //! One `reqwest::Client` per [`Remote`] keeps HTTP/1.1 keep-alive connections
-//! pooled, so concurrent fetches reuse warm connections. Transient failures
-//! (connection refused, 5xx) are retried with exponential backoff until the
-//! [`RetryPolicy`]'s deadline; client errors (4xx) are returned at once.
+//! pooled, so concurrent fetches reuse warm connections. A remote may know
+//! several servers over one store ([`servers`]): each attempt tries them in
+//! turn, from the one in use, until one answers. Transient failures
+//! (connection refused, timeouts, 5xx) move on to the next server, and once
+//! every server has failed they are retried with exponential backoff until
+//! the [`RetryPolicy`]'s deadline; client errors (4xx) are returned at once.
 //! Every response body is read with a cap that follows from what it can hold
 //! (a frame, a manifest, a batch of known chunks), so a broken or hostile
 //! server cannot grow a client without bound.
 
+pub mod servers;
+
 use crate::error::{ClientError, Result};
 use crate::reference::{ImageRef, Selector};
 use bytes::Bytes;
+use servers::Servers;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thaw_format::wire::{
     self, BATCH_MAX_IDS, FRAME_MAX, MISSING_MAX_IDS, PROFILE_BODY_MAX, RECORD_HEADER_LEN,
@@ -45,14 +52,16 @@ pub struct FetchedManifest {
     pub bytes: Bytes,
 }
 
-/// A chunk server.
+/// A chunk server, or several over one store.
 #[derive(Debug, Clone)]
 pub struct Remote {
-    base: String,
+    /// Shared by clones, so all of them know which server answers.
+    servers: Arc<Servers>,
     token: Option<String>,
     http: reqwest::Client,
     pub retry: RetryPolicy,
-    /// Longest one request may take before it counts as failed (and is retried).
+    /// Longest one request to one server may take before it counts as failed
+    /// (and the next server is tried).
     pub request_timeout: Duration,
 }
 
@@ -65,6 +74,11 @@ pub const READ_BATCH: usize = BATCH_MAX_IDS;
 pub const MANIFEST_MAX: usize = 256 << 20;
 /// Largest tag answer (a digest and a newline, with room).
 const TAG_MAX: usize = wire::TAG_BODY_MAX;
+/// Largest answer to a `missing` query of `n` ids: each id as a quoted
+/// `blake3:<hex>` string and a comma, with room for the braces.
+const fn missing_answer_max(n: usize) -> usize {
+    n * 80 + 1024
+}
 
 fn http_client(ca_pem: Option<&[u8]>) -> reqwest::Result<reqwest::Client> {
     let mut b = reqwest::Client::builder()
@@ -79,14 +93,18 @@ fn http_client(ca_pem: Option<&[u8]>) -> reqwest::Result<reqwest::Client> {
     b.build()
 }
 
+fn unreachable(base: &str, source: reqwest::Error) -> ClientError {
+    ClientError::Unreachable {
+        url: base.to_owned(),
+        source,
+    }
+}
+
 impl Remote {
     pub fn new(base: &str, token: Option<String>) -> Result<Remote> {
-        let http = http_client(None).map_err(|e| ClientError::Unreachable {
-            url: base.to_owned(),
-            source: e,
-        })?;
+        let http = http_client(None).map_err(|source| unreachable(base, source))?;
         Ok(Remote {
-            base: base.trim_end_matches('/').to_owned(),
+            servers: Arc::new(Servers::new(vec![base.trim_end_matches('/').to_owned()])),
             token,
             http,
             retry: RetryPolicy::default(),
@@ -98,6 +116,23 @@ impl Remote {
         Remote::new(&r.server, token)
     }
 
+    /// Adds servers over the same store, tried in order after those known:
+    /// `HOST:PORT` (with the first server's scheme) or `http[s]://HOST:PORT`.
+    /// The token and the trusted CAs are the same for all.
+    pub fn with_servers(mut self, more: &[impl AsRef<str>]) -> Result<Remote> {
+        let first = self.servers.base(0);
+        let scheme = first.split_once("://").map_or("http", |(s, _)| s);
+        let mut bases = self.servers.bases().to_vec();
+        for s in more {
+            let url = servers::server_url(s.as_ref(), scheme)?;
+            if !bases.contains(&url) {
+                bases.push(url);
+            }
+        }
+        self.servers = Arc::new(Servers::new(bases));
+        Ok(self)
+    }
+
     /// Trusts the certificate authorities in `pem` (a PEM bundle) for
     /// `https://` servers, beside the usual web roots: for a server whose
     /// certificate a private CA signed.
@@ -107,21 +142,25 @@ impl Remote {
         Ok(self)
     }
 
-    fn unreachable(&self, source: reqwest::Error) -> ClientError {
-        ClientError::Unreachable {
-            url: self.base.clone(),
-            source,
-        }
-    }
-
+    /// The server requests start at now.
     pub fn base(&self) -> &str {
-        &self.base
+        self.servers.in_use()
     }
 
-    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    /// Every server, in the order given.
+    pub fn servers(&self) -> &[String] {
+        self.servers.bases()
+    }
+
+    /// How many times requests moved on to another server.
+    pub fn failovers(&self) -> u64 {
+        self.servers.failovers()
+    }
+
+    fn req(&self, base: &str, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let rb = self
             .http
-            .request(method, format!("{}{}", self.base, path))
+            .request(method, format!("{base}{path}"))
             .timeout(self.request_timeout);
         match &self.token {
             Some(t) => rb.bearer_auth(t),
@@ -129,15 +168,55 @@ impl Remote {
         }
     }
 
-    /// Sends a request built by `build`, retrying transient failures.
+    /// One attempt at `op`, on each server in turn from the one in use,
+    /// until one answers (see [`servers::fails_over`]). When all fail, the
+    /// error is the last server's (alone, with one server).
+    async fn on_any<'s, T, F, Fut>(&'s self, op: F) -> Result<T>
+    where
+        F: Fn(&'s str) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let servers = &*self.servers;
+        let order = servers.order(Instant::now());
+        let mut last = None;
+        for &i in &order {
+            match op(servers.base(i)).await {
+                Err(e) if servers::fails_over(&e) => {
+                    let first = servers.failed(i, Instant::now());
+                    if servers.count() > 1 && first {
+                        let e = crate::error::chain(&e);
+                        tracing::warn!(server = servers.base(i), "chunk server failed: {e}");
+                    }
+                    last = Some(e);
+                }
+                answer => {
+                    servers.answered(i, order[0]);
+                    return answer;
+                }
+            }
+        }
+        let e = last.expect("a remote has at least one server");
+        if servers.count() == 1 {
+            return Err(e);
+        }
+        Err(ClientError::NoServerAnswered {
+            servers: servers.bases().to_vec(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Sends a request built by `build` for a server's base URL, on any
+    /// server, retrying transient failures; for answers without a body.
     async fn send(
         &self,
         what: &str,
-        build: impl Fn() -> reqwest::RequestBuilder,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response> {
-        self.retrying(what, || async {
-            let resp = build().send().await.map_err(|e| self.unreachable(e))?;
-            check(resp, what).await
+        self.retrying(what, || {
+            self.on_any(|base| async {
+                let resp = build(base).send().await.map_err(|e| unreachable(base, e))?;
+                check(resp, what).await
+            })
         })
         .await
     }
@@ -184,10 +263,7 @@ impl Remote {
             Selector::Tag(tag) => {
                 let what = format!("tag {}:{}", r.name, tag);
                 let path = format!("/v1/tags/{}/{}", r.name, tag);
-                let resp = self
-                    .send(&what, || self.req(reqwest::Method::GET, &path))
-                    .await?;
-                let body = self.read_capped(resp, TAG_MAX, &what).await?;
+                let body = self.get_bytes(&what, &path, TAG_MAX).await?;
                 let text = String::from_utf8_lossy(&body);
                 text.trim().parse().map_err(|_| ClientError::BadResponse {
                     what,
@@ -223,40 +299,42 @@ impl Remote {
         self.retrying(what, || self.get_once(what, path, max)).await
     }
 
-    /// One GET, no retries, its body capped at `max` bytes.
+    /// One GET on each server until one answers, no retries, its body
+    /// capped at `max` bytes.
     async fn get_once(&self, what: &str, path: &str, max: usize) -> Result<Bytes> {
-        let resp = self
-            .req(reqwest::Method::GET, path)
-            .send()
+        self.read_once(what, max, |base| self.req(base, reqwest::Method::GET, path))
             .await
-            .map_err(|e| self.unreachable(e))?;
-        let resp = check(resp, what).await?;
-        self.read_capped(resp, max, what).await
     }
 
-    /// Reads a body of at most `max` bytes; a longer one is an error before
-    /// more than `max` bytes are held.
-    async fn read_capped(
+    /// One POST of `body` as JSON on each server until one answers, no
+    /// retries, the answer capped at `max` bytes.
+    async fn post_once(
         &self,
-        mut resp: reqwest::Response,
-        max: usize,
         what: &str,
+        path: &str,
+        body: &serde_json::Value,
+        max: usize,
     ) -> Result<Bytes> {
-        let too_long = |n: u64| ClientError::BadResponse {
-            what: what.to_owned(),
-            message: format!("a body of {n} bytes or more, above the {max}-byte limit"),
-        };
-        if let Some(n) = resp.content_length().filter(|&n| n > max as u64) {
-            return Err(too_long(n));
-        }
-        let mut body = bytes::BytesMut::new();
-        while let Some(piece) = resp.chunk().await.map_err(|e| self.unreachable(e))? {
-            if body.len() + piece.len() > max {
-                return Err(too_long((body.len() + piece.len()) as u64));
-            }
-            body.extend_from_slice(&piece);
-        }
-        Ok(body.freeze())
+        self.read_once(what, max, |base| {
+            self.req(base, reqwest::Method::POST, path).json(body)
+        })
+        .await
+    }
+
+    /// The request `build` makes for a server's base URL, on each server
+    /// until one answers, no retries, its body capped at `max` bytes.
+    async fn read_once(
+        &self,
+        what: &str,
+        max: usize,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<Bytes> {
+        self.on_any(|base| async {
+            let resp = build(base).send().await.map_err(|e| unreachable(base, e))?;
+            let resp = check(resp, what).await?;
+            read_capped(base, resp, max, what).await
+        })
+        .await
     }
 
     /// The frame of one chunk (not yet verified), retried under the policy.
@@ -269,8 +347,8 @@ impl Remote {
         .await
     }
 
-    /// The frame of one chunk (not yet verified), one attempt: for callers
-    /// that run their own retries and deadline.
+    /// The frame of one chunk (not yet verified), one attempt on each server:
+    /// for callers that run their own retries and deadline.
     pub async fn chunk_once(&self, id: &Digest) -> Result<Bytes> {
         self.get_once(
             &format!("chunk {id}"),
@@ -284,8 +362,8 @@ impl Remote {
     pub async fn chunk_stored_len(&self, id: &Digest) -> Result<u64> {
         let path = format!("/v1/chunks/{id}");
         let resp = self
-            .send(&format!("chunk {id}"), || {
-                self.req(reqwest::Method::HEAD, &path)
+            .send(&format!("chunk {id}"), |base| {
+                self.req(base, reqwest::Method::HEAD, &path)
             })
             .await?;
         Ok(resp
@@ -304,25 +382,19 @@ impl Remote {
             .await
     }
 
-    /// [`Remote::chunks`], one attempt: for callers that run their own
-    /// retries and deadline.
+    /// [`Remote::chunks`], one attempt on each server: for callers that run
+    /// their own retries and deadline.
     pub async fn chunks_once(
         &self,
         ids: &[Digest],
         frames_max: usize,
     ) -> Result<Vec<Option<Bytes>>> {
-        let what = format!("batch of {} chunks", ids.len());
+        let what = &format!("batch of {} chunks", ids.len());
         let max = frames_max.saturating_add(ids.len() * RECORD_HEADER_LEN);
-        let resp = self
-            .req(reqwest::Method::POST, "/v1/chunks/batch")
-            .json(&serde_json::json!({ "ids": ids }))
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let resp = check(resp, &what).await?;
-        let bytes = self.read_capped(resp, max, &what).await?;
+        let body = serde_json::json!({ "ids": ids });
+        let bytes = self.post_once(what, "/v1/chunks/batch", &body, max).await?;
         let records = wire::parse_batch(&bytes, ids).map_err(|e| ClientError::BadResponse {
-            what,
+            what: what.clone(),
             message: e.to_string(),
         })?;
         Ok(records
@@ -345,8 +417,9 @@ impl Remote {
     /// Uploads the profile of manifest `digest`, replacing any stored one.
     pub async fn put_profile(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
         let path = format!("/v1/profiles/{digest}");
-        self.send(&format!("upload of the profile of {digest}"), || {
-            self.req(reqwest::Method::PUT, &path).body(bytes.clone())
+        self.send(&format!("upload of the profile of {digest}"), |base| {
+            self.req(base, reqwest::Method::PUT, &path)
+                .body(bytes.clone())
         })
         .await?;
         Ok(())
@@ -354,20 +427,25 @@ impl Remote {
 
     /// The ids among `ids` that the server does not store.
     pub async fn missing(&self, ids: &[Digest]) -> Result<Vec<Digest>> {
+        #[derive(serde::Deserialize)]
+        struct Missing {
+            missing: Vec<Digest>,
+        }
+        let what = "missing-chunk query";
         let mut out = Vec::new();
         for batch in ids.chunks(MISSING_BATCH) {
             let body = serde_json::json!({ "ids": batch });
-            let resp = self
-                .send("missing-chunk query", || {
-                    self.req(reqwest::Method::POST, "/v1/chunks/missing")
-                        .json(&body)
+            let max = missing_answer_max(batch.len());
+            let answer = self
+                .retrying(what, || {
+                    self.post_once(what, "/v1/chunks/missing", &body, max)
                 })
                 .await?;
-            #[derive(serde::Deserialize)]
-            struct Missing {
-                missing: Vec<Digest>,
-            }
-            let m: Missing = resp.json().await.map_err(|e| self.unreachable(e))?;
+            let m: Missing =
+                serde_json::from_slice(&answer).map_err(|e| ClientError::BadResponse {
+                    what: what.to_owned(),
+                    message: e.to_string(),
+                })?;
             out.extend(m.missing);
         }
         Ok(out)
@@ -376,48 +454,82 @@ impl Remote {
     /// Uploads one frame.
     pub async fn put_chunk(&self, id: &Digest, frame: Bytes) -> Result<()> {
         let path = format!("/v1/chunks/{id}");
-        self.send(&format!("upload of chunk {id}"), || {
-            self.req(reqwest::Method::PUT, &path).body(frame.clone())
+        self.send(&format!("upload of chunk {id}"), |base| {
+            self.req(base, reqwest::Method::PUT, &path)
+                .body(frame.clone())
         })
         .await?;
         Ok(())
     }
 
-    /// Uploads a manifest; the server refuses it while chunks are missing.
+    /// Uploads a manifest, one attempt on each server; the server refuses it
+    /// while chunks are missing.
     pub async fn put_manifest(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
-        let path = format!("/v1/manifests/{digest}");
-        let what = format!("upload of manifest {digest}");
-        let resp = self
-            .req(reqwest::Method::PUT, &path)
-            .body(bytes.clone())
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        if resp.status() == reqwest::StatusCode::CONFLICT {
-            #[derive(serde::Deserialize)]
-            struct Conflict {
-                #[serde(default)]
-                missing: Vec<Digest>,
+        let path = &format!("/v1/manifests/{digest}");
+        let what = &format!("upload of manifest {digest}");
+        self.on_any(|base| {
+            let bytes = bytes.clone();
+            async move {
+                let resp = self
+                    .req(base, reqwest::Method::PUT, path)
+                    .body(bytes)
+                    .send()
+                    .await
+                    .map_err(|e| unreachable(base, e))?;
+                if resp.status() == reqwest::StatusCode::CONFLICT {
+                    #[derive(serde::Deserialize)]
+                    struct Conflict {
+                        #[serde(default)]
+                        missing: Vec<Digest>,
+                    }
+                    let c: Conflict = resp.json().await.unwrap_or(Conflict {
+                        missing: Vec::new(),
+                    });
+                    return Err(ClientError::MissingChunks { missing: c.missing });
+                }
+                check(resp, what).await?;
+                Ok(())
             }
-            let c: Conflict = resp.json().await.unwrap_or(Conflict {
-                missing: Vec::new(),
-            });
-            return Err(ClientError::MissingChunks { missing: c.missing });
-        }
-        check(resp, &what).await?;
-        Ok(())
+        })
+        .await
     }
 
     /// Points `name:tag` at a manifest.
     pub async fn put_tag(&self, name: &str, tag: &str, digest: &Digest) -> Result<()> {
         let path = format!("/v1/tags/{name}/{tag}");
         let body = digest.to_string();
-        self.send(&format!("tag {name}:{tag}"), || {
-            self.req(reqwest::Method::PUT, &path).body(body.clone())
+        self.send(&format!("tag {name}:{tag}"), |base| {
+            self.req(base, reqwest::Method::PUT, &path)
+                .body(body.clone())
         })
         .await?;
         Ok(())
     }
+}
+
+/// Reads a body of at most `max` bytes from server `base`; a longer one is
+/// an error before more than `max` bytes are held.
+async fn read_capped(
+    base: &str,
+    mut resp: reqwest::Response,
+    max: usize,
+    what: &str,
+) -> Result<Bytes> {
+    let too_long = |n: u64| ClientError::BadResponse {
+        what: what.to_owned(),
+        message: format!("a body of {n} bytes or more, above the {max}-byte limit"),
+    };
+    if let Some(n) = resp.content_length().filter(|&n| n > max as u64) {
+        return Err(too_long(n));
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(piece) = resp.chunk().await.map_err(|e| unreachable(base, e))? {
+        if body.len() + piece.len() > max {
+            return Err(too_long((body.len() + piece.len()) as u64));
+        }
+        body.extend_from_slice(&piece);
+    }
+    Ok(body.freeze())
 }
 
 /// Turns non-2xx answers into errors carrying the server's message.
@@ -479,6 +591,108 @@ mod tests {
             }
         });
         format!("http://{addr}")
+    }
+
+    /// A server that answers every request with `answer` and hangs up.
+    async fn answering(answer: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf).await;
+                let _ = c.write_all(answer.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// An address nothing listens on.
+    fn dead_server() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_fail_over_to_a_live_server_and_stay_there() {
+        let live = crate::testing::TestServer::start().await;
+        let dead = dead_server();
+        let busy = answering("HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").await;
+        let r = ImageRef::parse(&format!("{dead}/fo:v1")).unwrap();
+        let mut remote = Remote::for_ref(&r, None)
+            .unwrap()
+            .with_servers(&[busy, live.addr.to_string()])
+            .unwrap();
+        remote.retry.attempts = 1;
+        assert_eq!(remote.servers().len(), 3);
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("a"), b"failed over").unwrap();
+        let pushed = crate::push::push(src.path(), &r, &remote, &Default::default())
+            .await
+            .unwrap();
+        assert_eq!(remote.resolve(&r).await.unwrap(), pushed.manifest);
+        let live_url = format!("http://{}", live.addr);
+        assert_eq!(remote.base(), live_url);
+        assert_eq!(remote.failovers(), 1, "moved once, then stayed");
+        // Clones share what was learnt.
+        assert_eq!(remote.clone().base(), live_url);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_hangs_is_left_after_the_request_timeout() {
+        let live = crate::testing::TestServer::start().await;
+        let (r, direct) = live.image("slow:v1");
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("a"), b"behind a hung server").unwrap();
+        let pushed = crate::push::push(src.path(), &r, &direct, &Default::default())
+            .await
+            .unwrap();
+        // Takes connections and never answers.
+        let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut remote = Remote::new(&format!("http://{}", hung.local_addr().unwrap()), None)
+            .unwrap()
+            .with_servers(&[live.addr.to_string()])
+            .unwrap();
+        remote.retry.attempts = 1;
+        remote.request_timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        assert_eq!(remote.resolve(&r).await.unwrap(), pushed.manifest);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(remote.failovers(), 1);
+        drop(hung);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_not_found_is_an_answer_and_does_not_fail_over() {
+        let first = crate::testing::TestServer::start().await;
+        let second = crate::testing::TestServer::start().await;
+        let (r, only_second) = second.image("nf:v1");
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("a"), b"only on the second store").unwrap();
+        crate::push::push(src.path(), &r, &only_second, &Default::default())
+            .await
+            .unwrap();
+        let remote = Remote::new(&format!("http://{}", first.addr), None)
+            .unwrap()
+            .with_servers(&[second.addr.to_string()])
+            .unwrap();
+        let e = remote.resolve(&r).await.unwrap_err();
+        assert!(matches!(e, ClientError::NotFound { .. }), "{e:?}");
+        assert_eq!(remote.failovers(), 0);
+    }
+
+    #[tokio::test]
+    async fn when_every_server_fails_the_error_names_them_all() {
+        let (a, b) = (dead_server(), dead_server());
+        let mut remote = Remote::new(&format!("http://{a}"), None)
+            .unwrap()
+            .with_servers(&[b.as_str()])
+            .unwrap();
+        remote.retry.attempts = 1;
+        let e = remote.chunk(&Digest::of(b"x")).await.unwrap_err();
+        assert!(matches!(e, ClientError::NoServerAnswered { .. }), "{e:?}");
+        let message = e.to_string();
+        assert!(message.contains(&a) && message.contains(&b), "{message}");
     }
 
     #[tokio::test]

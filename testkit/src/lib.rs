@@ -20,4 +20,7 @@ pub mod tree;
 
 pub use compare::assert_same_tree;
 pub use data::{noise, Python, PythonEnv, Rng};
-pub use process::{thaw, thaw_bin, thaw_json, thaw_ok, Mount, Server};
+pub use process::{
+    assert_eio_within, finish_within, thaw, thaw_bin, thaw_json, thaw_ok, thaw_within, Mount,
+    Server,
+};

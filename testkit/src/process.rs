@@ -6,7 +6,9 @@
 //! A server binds port 0 and tells its port on its first line of output, so
 //! tests run in parallel without picking ports.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -32,6 +34,36 @@ pub fn thaw(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run thaw")
+}
+
+/// Waits for `child` at most `limit`; kills it and fails if it takes longer.
+pub fn finish_within(mut child: Child, limit: Duration, what: &str) -> Output {
+    let start = Instant::now();
+    while child.try_wait().expect("poll a child").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what} still running after {limit:?}: it hangs");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("wait for a child")
+}
+
+/// Runs `thaw ARGS` with its output captured, failing the test if it runs
+/// longer than `limit`.
+pub fn thaw_within(args: &[impl AsRef<OsStr>], limit: Duration) -> Output {
+    let child = Command::new(thaw_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run thaw");
+    let what = args.iter().map(|a| a.as_ref().to_string_lossy());
+    finish_within(
+        child,
+        limit,
+        &format!("thaw {:?}", what.collect::<Vec<_>>()),
+    )
 }
 
 /// Runs `thaw ARGS`, asserts success, and returns stdout.
@@ -81,6 +113,15 @@ impl Mount {
             .as_u64()
             .expect("a chunk count")
     }
+}
+
+/// Asserts that reading `buf.len()` bytes of `f` at `offset` fails with
+/// `EIO` within `limit` (a mount's answer when its chunks cannot be had).
+pub fn assert_eio_within(f: &std::fs::File, offset: u64, buf: &mut [u8], limit: Duration) {
+    let t = Instant::now();
+    let err = f.read_exact_at(buf, offset).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(t.elapsed() < limit, "took {:?}", t.elapsed());
 }
 
 impl Drop for Mount {

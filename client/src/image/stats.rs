@@ -174,6 +174,12 @@ pub struct StatsReport {
     pub attached_at: String,
     pub image_bytes: u64,
     pub image_chunks: u64,
+    /// The chunk server requests go to now, and how many times they moved
+    /// on to another (`--server`) since the image was opened.
+    #[serde(default)]
+    pub server: String,
+    #[serde(default)]
+    pub failovers: u64,
     pub reads: u64,
     pub read_bytes: u64,
     pub mem_hits: u64,
