@@ -28,6 +28,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Check every chunk and manifest of a store against its name.
     Fsck(FsckArgs),
+    /// Remove the chunks, manifests and profiles of a store that no tag reaches.
+    Gc(GcArgs),
     /// Push a directory as an image: upload only missing chunks, then set the tag.
     Push(PushArgs),
     /// Download a whole image into a new directory (the full pull).
@@ -207,6 +209,26 @@ pub struct ServeArgs {
 }
 
 #[derive(Args)]
+pub struct GcArgs {
+    /// Store URL, as for `thaw serve`. Default: the directory `thaw serve` uses.
+    #[arg(long)]
+    store: Option<String>,
+    /// Seconds an object must be old to be removed, and removed objects are
+    /// kept in the store's trash: longer than any push takes.
+    #[arg(long, default_value_t = thaw_server::GcOptions::default().grace.as_secs())]
+    grace: u64,
+    /// Versions of each tag to keep: the current one and the ones before it.
+    #[arg(long, default_value_t = 1)]
+    keep: usize,
+    /// Report what would be removed; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 pub struct FsckArgs {
     /// Store URL, as for `thaw serve`. Default: the directory `thaw serve` uses.
     #[arg(long)]
@@ -293,6 +315,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(a) => rt.block_on(serve(a)),
         Command::Fsck(a) => rt.block_on(fsck(a)),
+        Command::Gc(a) => rt.block_on(gc(a)),
         Command::Push(a) => rt.block_on(push(a)),
         Command::Export(a) => rt.block_on(export(a)),
         Command::Inspect(a) => rt.block_on(inspect(a)),
@@ -376,6 +399,39 @@ async fn serve(a: ServeArgs) -> Result<()> {
         config.store_url
     );
     thaw_server::run(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn gc(a: GcArgs) -> Result<()> {
+    let url = a.store.unwrap_or_else(default_store);
+    let store = thaw_server::open_store(&url)?;
+    let options = thaw_server::GcOptions {
+        grace: Duration::from_secs(a.grace),
+        keep: a.keep.max(1),
+        dry_run: a.dry_run,
+        ..Default::default()
+    };
+    let r = thaw_server::gc(&store, &options)
+        .await
+        .with_context(|| format!("cannot collect the store {url}"))?;
+    if a.json {
+        return print_json(&r);
+    }
+    let verb = if r.dry_run { "would remove" } else { "removed" };
+    println!(
+        "{url}: {} tags, {} live manifests, {} live chunks ({} objects scanned in {:.1}s)",
+        r.tags, r.live_manifests, r.live_chunks, r.scanned, r.seconds
+    );
+    println!(
+        "{verb} {} chunks, {} manifests, {} profiles ({}) and {} tag versions; brought back {}, deleted {} from the trash",
+        r.chunks_removed,
+        r.manifests_removed,
+        r.profiles_removed,
+        human(r.bytes_removed),
+        r.history_removed,
+        r.restored,
+        r.trash_deleted
+    );
     Ok(())
 }
 

@@ -376,6 +376,26 @@ pub async fn push(
     remote: &Remote,
     opts: &PushOptions,
 ) -> Result<PushReport> {
+    match push_once(dir, r, remote, opts).await {
+        // A garbage collection removed a chunk the missing list had called
+        // stored before the manifest went up: once more, which uploads it.
+        Err(ClientError::MissingChunks { missing }) => {
+            tracing::warn!(
+                chunks = missing.len(),
+                "chunks went missing during the push (a garbage collection?): pushing again"
+            );
+            push_once(dir, r, remote, opts).await
+        }
+        done => done,
+    }
+}
+
+async fn push_once(
+    dir: &Path,
+    r: &ImageRef,
+    remote: &Remote,
+    opts: &PushOptions,
+) -> Result<PushReport> {
     let tag = r
         .tag()
         .ok_or_else(|| ClientError::TagRequired(r.to_string()))?

@@ -35,10 +35,6 @@ impl HotCache {
         self.lock().peek(id).cloned()
     }
 
-    pub(crate) fn contains(&self, id: &Digest) -> bool {
-        self.lock().contains(id)
-    }
-
     pub(crate) fn insert(&self, id: Digest, frame: Bytes) {
         self.lock().insert(id, frame);
     }

@@ -6,7 +6,10 @@
 //! manifests/<64 hex>              a manifest's encoding
 //! tags/<name>/<tag>               the text `blake3:<64 hex>` of a manifest
 //! profiles/<64 hex>               the working-set profile of that manifest
+//! tag-history/<name>/<tag>/<time> each manifest a tag was set to, by time
 //! quarantine/<path>               an object that failed verification
+//! trash/<run>/<path>              what a garbage collection removed (`gc`)
+//! gc/running                      present while a collection runs
 //! ```
 //! The two-digit fan-out keeps directories of a file store small. Nothing
 //! else is stored, so any number of servers can front the same bucket. An
@@ -21,6 +24,8 @@ use thaw_format::Digest;
 pub(crate) const CHUNKS: &str = "chunks";
 pub(crate) const MANIFESTS: &str = "manifests";
 pub(crate) const PROFILES: &str = "profiles";
+pub(crate) const TAG_HISTORY: &str = "tag-history";
+pub(crate) const TRASH: &str = "trash";
 const QUARANTINE: &str = "quarantine";
 
 pub(crate) fn chunk_path(id: &Digest) -> Path {
@@ -40,6 +45,12 @@ pub(crate) fn profile_path(digest: &Digest) -> Path {
 /// `name` and `tag` must have passed [`valid_name`].
 pub(crate) fn tag_path(name: &str, tag: &str) -> Path {
     Path::from_iter(["tags", name, tag])
+}
+
+/// The history entry of setting `name:tag` at `at` (nanoseconds since the
+/// epoch, zero-padded so that names sort by time).
+pub(crate) fn tag_history_path(name: &str, tag: &str, at: u128) -> Path {
+    Path::from_iter([TAG_HISTORY, name, tag, &format!("{at:024}")])
 }
 
 pub(crate) fn tag_prefix(name: &str) -> Path {

@@ -24,6 +24,7 @@ mod cache;
 mod connections;
 mod error;
 mod fsck;
+mod gc;
 mod http;
 mod layout;
 mod metrics;
@@ -34,6 +35,7 @@ mod state;
 
 pub use error::ServerError;
 pub use fsck::{fsck, BadObject, FsckOptions, FsckReport, IncompleteManifest};
+pub use gc::{gc, GcOptions, GcReport};
 
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;

@@ -60,6 +60,7 @@ pub(crate) fn build(state: Shared, config: &ServerConfig) -> Router {
         )
         .route("/v1/tags/{name}", get(tags::list))
         .route("/v1/tags/{name}/{tag}", get(tags::get).put(tags::put))
+        .route("/v1/gc", post(collect))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(mw::from_fn_with_state(state.clone(), limit_concurrency))
@@ -147,6 +148,38 @@ async fn limit_concurrency(State(state): State<Shared>, request: Request, next: 
         }
         Err(closed) => ApiError::internal(closed).into_response(),
     }
+}
+
+/// `POST /v1/gc?grace=SECONDS&keep=N&dry_run=true`: one garbage collection
+/// of the store (`crate::gc`), one at a time per server; answers its report.
+#[derive(serde::Deserialize)]
+struct GcQuery {
+    grace: Option<u64>,
+    keep: Option<usize>,
+    dry_run: Option<bool>,
+}
+
+async fn collect(
+    State(state): State<Shared>,
+    axum::extract::Query(q): axum::extract::Query<GcQuery>,
+) -> Result<Json<crate::GcReport>, ApiError> {
+    let Ok(_one) = state.collecting.try_lock() else {
+        let msg = "a garbage collection is running on this server";
+        return Err(ApiError::new(StatusCode::CONFLICT, "busy", msg));
+    };
+    let defaults = crate::GcOptions::default();
+    let options = crate::GcOptions {
+        grace: q
+            .grace
+            .map_or(defaults.grace, std::time::Duration::from_secs),
+        keep: q.keep.unwrap_or(defaults.keep).max(1),
+        dry_run: q.dry_run.unwrap_or(false),
+        ..defaults
+    };
+    let report = crate::gc(&state.store, &options)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(report))
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -39,6 +39,8 @@ pub(crate) struct AppState {
     pub(crate) responses: ResponseMemory,
     /// Every open connection.
     pub(crate) connections: Arc<Registry>,
+    /// Held while a garbage collection runs (`POST /v1/gc`).
+    pub(crate) collecting: tokio::sync::Mutex<()>,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -72,6 +74,7 @@ impl AppState {
             max_body: config.max_body,
             responses: ResponseMemory::new(config.response_memory, connections.clone()),
             connections,
+            collecting: tokio::sync::Mutex::new(()),
         })
     }
 

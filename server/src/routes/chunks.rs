@@ -112,10 +112,9 @@ impl AppState {
         Ok(Some(ResponseMemory::hold(frame, room)))
     }
 
+    /// Whether the store holds chunk `id`. The store decides, not the hot
+    /// cache: a frame may stay cached after a collection removed it.
     pub(crate) async fn chunk_exists(&self, id: &Digest) -> Result<bool, ApiError> {
-        if self.cache.contains(id) {
-            return Ok(true);
-        }
         let size = layout::size(&*self.store, &layout::chunk_path(id))
             .await
             .map_err(ApiError::store)?;
@@ -144,15 +143,12 @@ impl AppState {
     /// (which is quarantined, so the chunk is missing).
     pub(super) async fn chunk_state(&self, chunk: &ChunkRef) -> Result<ChunkState, ApiError> {
         let expected = chunk.len as usize;
-        let header = match self.cache.peek(&chunk.id) {
-            Some(frame) => Ok(frame.slice(..FRAME_HEADER_LEN)),
-            None => {
-                let path = layout::chunk_path(&chunk.id);
-                self.store
-                    .get_range(&path, 0..FRAME_HEADER_LEN as u64)
-                    .await
-            }
-        };
+        // The store decides, as for `chunk_exists`.
+        let path = layout::chunk_path(&chunk.id);
+        let header = self
+            .store
+            .get_range(&path, 0..FRAME_HEADER_LEN as u64)
+            .await;
         match header {
             Err(object_store::Error::NotFound { .. }) => return Ok(ChunkState::Missing),
             Ok(head) if frame::declared_len(&head).ok() == Some(expected) => {
@@ -190,12 +186,10 @@ pub(super) async fn head(
     Param(raw): Param<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_digest(&raw)?;
-    let len = match state.cache.peek(&id) {
-        Some(frame) => Some(frame.len() as u64),
-        None => layout::size(&*state.store, &layout::chunk_path(&id))
-            .await
-            .map_err(ApiError::store)?,
-    };
+    // The store decides, as for `chunk_exists`.
+    let len = layout::size(&*state.store, &layout::chunk_path(&id))
+        .await
+        .map_err(ApiError::store)?;
     let len = len.ok_or_else(|| ApiError::not_found(format!("chunk {id}")))?;
     Ok(immutable_head(&id, len))
 }

@@ -10,8 +10,8 @@
 use super::chunks::{ChunkState, EXISTS_CONCURRENCY};
 use crate::error::ApiError;
 use crate::http::{blocking, immutable, immutable_head, parse_digest, Param, RawBody};
-use crate::layout;
 use crate::state::{AppState, Shared};
+use crate::{gc, layout};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -108,20 +108,36 @@ pub(super) async fn put(
     let path = layout::manifest_path(&digest);
     // The uploaded bytes hash to the name, so stored bytes that differ from
     // them do not: they were damaged in the store, and are replaced.
-    if let Some(stored) = layout::get(&*state.store, &path)
+    let mut created = true;
+    match layout::get(&*state.store, &path)
         .await
         .map_err(ApiError::store)?
     {
-        if stored == bytes {
-            return Ok(StatusCode::OK);
-        }
-        state.quarantine(&path, "does not hash to its name").await?;
+        Some(stored) if stored == bytes => created = false,
+        Some(_) => state.quarantine(&path, "does not hash to its name").await?,
+        None => {}
     }
-    state
-        .store
-        .put(&path, bytes.into())
-        .await
-        .map_err(ApiError::store)?;
+    if created {
+        state
+            .store
+            .put(&path, bytes.into())
+            .await
+            .map_err(ApiError::store)?;
+    }
+    // A collection running now may have moved what this manifest names to
+    // its trash since the check above: bring it back (`gc`).
+    let back = gc::bring_back_if_running(&*state.store, &digest).await;
+    if let Some(back) = back.map_err(ApiError::store)? {
+        if !back.missing.is_empty() {
+            if created {
+                let _ = state.store.delete(&path).await;
+            }
+            return Err(ApiError::missing_chunks(back.missing, false));
+        }
+    }
+    if !created {
+        return Ok(StatusCode::OK);
+    }
     tracing::info!(%digest, chunks = manifest.chunks.len(), nodes = manifest.nodes.len(), "manifest stored");
     Ok(StatusCode::CREATED)
 }

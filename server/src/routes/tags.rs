@@ -6,8 +6,8 @@
 
 use crate::error::ApiError;
 use crate::http::{parse_digest, Param, RawBody};
-use crate::layout;
 use crate::state::Shared;
+use crate::{gc, layout};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -47,12 +47,43 @@ pub(super) async fn put(
         let msg = format!("manifest {digest} is not stored: push it before tagging it");
         return Err(ApiError::new(StatusCode::CONFLICT, "unknown_manifest", msg));
     }
+    // History first: a version a garbage collection keeps (`--keep`) is
+    // never one the tag did not reach.
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    state
+        .store
+        .put(
+            &layout::tag_history_path(&name, &tag, at),
+            digest.to_string().into(),
+        )
+        .await
+        .map_err(ApiError::store)?;
     let path = layout::tag_path(&name, &tag);
+    let before = layout::get(&*state.store, &path)
+        .await
+        .map_err(ApiError::store)?;
     state
         .store
         .put(&path, digest.to_string().into())
         .await
         .map_err(ApiError::store)?;
+    // A collection running now may have moved the manifest, or chunks it
+    // names, to its trash since the check above: bring them back, or undo.
+    let back = gc::bring_back_if_running(&*state.store, &digest).await;
+    if let Some(back) = back.map_err(ApiError::store)? {
+        if !back.manifest || !back.missing.is_empty() {
+            let undone = match before {
+                Some(old) => state.store.put(&path, old.into()).await.map(drop),
+                None => state.store.delete(&path).await,
+            };
+            undone.map_err(ApiError::store)?;
+            let msg = format!("manifest {digest} was collected while it was tagged: push it again");
+            return Err(ApiError::new(StatusCode::CONFLICT, "unknown_manifest", msg));
+        }
+    }
     tracing::info!(%name, %tag, %digest, "tag set");
     Ok(StatusCode::OK)
 }
