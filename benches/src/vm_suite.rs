@@ -1,18 +1,21 @@
 //! The VM suite: restoring a QEMU memory snapshot from a thaw mount, per
 //! chunk size of the memory image, beside a restore from the snapshot on
-//! local disk.
+//! local disk and one from a full copy (the snapshot pulled whole with
+//! `thaw export`, then restored from local disk).
 //!
-//! A template guest (TCG) fills 64 MiB of its memory with random "weights",
+//! A template guest (TCG; 512 MiB by default, `--vm-memory`) fills 64 MiB
+//! of its memory (`--vm-weights`) with random "weights",
 //! starts a small agent on its serial port and is snapshotted once
 //! (`thaw-vmm`); the snapshot is pushed with fixed chunks of 256 KiB,
-//! 512 KiB, 1 MiB and 2 MiB. Each is restored with an empty cache (a real
-//! `thaw mount`, no readahead), 256 KiB also warm (its disk cache) and by a
-//! claim from a pool; then the agent answers a ping and hashes its weights,
+//! 512 KiB, 1 MiB and 2 MiB (`--vm-chunk-sizes`). Each is restored with an
+//! empty cache (a real `thaw mount`, no readahead), the first size also warm
+//! (its disk cache), from a full copy and by a claim from a pool; then the agent answers a ping and hashes its weights,
 //! touching every page of them. Reported: the time to the first answer, the
 //! time of that pass over the working set, and what was fetched. A page
 //! fault wants small chunks, throughput large ones; this says where the
-//! balance is.
+//! balance is. With `--link`, pulls and mounts go through the link emulator.
 
+use crate::link::{self, Link};
 use crate::thaw::{self, EmbeddedServer, MountFlags, ThawBin};
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -26,14 +29,20 @@ use thaw_testkit::guest::{GuestConfig, GuestKit};
 use thaw_vmm::{qemu, VmSpec};
 
 const WAIT: Duration = Duration::from_secs(600);
-const MEMORY_MIB: u32 = 512;
-const WEIGHTS_MIB: u32 = 64;
 
 /// How to run the suite.
 #[derive(Debug, Clone)]
 pub struct VmSuiteConfig {
     pub thaw_bin: PathBuf,
     pub work_dir: PathBuf,
+    /// The guest's memory.
+    pub memory_mib: u32,
+    /// What its agent fills with random bytes and touches after a restore.
+    pub weights_mib: u32,
+    /// Chunk sizes of the memory image to restore from, in KiB.
+    pub chunk_kib: Vec<u32>,
+    /// Pulls and mounts through this link.
+    pub link: Option<Link>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -43,7 +52,7 @@ pub struct RestoreResult {
     /// From the restore's start (mount, QEMU, state; or the claim) to the
     /// guest's agent answering its first command, in ms.
     pub first_answer_ms: f64,
-    /// The guest hashing its 64 MiB working set after that, in s.
+    /// The guest hashing its working set after that, in s.
     pub touch_s: f64,
     pub chunks_fetched: Option<u64>,
     pub chunk_bytes_fetched: Option<u64>,
@@ -53,6 +62,7 @@ pub struct RestoreResult {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VmReport {
+    pub link: String,
     pub memory_mib: u32,
     pub working_set_mib: u32,
     pub snapshot_s: f64,
@@ -62,7 +72,7 @@ pub struct VmReport {
 /// The template's agent: makes the working set, then answers `ping` and,
 /// for `touch`, hashes the working set (every page of it).
 const SCRIPT: &str = r#"
-dd if=/dev/urandom of=/tmp/weights bs=1M count=64 2>/dev/null
+dd if=/dev/urandom of=/tmp/weights bs=1M count=WEIGHTS_MIB 2>/dev/null
 echo "ready $(md5sum < /tmp/weights | cut -c1-32)"
 while read cmd; do
   case "$cmd" in
@@ -118,12 +128,22 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
     let initrd = work.join("initrd");
     std::fs::write(
         &initrd,
-        Initramfs::for_guest(&kit, &GuestConfig::new(SCRIPT))?.to_cpio(),
+        Initramfs::for_guest(
+            &kit,
+            &GuestConfig::new(&SCRIPT.replace("WEIGHTS_MIB", &cfg.weights_mib.to_string())),
+        )?
+        .to_cpio(),
     )?;
 
     eprintln!("booting the template");
     let template = work.join("template");
-    let spec = VmSpec::qemu("tcg", MEMORY_MIB, 1, "console=ttyS0 quiet panic=-1", true);
+    let spec = VmSpec::qemu(
+        "tcg",
+        cfg.memory_mib,
+        1,
+        "console=ttyS0 quiet panic=-1",
+        true,
+    );
     qemu::run(&template, &kit.kernel, Some(&initrd), &spec)?;
     let mut c = console(&template)?;
     let expected = line(&mut c, "ready ")?
@@ -167,12 +187,38 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
         kernel_readahead: Some(128 << 10),
         ..MountFlags::default()
     };
-    for kib in [256u32, 512, 1024, 2048] {
+    for (i, &kib) in cfg.chunk_kib.iter().enumerate() {
         let server = EmbeddedServer::start(&rt, &work.join(format!("store{kib}")))?;
-        let reference = server.reference(&format!("vm:{kib}k"));
-        let pushed = thaw::push_chunked(&rt, &image, &reference, kib << 10)?;
+        let pushed = thaw::push_chunked(
+            &rt,
+            &image,
+            &server.reference(&format!("vm:{kib}k")),
+            kib << 10,
+        )?;
+        // Pulls and mounts reach the server through the link, if any.
+        let pull_addr = rt.block_on(link::through(cfg.link, server.addr))?;
+        let reference = format!("{pull_addr}/vm:{kib}k");
+        if i == 0 {
+            eprintln!("restoring from a full copy, {kib} KiB chunks");
+            let copy = work.join("full-copy");
+            let local = work.join("full");
+            let t = Instant::now();
+            thaw::export(&rt, &reference, &qemu::image_dir(&copy))?;
+            let measured = qemu::restore(&local, &qemu::image_dir(&copy), false)
+                .map_err(anyhow::Error::from)
+                .and_then(|_| agent(&local, t, &expected));
+            let _ = qemu::quit(&local);
+            let (first, touch) = measured?;
+            row(
+                format!("full copy (thaw export, then local), {kib} KiB chunks"),
+                first,
+                touch,
+                None,
+                Some(pushed.bytes_uploaded),
+            );
+        }
         let cache = work.join(format!("cache{kib}"));
-        let warm_too = if kib == 256 { 2 } else { 1 };
+        let warm_too = if i == 0 { 2 } else { 1 };
         for pass in 0..warm_too {
             let label = if pass == 0 { "cold" } else { "warm" };
             eprintln!("restoring from thaw, {kib} KiB chunks, {label}");
@@ -196,7 +242,7 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
                 Some(pushed.bytes_uploaded),
             );
         }
-        if kib == 256 {
+        if i == 0 {
             eprintln!("claiming from a pool of 2");
             let pool = work.join("pool");
             let mut child = std::process::Command::new(&cfg.thaw_bin)
@@ -221,7 +267,7 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
             let _ = qemu::quit(&dir);
             thaw_bin.umount(&qemu::image_dir(&pool));
             row(
-                "pool claim, 256 KiB chunks".into(),
+                format!("pool claim, {kib} KiB chunks"),
                 first,
                 touch,
                 None,
@@ -232,8 +278,9 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
     }
     let _ = qemu::quit(&template);
     Ok(VmReport {
-        memory_mib: MEMORY_MIB,
-        working_set_mib: WEIGHTS_MIB,
+        link: link::describe(cfg.link),
+        memory_mib: cfg.memory_mib,
+        working_set_mib: cfg.weights_mib,
         snapshot_s,
         results,
     })
@@ -243,12 +290,12 @@ impl fmt::Display for VmReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "QEMU (TCG) memory snapshot restore: {} MiB guest, {} MiB working set touched after resume; snapshot {:.2} s",
-            self.memory_mib, self.working_set_mib, self.snapshot_s
+            "QEMU (TCG) memory snapshot restore ({}): {} MiB guest, {} MiB working set touched after resume; snapshot {:.2} s",
+            self.link, self.memory_mib, self.working_set_mib, self.snapshot_s
         )?;
         writeln!(
             f,
-            "{:<28} {:>15} {:>9} {:>8} {:>13} {:>10}",
+            "{:<52} {:>15} {:>9} {:>8} {:>13} {:>10}",
             "source", "first answer ms", "touch s", "chunks", "fetched MiB", "stored MiB"
         )?;
         let mib = |b: Option<u64>| {
@@ -259,7 +306,7 @@ impl fmt::Display for VmReport {
         for r in &self.results {
             writeln!(
                 f,
-                "{:<28} {:>15.0} {:>9.2} {:>8} {:>13} {:>10}",
+                "{:<52} {:>15.0} {:>9.2} {:>8} {:>13} {:>10}",
                 r.source,
                 r.first_answer_ms,
                 r.touch_s,

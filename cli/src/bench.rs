@@ -55,6 +55,15 @@ pub struct BenchArgs {
     /// Shape pulls: BANDWIDTH[,LATENCY], e.g. 1gbit,2ms.
     #[arg(long, value_parser = Link::parse)]
     link: Option<Link>,
+    /// VM suite: the guest's memory (suffixes K, M, G).
+    #[arg(long, default_value = "512M", value_parser = crate::cmd::parse_bytes)]
+    vm_memory: u64,
+    /// VM suite: what the guest fills with random bytes and touches after a restore.
+    #[arg(long, default_value = "64M", value_parser = crate::cmd::parse_bytes)]
+    vm_weights: u64,
+    /// VM suite: chunk sizes of the memory image (the first also warm, full copy and pool).
+    #[arg(long, value_delimiter = ',', default_value = "256K,512K,1M,2M", value_parser = crate::cmd::parse_bytes)]
+    vm_chunk_sizes: Vec<u64>,
     /// Scale of the built-in workloads (1.0: a 400 MiB python-env and 2 GiB of weights).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
@@ -124,6 +133,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let config = vm_suite::VmSuiteConfig {
             thaw_bin,
             work_dir: a.work_dir,
+            memory_mib: u32::try_from(a.vm_memory >> 20).context("--vm-memory too large")?,
+            weights_mib: u32::try_from(a.vm_weights >> 20).context("--vm-weights too large")?,
+            chunk_kib: a.vm_chunk_sizes.iter().map(|b| (b >> 10) as u32).collect(),
+            link: a.link,
         };
         let report = vm_suite::run(&config)?;
         std::fs::create_dir_all(&a.out)?;

@@ -92,9 +92,14 @@ pub fn vmm_named(name: &str) -> Result<Box<dyn Vmm>> {
     }
 }
 
-/// The VMM of the VM in `dir`, from `dir/image/vm.json`.
+/// The VMM of the VM in `dir`, from `dir/image/vm.json`. A VM of a pool
+/// has no image of its own (it maps the pool's): QEMU, whose files it has.
 pub fn vmm_of(dir: &Path) -> Result<Box<dyn Vmm>> {
-    vmm_named(&VmSpec::read(&image_dir(dir))?.vmm)
+    match VmSpec::read(&image_dir(dir)) {
+        Ok(spec) => vmm_named(&spec.vmm),
+        Err(VmError::NotAVm(_)) if qemu::qmp_socket(dir).exists() => Ok(Box::new(Qemu)),
+        Err(e) => Err(e),
+    }
 }
 
 /// Where a VM directory keeps its image.
