@@ -112,3 +112,12 @@ if [ ! -e "$guest/vmlinuz" ] || [ ! -d "$guest/modules" ]; then
   # Everyone may boot it: the kernel image is root-only once unpacked.
   $sudo chmod -R a+rX "$guest"
 fi
+
+# --- Garage, the S3 store of the store suite's S3 runs (tests/backends.rs) ---
+# Built from crates.io once per machine (about 10-15 minutes on two cores).
+# A failed build does not stop the tests: their S3 runs then say SKIP.
+# THAW_NO_GARAGE=1 skips it.
+if [ "${THAW_NO_GARAGE:-0}" = 0 ]; then
+  "$(dirname "$0")/garage.sh" install ||
+    echo "warning: Garage could not be built: the S3 runs of tests/backends.rs will skip" >&2
+fi

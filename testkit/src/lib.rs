@@ -14,6 +14,7 @@
 
 pub mod compare;
 pub mod data;
+pub mod garage;
 pub mod guest;
 pub mod process;
 pub mod tree;

@@ -133,13 +133,16 @@ impl Drop for Mount {
     }
 }
 
-/// A `thaw serve` child process over a `file://` store; killed on drop.
+/// A `thaw serve` child process (over a `file://` store unless started
+/// with [`Server::start_url`]); killed on drop.
 pub struct Server {
     child: Option<Child>,
     pub port: u16,
     pub store: PathBuf,
     bin: PathBuf,
     extra: Vec<String>,
+    store_url: String,
+    envs: Vec<(String, String)>,
 }
 
 impl Server {
@@ -154,14 +157,33 @@ impl Server {
 
     /// Starts `bin serve` over `store` with extra arguments.
     pub fn start_bin(bin: &Path, store: &Path, extra: &[&str]) -> Server {
+        let url = format!("file://{}", store.display());
+        Server::start_full(bin, store, &url, &[], extra)
+    }
+
+    /// Starts a server over the store at `url` with `envs` added to its
+    /// environment (an S3 store's `AWS_*` settings) and extra arguments.
+    pub fn start_url(url: &str, envs: &[(String, String)], extra: &[&str]) -> Server {
+        Server::start_full(&thaw_bin(), Path::new(""), url, envs, extra)
+    }
+
+    fn start_full(
+        bin: &Path,
+        store: &Path,
+        url: &str,
+        envs: &[(String, String)],
+        extra: &[&str],
+    ) -> Server {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let (child, port) = spawn(bin, store, "127.0.0.1:0", &extra);
+        let (child, port) = spawn(bin, url, envs, "127.0.0.1:0", &extra);
         Server {
             child: Some(child),
             port,
             store: store.to_path_buf(),
             bin: bin.to_path_buf(),
             extra,
+            store_url: url.to_owned(),
+            envs: envs.to_vec(),
         }
     }
 
@@ -199,7 +221,8 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let listen = format!("127.0.0.1:{}", self.port);
-            let (mut child, _) = spawn(&self.bin, &self.store, &listen, &self.extra);
+            let (mut child, _) =
+                spawn(&self.bin, &self.store_url, &self.envs, &listen, &self.extra);
             std::thread::sleep(Duration::from_millis(100));
             if child.try_wait().expect("poll thaw serve").is_none() {
                 self.child = Some(child);
@@ -241,11 +264,17 @@ impl Drop for Server {
 }
 
 /// Starts `BIN serve` and reads the port from its first line.
-fn spawn(bin: &Path, store: &Path, listen: &str, extra: &[String]) -> (Child, u16) {
+fn spawn(
+    bin: &Path,
+    store_url: &str,
+    envs: &[(String, String)],
+    listen: &str,
+    extra: &[String],
+) -> (Child, u16) {
     let mut child = Command::new(bin)
-        .args(["serve", "--listen", listen, "--store"])
-        .arg(format!("file://{}", store.display()))
+        .args(["serve", "--listen", listen, "--store", store_url])
         .args(extra)
+        .envs(envs.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
