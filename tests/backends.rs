@@ -183,6 +183,25 @@ fn a_collection_keeps_what_tags_reach(b: &Backend) {
     assert_same_tree(&v2, &out);
 }
 
+fn two_servers_over_one_store_give_the_same_answers(b: &Backend) {
+    let (one, two) = (b.server(&[]), b.server(&[]));
+    let src = b.path("src");
+    tree(&src, 30);
+    thaw_ok(&["push", s(&src), &one.reference("app:v1")]);
+    let http = reqwest::blocking::Client::new();
+    let tag = |server: &Server| {
+        http.get(format!("{}/v1/tags/app/v1", server.url()))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    };
+    assert_eq!(tag(&one), tag(&two));
+    let out = b.path("out");
+    thaw_ok(&["export", &two.reference("app:v1"), s(&out)]);
+    assert_same_tree(&src, &out);
+}
+
 macro_rules! suite {
     ($backend:ident: $($check:ident),* $(,)?) => {
         mod $backend {
@@ -220,3 +239,17 @@ macro_rules! every_backend {
 }
 
 every_backend!(file, memory, s3);
+
+// Stores that outlive a process: a memory store lives in one server.
+#[test]
+fn file_two_servers_over_one_store_give_the_same_answers() {
+    two_servers_over_one_store_give_the_same_answers(&Backend::file().unwrap());
+}
+
+#[test]
+fn s3_two_servers_over_one_store_give_the_same_answers() {
+    let test = "backends::s3_two_servers_over_one_store_give_the_same_answers";
+    if let Some(b) = Backend::s3(test) {
+        two_servers_over_one_store_give_the_same_answers(&b);
+    }
+}
