@@ -71,3 +71,48 @@ fn bench_runs_every_mode_on_every_workload() {
         .unwrap()
         .starts_with("<svg"));
 }
+
+/// `--pip`: a real environment that the bench installs from PyPI itself
+/// (a small package here), started by importing it from the image.
+#[test]
+fn bench_runs_on_a_pip_installed_environment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (work, out, cache) = (
+        tmp.path().join("work"),
+        tmp.path().join("out"),
+        tmp.path().join("cache"),
+    );
+    let stdout = thaw_testkit::process::thaw_ok_env(
+        &[
+            "bench",
+            "--pip",
+            "six",
+            "--runs",
+            "1",
+            "--no-peers",
+            "--work-dir",
+            work.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+        &[("XDG_CACHE_HOME", cache.to_str().unwrap())],
+    );
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let w = &doc["workloads"][0];
+    assert!(
+        w["read_bytes"].as_u64().unwrap() > 0,
+        "the import read six: {w}"
+    );
+    let cold = w["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mode"] == "lazy cold")
+        .unwrap();
+    assert!(cold["median_bytes_fetched"].as_u64().unwrap() > 0, "{cold}");
+    let installed = std::fs::read_dir(cache.join("thaw/bench-pip"))
+        .unwrap()
+        .count();
+    assert_eq!(installed, 1, "one environment per package list");
+}

@@ -20,6 +20,7 @@ pub mod link;
 pub mod load;
 pub mod mount_suite;
 mod peers;
+pub mod pip_env;
 pub mod startup;
 pub mod sys;
 pub mod thaw;

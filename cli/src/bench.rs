@@ -44,8 +44,14 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "dir")]
     image: Option<String>,
     /// A local directory to push and measure, instead of a built-in workload.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pip")]
     dir: Option<PathBuf>,
+    /// A real Python environment instead of a built-in workload: these PyPI
+    /// packages (space-separated pip requirements, e.g. 'numpy pandas
+    /// pyarrow'), installed by pip once per machine under
+    /// ~/.cache/thaw/bench-pip; the start imports them (or runs --run).
+    #[arg(long, conflicts_with = "image")]
+    pip: Option<String>,
     /// Startup command for --image/--dir; `{root}` and $THAW_ROOT name the image's root.
     #[arg(long)]
     run: Option<String>,
@@ -206,6 +212,17 @@ fn images(a: &BenchArgs) -> Result<Images> {
             .clone()
             .with_context(|| format!("{flag} needs --run 'COMMAND'"))
     };
+    if let Some(pip) = &a.pip {
+        let spec: Vec<String> = pip.split_whitespace().map(str::to_owned).collect();
+        let cache = thaw_client::image::default_cache_dir().join("bench-pip");
+        return Ok(Images::Dir {
+            dir: thaw_bench::pip_env::install(&cache, &spec)?,
+            startup: a
+                .run
+                .clone()
+                .unwrap_or_else(|| thaw_bench::pip_env::import_command(&spec)),
+        });
+    }
     Ok(match (&a.image, &a.dir) {
         (Some(image), _) => Images::Remote {
             reference: image.clone(),

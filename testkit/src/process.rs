@@ -68,7 +68,16 @@ pub fn thaw_within(args: &[impl AsRef<OsStr>], limit: Duration) -> Output {
 
 /// Runs `thaw ARGS`, asserts success, and returns stdout.
 pub fn thaw_ok(args: &[&str]) -> String {
-    let out = thaw(args);
+    thaw_ok_env(args, &[])
+}
+
+/// [`thaw_ok`] with `envs` added to the environment.
+pub fn thaw_ok_env(args: &[&str], envs: &[(&str, &str)]) -> String {
+    let out = Command::new(thaw_bin())
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run thaw");
     assert!(
         out.status.success(),
         "thaw {args:?} failed: {}\n{}",
