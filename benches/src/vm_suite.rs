@@ -218,12 +218,35 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
             );
         }
         let cache = work.join(format!("cache{kib}"));
-        let warm_too = if i == 0 { 2 } else { 1 };
-        for pass in 0..warm_too {
-            let label = if pass == 0 { "cold" } else { "warm" };
+        // The first size: cold while recording the restore's profile, warm
+        // (its disk cache), then cold again with a fresh cache, the profile
+        // streamed. The others: cold, without a profile.
+        let passes: &[&str] = if i == 0 {
+            &["cold", "warm", "cold with a profile"]
+        } else {
+            &["cold"]
+        };
+        for (pass, &label) in passes.iter().enumerate() {
             eprintln!("restoring from thaw, {kib} KiB chunks, {label}");
             let dir = work.join(format!("restore{kib}-{pass}"));
             let mp = qemu::image_dir(&dir);
+            let (cache, flags) = match label {
+                "cold" if i == 0 => (
+                    cache.clone(),
+                    MountFlags {
+                        record: true,
+                        ..flags
+                    },
+                ),
+                "cold with a profile" => (work.join(format!("cache{kib}-profiled")), flags),
+                _ => (
+                    cache.clone(),
+                    MountFlags {
+                        no_profile: true,
+                        ..flags
+                    },
+                ),
+            };
             let t = Instant::now();
             thaw_bin.mount(&reference, &mp, &cache, flags)?;
             let measured = qemu::restore(&dir, &mp, false)

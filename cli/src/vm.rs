@@ -110,6 +110,14 @@ pub struct RestoreArgs {
     /// Load the state but leave the VM paused.
     #[arg(long)]
     paused: bool,
+    /// Record what the restored VM reads of its snapshot until it is stopped,
+    /// and merge it into the snapshot's profile (the next cold restore
+    /// streams it ahead of the guest's faults).
+    #[arg(long)]
+    record: bool,
+    /// Do not stream the snapshot's profile.
+    #[arg(long)]
+    no_profile: bool,
     #[command(flatten)]
     access: AccessArgs,
 }
@@ -198,7 +206,17 @@ fn restore(a: RestoreArgs) -> Result<()> {
     std::fs::create_dir_all(&image)
         .with_context(|| format!("cannot create {}", image.display()))?;
     let started = Instant::now();
-    mount(&a.reference, &image, a.cache_dir.as_deref(), &a.access)?;
+    let profile_flags: Vec<&str> = [(a.record, "--record"), (a.no_profile, "--no-profile")]
+        .into_iter()
+        .filter_map(|(on, flag)| on.then_some(flag))
+        .collect();
+    mount(
+        &a.reference,
+        &image,
+        a.cache_dir.as_deref(),
+        &a.access,
+        &profile_flags,
+    )?;
     let mounted = started.elapsed();
     // The snapshot's own spec names its VMM.
     let loaded = vmm_of(&a.dir)
@@ -280,7 +298,13 @@ fn status(a: StatusArgs) -> Result<()> {
 }
 
 /// Mounts the snapshot with a `thaw mount` process of this binary.
-fn mount(reference: &str, image: &Path, cache: Option<&Path>, access: &AccessArgs) -> Result<()> {
+fn mount(
+    reference: &str,
+    image: &Path,
+    cache: Option<&Path>,
+    access: &AccessArgs,
+    extra: &[&str],
+) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the thaw binary")?;
     let mut cmd = std::process::Command::new(exe);
     // Guest page faults are not sequential reads: no readahead beyond the
@@ -291,6 +315,7 @@ fn mount(reference: &str, image: &Path, cache: Option<&Path>, access: &AccessArg
         "--kernel-readahead",
         "128K",
     ]);
+    cmd.args(extra);
     if let Some(c) = cache {
         cmd.arg("--cache-dir").arg(c);
     }
@@ -310,7 +335,7 @@ fn pool(a: PoolArgs) -> Result<()> {
     let image = thaw_vmm::image_dir(&a.dir);
     std::fs::create_dir_all(&image)
         .with_context(|| format!("cannot create {}", image.display()))?;
-    mount(&a.reference, &image, a.cache_dir.as_deref(), &a.access)?;
+    mount(&a.reference, &image, a.cache_dir.as_deref(), &a.access, &[])?;
     let spec = VmSpec::read(&image);
     if let Some(other) = spec.as_ref().ok().filter(|s| s.vmm != "qemu") {
         let vmm = other.vmm.clone();
