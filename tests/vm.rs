@@ -12,13 +12,13 @@ use thaw_testkit::guest::{GuestConfig, GuestKit};
 use thaw_testkit::{require_guest, thaw, thaw_bin, thaw_json, thaw_ok, Server};
 
 const WAIT: Duration = Duration::from_secs(120);
-const MEMORY_MIB: u64 = 256;
+const MEMORY_MIB: u64 = 1024;
 
-/// A small agent: 48 MiB of random "weights" and a secret in guest memory,
+/// A small agent: 256 MiB of random "weights" and a secret in guest memory,
 /// a counter, and a command loop on the serial console.
 const SCRIPT: &str = r#"
 read hello
-dd if=/dev/urandom of=/tmp/weights bs=1M count=48 2>/dev/null
+dd if=/dev/urandom of=/tmp/weights bs=1M count=256 2>/dev/null
 secret=$(head -c 16 /dev/urandom | md5sum | cut -c1-16)
 i=0
 echo "ready $secret"

@@ -50,7 +50,10 @@ pub struct RestoreResult {
     /// Where the memory came from.
     pub source: String,
     /// From the restore's start (mount, QEMU, state; or the claim) to the
-    /// guest's agent answering its first command, in ms.
+    /// VM running, in ms.
+    pub resumed_ms: f64,
+    /// From the restore's start to the guest's agent answering its first
+    /// command, in ms.
     pub first_answer_ms: f64,
     /// The guest hashing its working set after that, in s.
     pub touch_s: f64,
@@ -101,10 +104,20 @@ fn line(c: &mut Console, prefix: &str) -> Result<String> {
     }
 }
 
+/// What one restore took.
+struct Measured {
+    /// From `started` to the VM running (when [`agent`] is called).
+    resumed_ms: f64,
+    /// From `started` to the agent's first answer.
+    first_ms: f64,
+    /// The guest's pass over its working set.
+    touch_s: f64,
+}
+
 /// Asks the resumed guest in `dir` for its first answer, then to touch its
-/// working set; checks the hash. Returns (first answer since `started`,
-/// touch seconds).
-fn agent(dir: &Path, started: Instant, expected: &str) -> Result<(f64, f64)> {
+/// working set; checks the hash. Called as soon as the VM runs.
+fn agent(dir: &Path, started: Instant, expected: &str) -> Result<Measured> {
+    let resumed_ms = started.elapsed().as_secs_f64() * 1000.0;
     let mut c = console(dir)?;
     c.write_line("ping")?;
     line(&mut c, "pong")?;
@@ -116,7 +129,11 @@ fn agent(dir: &Path, started: Instant, expected: &str) -> Result<(f64, f64)> {
         bail!("the restored guest's memory differs: {hash} (expected {expected})");
     }
     let touch_s = touched.trim_start_matches("touched ").trim().parse()?;
-    Ok((first, touch_s))
+    Ok(Measured {
+        resumed_ms,
+        first_ms: first,
+        touch_s,
+    })
 }
 
 /// Runs the suite; progress goes to stderr.
@@ -155,20 +172,18 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
     let image = qemu::image_dir(&template);
 
     let mut results = Vec::new();
-    let mut row = |source: String,
-                   first: f64,
-                   touch: f64,
-                   stats: Option<&thaw::StatsReport>,
-                   stored: Option<u64>| {
-        results.push(RestoreResult {
-            source,
-            first_answer_ms: first,
-            touch_s: touch,
-            chunks_fetched: stats.map(|s| s.chunks_fetched),
-            chunk_bytes_fetched: stats.map(|s| s.chunk_bytes_fetched),
-            stored_bytes: stored,
-        })
-    };
+    let mut row =
+        |source: String, m: Measured, stats: Option<&thaw::StatsReport>, stored: Option<u64>| {
+            results.push(RestoreResult {
+                source,
+                resumed_ms: m.resumed_ms,
+                first_answer_ms: m.first_ms,
+                touch_s: m.touch_s,
+                chunks_fetched: stats.map(|s| s.chunks_fetched),
+                chunk_bytes_fetched: stats.map(|s| s.chunk_bytes_fetched),
+                stored_bytes: stored,
+            })
+        };
 
     eprintln!("restoring from local disk");
     let local = work.join("local");
@@ -176,8 +191,7 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
     qemu::restore(&local, &image, false)?;
     let measured = agent(&local, t, &expected);
     let _ = qemu::quit(&local);
-    let (first, touch) = measured?;
-    row("local snapshot directory".into(), first, touch, None, None);
+    row("local snapshot directory".into(), measured?, None, None);
 
     let rt = tokio::runtime::Runtime::new()?;
     let thaw_bin = ThawBin(cfg.thaw_bin.clone());
@@ -208,11 +222,10 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
                 .map_err(anyhow::Error::from)
                 .and_then(|_| agent(&local, t, &expected));
             let _ = qemu::quit(&local);
-            let (first, touch) = measured?;
+            let measured = measured?;
             row(
                 format!("full copy (thaw export, then local), {kib} KiB chunks"),
-                first,
-                touch,
+                measured,
                 None,
                 Some(pushed.bytes_uploaded),
             );
@@ -255,12 +268,11 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
             let stats = thaw::mount_stats(&mp);
             let _ = qemu::quit(&dir);
             thaw_bin.umount(&mp);
-            let (first, touch) = measured?;
+            let measured = measured?;
             let stats = stats?;
             row(
                 format!("thaw {label}, {kib} KiB chunks"),
-                first,
-                touch,
+                measured,
                 Some(&stats),
                 Some(pushed.bytes_uploaded),
             );
@@ -286,13 +298,12 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let _ = child.wait();
-            let (dir, (first, touch)) = measured?;
+            let (dir, measured) = measured?;
             let _ = qemu::quit(&dir);
             thaw_bin.umount(&qemu::image_dir(&pool));
             row(
                 format!("pool claim, {kib} KiB chunks"),
-                first,
-                touch,
+                measured,
                 None,
                 None,
             );
@@ -318,8 +329,14 @@ impl fmt::Display for VmReport {
         )?;
         writeln!(
             f,
-            "{:<52} {:>15} {:>9} {:>8} {:>13} {:>10}",
-            "source", "first answer ms", "touch s", "chunks", "fetched MiB", "stored MiB"
+            "{:<52} {:>10} {:>15} {:>9} {:>8} {:>13} {:>10}",
+            "source",
+            "resumed ms",
+            "first answer ms",
+            "touch s",
+            "chunks",
+            "fetched MiB",
+            "stored MiB"
         )?;
         let mib = |b: Option<u64>| {
             b.map_or("-".into(), |b| {
@@ -329,8 +346,9 @@ impl fmt::Display for VmReport {
         for r in &self.results {
             writeln!(
                 f,
-                "{:<52} {:>15.0} {:>9.2} {:>8} {:>13} {:>10}",
+                "{:<52} {:>10.0} {:>15.0} {:>9.2} {:>8} {:>13} {:>10}",
                 r.source,
+                r.resumed_ms,
                 r.first_answer_ms,
                 r.touch_s,
                 r.chunks_fetched.map_or("-".into(), |c| c.to_string()),
