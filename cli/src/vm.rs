@@ -337,7 +337,7 @@ fn pool(a: PoolArgs) -> Result<()> {
         .with_context(|| format!("cannot create {}", image.display()))?;
     mount(&a.reference, &image, a.cache_dir.as_deref(), &a.access, &[])?;
     let spec = VmSpec::read(&image);
-    if let Some(other) = spec.as_ref().ok().filter(|s| s.vmm != "qemu") {
+    if let Some(other) = spec.as_ref().ok().filter(|s| s.vmm != thaw_vmm::QEMU) {
         let vmm = other.vmm.clone();
         let _ = thaw_fuse::unmount_and_wait(&image, std::time::Duration::from_secs(15));
         bail!(

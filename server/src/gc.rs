@@ -90,7 +90,7 @@ pub struct GcReport {
 }
 
 /// Where the marker of a running collection lives.
-pub(crate) fn marker_path() -> Path {
+fn marker_path() -> Path {
     Path::from_iter(["gc", "running"])
 }
 
@@ -348,10 +348,6 @@ impl Run<'_> {
         Ok(chunks)
     }
 
-    fn trash_path(&self, run: &str, path: &Path) -> Path {
-        trash_path(run, path)
-    }
-
     fn run_is_old(&self, run: &str) -> bool {
         let Ok(secs) = run.parse::<u64>() else {
             return false;
@@ -360,11 +356,7 @@ impl Run<'_> {
     }
 
     async fn trash(&self, path: &Path) -> Result<(), ServerError> {
-        match self
-            .store
-            .rename(path, &self.trash_path(&self.id, path))
-            .await
-        {
+        match self.store.rename(path, &trash_path(&self.id, path)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(failed(path)(e)),
         }
@@ -386,7 +378,7 @@ impl Run<'_> {
 }
 
 /// Where a run puts the object at `path`.
-pub(crate) fn trash_path(run: &str, path: &Path) -> Path {
+fn trash_path(run: &str, path: &Path) -> Path {
     Path::from_iter(
         [PathPart::from(TRASH), PathPart::from(run)]
             .into_iter()

@@ -38,7 +38,7 @@ mod spec;
 
 pub use cloud_hypervisor::CloudHypervisor;
 pub use qemu::Qemu;
-pub use spec::{VmSpec, SPEC_FILE};
+pub use spec::{VmSpec, CLOUD_HYPERVISOR, QEMU, SPEC_FILE};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -145,30 +145,26 @@ pub(crate) fn process_runs(pid_file: &Path, what: &str) -> Option<u32> {
         .parse()
         .ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // A zombie (a VMM started by this process that died) does not run.
-    let zombie = stat
-        .rsplit(')')
-        .next()
-        .is_some_and(|s| s.trim_start().starts_with('Z'));
-    (String::from_utf8_lossy(&cmdline).contains(what) && !zombie).then_some(pid)
+    (String::from_utf8_lossy(&cmdline).contains(what) && !is_zombie(pid)).then_some(pid)
 }
 
-/// Waits up to `limit` for the process `pid` to be gone.
+/// Waits up to `limit` for the process `pid` to be gone (or a zombie).
 pub(crate) fn wait_gone(pid: u32, limit: Duration) {
     let deadline = std::time::Instant::now() + limit;
     let proc = PathBuf::from(format!("/proc/{pid}"));
-    while proc.exists() && std::time::Instant::now() < deadline {
-        let stat = std::fs::read_to_string(proc.join("stat")).unwrap_or_default();
-        if stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|s| s.trim_start().starts_with('Z'))
-        {
-            return;
-        }
+    while proc.exists() && !is_zombie(pid) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Whether `pid` has exited and waits to be reaped (state `Z` in its stat,
+/// after the parenthesized command name).
+fn is_zombie(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(')')
+        .next()
+        .is_some_and(|s| s.trim_start().starts_with('Z'))
 }
 
 /// Errors of the VM glue.

@@ -9,8 +9,8 @@ use std::path::Path;
 pub const SPEC_FILE: &str = "vm.json";
 const SPEC_VERSION: u32 = 1;
 /// The names of the VMMs a spec may give.
-pub(crate) const QEMU: &str = "qemu";
-pub(crate) const CLOUD_HYPERVISOR: &str = "cloud-hypervisor";
+pub const QEMU: &str = "qemu";
+pub const CLOUD_HYPERVISOR: &str = "cloud-hypervisor";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
