@@ -252,3 +252,71 @@ fn a_push_after_a_recording_packs_what_the_start_reads_together() {
     }
     assert_eq!(num(&m.stats(), "chunks_fetched"), 7 + 3);
 }
+
+#[test]
+fn a_warm_mount_streams_from_the_disk_cache_what_the_last_start_on_this_host_read() {
+    let w = World::new();
+    let src = w.tree();
+    let (r, _) = w.push(&src, "app:v1");
+    let cache = w.path("cache");
+    let mount = |name: &str, extra: &[&str]| {
+        let mut args = vec!["--cache-dir", cache.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Mount::new(&r, &w.path(name), &args)
+    };
+
+    // A first start, with no profile anywhere: nothing streams.
+    let m = mount("first", &[]);
+    assert_eq!(m.stats()["profile"], "none");
+    run_start(&m.dir, &src);
+    let digest = m.stats()["manifest"].as_str().unwrap().to_owned();
+    drop(m); // detaching keeps what was read in the disk cache
+    assert!(thaw_json(&["inspect", &r])["profile"].is_null());
+    let kept = cache
+        .join("v2/profiles")
+        .join(digest.trim_start_matches("blake3:"));
+    assert!(kept.is_file(), "no local profile at {}", kept.display());
+
+    // The next start on this host loads those chunks from the disk cache
+    // before anything reads them, and nothing comes from the network.
+    let served = w.server.metric("thaw_chunks_served_total");
+    let m = mount("second", &[]);
+    let s = streamed(&m);
+    assert_eq!(
+        (&s["profile"], &s["profile_source"]),
+        (&"done".into(), &"local".into()),
+        "{s}"
+    );
+    assert_eq!(num(&s, "reads"), 0);
+    let working_set = num(&s, "profile_chunks");
+    // The library's seven chunks and the packs of the hundred modules.
+    assert!((8..=12).contains(&working_set), "{s}");
+    assert_eq!(num(&s, "profile_chunks_loaded"), working_set, "{s}");
+    run_start(&m.dir, &src);
+    let s = m.stats();
+    assert_eq!(num(&s, "chunks_fetched"), 0, "{s}");
+    assert_eq!(
+        num(&s, "disk_hits"),
+        working_set,
+        "only the stream loads: {s}"
+    );
+    assert_eq!(w.server.metric("thaw_chunks_served_total"), served);
+    drop(m);
+
+    // `--profile server` and `--profile off` leave it alone.
+    for (name, which) in [("server", "server"), ("off", "off")] {
+        let m = mount(name, &["--profile", which]);
+        std::thread::sleep(Duration::from_millis(200));
+        let s = m.stats();
+        assert_eq!(num(&s, "profile_chunks_loaded"), 0, "{which}: {s}");
+        assert_eq!(s["profile_source"], "", "{which}: {s}");
+    }
+
+    // A damaged local profile is removed, and the mount works without it.
+    std::fs::write(&kept, b"THAWPRF\0 not a profile").unwrap();
+    let m = mount("damaged", &[]);
+    let s = m.stats();
+    assert_eq!(s["profile"], "none", "{s}");
+    assert!(!kept.exists(), "the damaged profile is still there");
+    run_start(&m.dir, &src);
+}

@@ -7,7 +7,8 @@
 //!   then the startup;
 //! - **lazy profiled**: the same, streaming the profile of the startup
 //!   recorded once before the runs (`thaw mount --record`);
-//! - **lazy warm**: a fresh `thaw mount` over the disk cache the cold run left;
+//! - **lazy warm**: a fresh `thaw mount` over the disk cache the cold run
+//!   left, streaming from it the local profile that run kept (what it read);
 //! - **local**: the startup on a local copy (the floor);
 //! - **peers** (casync, nydus, when installed) on the same data, startup and link.
 //!

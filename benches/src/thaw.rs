@@ -179,8 +179,9 @@ pub fn unmount(mp: &Path) -> Result<()> {
 pub struct MountFlags {
     pub readahead: Option<u64>,
     pub kernel_readahead: Option<u64>,
-    /// `--no-profile`: do not stream the image's profile.
-    pub no_profile: bool,
+    /// `--profile`: which recorded profile to stream (`auto`, `server`,
+    /// `local`, `off`); `None` keeps the default.
+    pub profile: Option<&'static str>,
     /// `--record`: record what is read and save it as the image's profile at unmount.
     pub record: bool,
 }
@@ -205,8 +206,8 @@ impl ThawBin {
         if let Some(k) = flags.kernel_readahead {
             cmd.arg("--kernel-readahead").arg(k.to_string());
         }
-        if flags.no_profile {
-            cmd.arg("--no-profile");
+        if let Some(p) = flags.profile {
+            cmd.arg("--profile").arg(p);
         }
         if flags.record {
             cmd.arg("--record");

@@ -255,7 +255,7 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
                 _ => (
                     cache.clone(),
                     MountFlags {
-                        no_profile: true,
+                        profile: Some("off"),
                         ..flags
                     },
                 ),

@@ -10,7 +10,7 @@ use clap::Args;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use thaw_client::image::{Image, ImageOptions};
+use thaw_client::image::{Image, ImageOptions, Replay};
 use thaw_client::ImageRef;
 use thaw_fuse::background::{self, Forked};
 
@@ -35,8 +35,12 @@ pub struct ImageArgs {
     /// Network fetches in flight at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
-    /// Do not stream the image's recorded profile (what earlier starts read).
-    #[arg(long)]
+    /// Which recorded profile (what earlier starts read) to stream ahead of
+    /// the reads.
+    #[arg(long, value_enum, default_value_t = ProfileArg::Auto)]
+    profile: ProfileArg,
+    /// Stream no profile: the same as --profile off.
+    #[arg(long, conflicts_with = "profile")]
     no_profile: bool,
     /// Record what is read until detached, and merge it into the image's
     /// profile on the server (needs the push token if the server has one).
@@ -49,7 +53,30 @@ pub struct ImageArgs {
     access: AccessArgs,
 }
 
+/// Which recorded profile an attach streams.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProfileArg {
+    /// The image's profile on the server, else what the last start on this
+    /// host read (kept in the disk cache at each detach).
+    Auto,
+    /// Only the image's profile on the server.
+    Server,
+    /// Only what the last start on this host read.
+    Local,
+    /// None.
+    Off,
+}
+
 impl ImageArgs {
+    fn replay(&self) -> Replay {
+        match (self.no_profile, self.profile) {
+            (true, _) | (_, ProfileArg::Off) => Replay::Off,
+            (_, ProfileArg::Auto) => Replay::Auto,
+            (_, ProfileArg::Server) => Replay::Server,
+            (_, ProfileArg::Local) => Replay::Local,
+        }
+    }
+
     fn options(&self) -> ImageOptions {
         ImageOptions {
             cache_dir: Some(
@@ -62,7 +89,7 @@ impl ImageArgs {
             concurrency: self.concurrency,
             readahead_max: self.readahead,
             fetch_timeout: self.fetch_timeout(),
-            replay: !self.no_profile,
+            replay: self.replay(),
             record: self.record,
             ..Default::default()
         }
@@ -147,6 +174,10 @@ fn attach(
             .with_context(|| format!("cannot open {r}"))?;
         let image = Arc::new(image);
         serve(&rt, image.clone(), ready)?;
+        match image.keep_local_profile() {
+            Ok(kept) => tracing::debug!(kept, "local profile"),
+            Err(e) => tracing::warn!("cannot keep the local profile: {e}"),
+        }
         if a.record {
             save_recording(&rt, &image)?;
         }
@@ -285,8 +316,12 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         "latency     fetch p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         s.fetch_ms_p50, s.fetch_ms_p90, s.fetch_ms_p99, s.fetch_ms_max
     );
+    let source = match s.profile_source.as_str() {
+        "" => String::new(),
+        from => format!(" ({from})"),
+    };
     println!(
-        "profile     {} after {:.0} ms: {} of {} chunks streamed in {} batches ({}), {} loaded from disk, {} fetched alone",
+        "profile     {}{source} after {:.0} ms: {} of {} chunks streamed in {} batches ({}), {} loaded from disk, {} fetched alone",
         s.profile,
         s.profile_stream_ms,
         s.profile_chunks_streamed,

@@ -86,7 +86,7 @@ fn record(a: RecordArgs) -> Result<()> {
         let opts = ImageOptions {
             cache_dir: Some(work.path().join(format!("cache{i}"))),
             readahead_max: a.readahead,
-            replay: false,
+            replay: thaw_client::image::Replay::Off,
             record: true,
             ..Default::default()
         };

@@ -14,7 +14,11 @@
 //!
 //! An image may have a recorded working-set [`profile`]: opening fetches it
 //! with the manifest and streams its chunks in the order the last starts read
-//! them, and an image opened to record one records what is read.
+//! them, and an image opened to record one records what is read. With a disk
+//! cache, every attach also records what it reads and keeps it there at
+//! detach ([`Image::keep_local_profile`]): the next attach of that image on
+//! this host streams it when the server has no profile ([`Replay`]), so a
+//! warm start loads its chunks from disk ahead of its reads.
 
 pub mod control;
 pub mod disk_cache;
@@ -58,12 +62,38 @@ pub struct ImageOptions {
     pub fetch_timeout: Duration,
     /// How long a failed chunk answers with its error before it is fetched again.
     pub failure_memory: Duration,
-    /// Stream the image's profile, if it has one (`--no-profile` turns it off).
-    pub replay: bool,
+    /// Which profile to stream, if there is one.
+    pub replay: Replay,
     /// How the profile's chunks are streamed.
     pub stream: StreamPolicy,
-    /// Record what is read, for a profile ([`Image::save_recording`]).
+    /// Record what is read, for the image's profile on the server
+    /// ([`Image::save_recording`]). (With a disk cache, what is read is
+    /// always recorded for the local profile.)
     pub record: bool,
+}
+
+/// Which recorded profile opening an image streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Replay {
+    /// The image's profile on the server, else the local one.
+    #[default]
+    Auto,
+    /// Only the image's profile on the server.
+    Server,
+    /// Only the local profile: what the last start on this host read.
+    Local,
+    /// None.
+    Off,
+}
+
+impl Replay {
+    fn server(self) -> bool {
+        matches!(self, Replay::Auto | Replay::Server)
+    }
+
+    fn local(self) -> bool {
+        matches!(self, Replay::Auto | Replay::Local)
+    }
 }
 
 impl Default for ImageOptions {
@@ -76,7 +106,7 @@ impl Default for ImageOptions {
             readahead_max: 16 << 20,
             fetch_timeout: Duration::from_secs(30),
             failure_memory: FetchPolicy::default().failure_memory,
-            replay: true,
+            replay: Replay::Auto,
             stream: StreamPolicy::default(),
             record: false,
         }
@@ -163,6 +193,24 @@ impl Image {
             _ => Ok(None),
         }
     }
+
+    /// Keeps what was read since the image was opened in the disk cache, as
+    /// the local profile the next attach of this image on this host streams
+    /// (replacing the one there). Returns whether one was kept: not without a
+    /// disk cache, nor when nothing was read (a start that read nothing says
+    /// nothing about the next one).
+    pub fn keep_local_profile(&self) -> std::io::Result<bool> {
+        let Some(disk) = self.fs.disk_cache() else {
+            return Ok(false);
+        };
+        match self.fs.recording(self.manifest) {
+            Some(recorded) if recorded.working_set().next().is_some() => {
+                disk.put_profile(&self.manifest, &recorded.encode())?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
 }
 
 /// Resolves `r`, fetches and verifies its manifest, and builds the image over
@@ -187,7 +235,7 @@ pub async fn open(r: &ImageRef, mut remote: Remote, opts: &ImageOptions) -> Resu
     quick.retry.attempts = 1;
     quick.request_timeout = PROFILE_FETCH_TIMEOUT.min(remote.request_timeout);
     let profile = async {
-        match opts.replay {
+        match opts.replay.server() {
             true => Some(quick.profile(&digest).await),
             false => None,
         }
@@ -213,8 +261,12 @@ pub async fn open(r: &ImageRef, mut remote: Remote, opts: &ImageOptions) -> Resu
     );
     let budget = opts.stream_budget(disk.is_some());
     let source = Arc::new(HttpSource::new(remote.clone()));
-    let fs = build_fs(m, source, disk, opts);
-    replay(&fs, &digest, profile, budget, opts.stream);
+    let fs = build_fs(m, source, disk.clone(), opts);
+    let local = disk.as_deref().filter(|_| opts.replay.local());
+    match opts.replay {
+        Replay::Off => fs.stats.set_profile("off"),
+        _ => replay(&fs, &digest, profile, local, budget, opts.stream),
+    }
     Ok(Image {
         fs: Arc::new(fs),
         reference: r.to_string(),
@@ -223,36 +275,59 @@ pub async fn open(r: &ImageRef, mut remote: Remote, opts: &ImageOptions) -> Resu
     })
 }
 
-/// Starts streaming the profile fetched for image `digest`, or says in the
-/// stats why there is none. A profile that cannot be used is logged and
-/// left out: the image works without it.
+/// Starts streaming the profile fetched for image `digest` from the server,
+/// else the local one kept in `local`, or says in the stats why there is
+/// none. A profile that cannot be used is logged and left out (a damaged
+/// local one is also removed): the image works without it.
 fn replay(
     fs: &fs::ImageFs,
     digest: &Digest,
     fetched: Option<Result<Option<bytes::Bytes>>>,
+    local: Option<&DiskCache>,
     budget: u64,
     policy: StreamPolicy,
 ) {
-    let bytes = match fetched {
-        None => return fs.stats.set_profile("off"),
-        Some(Ok(None)) => return fs.stats.set_profile("none"),
+    let checked = |bytes: &[u8]| {
+        crate::profile::decode_for(bytes, digest)
+            .and_then(|p| Ok(p.check_against(digest, fs.manifest()).map(|()| p)?))
+    };
+    let mut state = "none".to_owned();
+    match fetched {
+        None | Some(Ok(None)) => {}
         Some(Err(e)) => {
             let why = crate::error::chain(&e);
-            tracing::warn!("cannot fetch the image's profile, starting without it: {why}");
-            return fs.stats.set_profile(format!("unavailable: {why}"));
+            tracing::warn!("cannot fetch the image's profile: {why}");
+            state = format!("unavailable: {why}");
         }
-        Some(Ok(Some(bytes))) => bytes,
-    };
-    let checked = crate::profile::decode_for(&bytes, digest)
-        .and_then(|p| Ok(p.check_against(digest, fs.manifest()).map(|()| p)?));
-    match checked {
-        Ok(p) => fs.start_replay(&p, budget, policy),
-        Err(e) => {
-            let why = crate::error::chain(&e);
-            tracing::warn!("refusing the image's profile, starting without it: {why}");
-            fs.stats.set_profile(format!("refused: {why}"));
+        Some(Ok(Some(bytes))) => match checked(&bytes) {
+            Ok(p) => {
+                fs.stats.set_profile_source("server");
+                return fs.start_replay(&p, budget, policy);
+            }
+            Err(e) => {
+                let why = crate::error::chain(&e);
+                tracing::warn!("refusing the image's profile: {why}");
+                state = format!("refused: {why}");
+            }
+        },
+    }
+    if let Some((disk, bytes)) = local.and_then(|d| Some((d, d.get_profile(digest)?))) {
+        match checked(&bytes) {
+            Ok(p) => {
+                fs.stats.set_profile_source("local");
+                return fs.start_replay(&p, budget, policy);
+            }
+            Err(e) => {
+                let why = crate::error::chain(&e);
+                tracing::warn!("removing the local profile of this image: {why}");
+                disk.remove_profile(digest);
+            }
         }
     }
+    if state != "none" {
+        tracing::warn!("starting without a profile");
+    }
+    fs.stats.set_profile(state);
 }
 
 /// The manifest `digest` from the disk cache, if there and intact.
@@ -277,6 +352,7 @@ pub fn build_fs(
 ) -> fs::ImageFs {
     let m = Arc::new(m);
     let stats = Arc::new(Stats::default());
+    let has_disk = disk.is_some();
     let fetcher = Fetcher::new(
         source,
         m.chunks.clone().into(),
@@ -285,5 +361,7 @@ pub fn build_fs(
         stats.clone(),
         opts.fetch_policy(),
     );
-    fs::ImageFs::new(m, fetcher, stats, opts.readahead_max, opts.record)
+    // With a disk cache, what is read is recorded for the local profile.
+    let record = opts.record || has_disk;
+    fs::ImageFs::new(m, fetcher, stats, opts.readahead_max, record)
 }

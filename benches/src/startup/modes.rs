@@ -1,7 +1,10 @@
 //! thaw's own modes, one sample at a time, and the runs of all modes of one
 //! workload with their ratios to the full pull and to local. "lazy profiled"
-//! streams a profile recorded once, on a cold mount, before the runs; "lazy
-//! cold" and "lazy warm" mount with `--no-profile`, as a first start would.
+//! streams the image's profile recorded once, on a cold mount, before the
+//! runs (`--profile server`); "lazy cold" streams none (`--profile off`), as
+//! a first start would; "lazy warm" streams the local profile the cold run
+//! left in the disk cache (`--profile local`), as a second start on the same
+//! host would when the image has no profile on the server.
 
 use super::{ModeResult, Sample, Target};
 use crate::thaw::{self, MountFlags, StatsReport};
@@ -69,8 +72,8 @@ fn full_pull(t: &Target, rt: &Runtime, work: &Path) -> Result<Sample> {
     Ok(sample)
 }
 
-/// How a lazy mode mounts: empty caches with or without the profile, or
-/// over the disk cache the last cold run left (without the profile).
+/// How a lazy mode mounts: empty caches with or without the image's profile,
+/// or over the disk cache the last cold run left (with its local profile).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lazy {
     Cold,
@@ -84,7 +87,11 @@ fn lazy(t: &Target, work: &Path, how: Lazy) -> Result<Sample> {
         let _ = std::fs::remove_dir_all(&cache);
     }
     let flags = MountFlags {
-        no_profile: how != Lazy::Profiled,
+        profile: Some(match how {
+            Lazy::Cold => "off",
+            Lazy::Profiled => "server",
+            Lazy::Warm => "local",
+        }),
         ..MountFlags::default()
     };
     sys::drop_caches();
@@ -109,7 +116,7 @@ pub(super) fn record_profile(t: &Target, work: &Path) -> Result<StatsReport> {
     let _ = std::fs::remove_dir_all(&cache);
     let flags = MountFlags {
         record: true,
-        no_profile: true,
+        profile: Some("off"),
         ..MountFlags::default()
     };
     sys::drop_caches();

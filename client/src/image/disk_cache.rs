@@ -6,6 +6,8 @@
 //! ```text
 //! v2/chunks/<2 hex>/<64 hex>   chunk bytes, then a 64-byte trailer
 //! v2/manifests/<64 hex>        a manifest's encoding (named by its digest)
+//! v2/profiles/<64 hex>         what the last start on this host read from
+//!                              that manifest's image (a profile's encoding)
 //! v2/tmp/                      writes in progress
 //! ```
 //!
@@ -21,8 +23,8 @@
 //! bad entry is deleted and reported as corrupt, and the caller fetches again.
 //! A failed write (a full disk) is an error the caller counts; the chunk is
 //! still served from memory and the network. Eviction is least recently used
-//! by mtime (hits refresh it) down to 90% of the budget, over chunks and
-//! manifests alike. Each process tracks the size it believes the cache has and
+//! by mtime (hits refresh it) down to 90% of the budget, over chunks,
+//! manifests and profiles alike. Each process tracks the size it believes the cache has and
 //! rescans whenever it evicts, so processes sharing one directory converge on
 //! the real size. A cache of an older layout (`v1/`) is removed when a cache
 //! is opened: its entries cannot be read by this version.
@@ -75,7 +77,7 @@ impl DiskCache {
     /// background so opening stays fast.
     pub fn open(dir: &Path, budget: u64) -> std::io::Result<Arc<DiskCache>> {
         let root = dir.join(LAYOUT_DIR);
-        for sub in ["tmp", "chunks", "manifests"] {
+        for sub in ["tmp", "chunks", "manifests", "profiles"] {
             std::fs::create_dir_all(root.join(sub))?;
         }
         let cache = Arc::new(DiskCache {
@@ -105,6 +107,10 @@ impl DiskCache {
 
     fn manifest_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("manifests").join(digest.to_hex())
+    }
+
+    fn profile_path(&self, manifest: &Digest) -> PathBuf {
+        self.root.join("profiles").join(manifest.to_hex())
     }
 
     /// Looks up and verifies chunk `id` of `len` bytes.
@@ -151,14 +157,18 @@ impl DiskCache {
     /// A cached manifest's encoding, if there; the caller verifies it against
     /// its digest and calls [`DiskCache::remove_manifest`] if it does not match.
     pub fn get_manifest(&self, digest: &Digest) -> Option<Bytes> {
-        let path = self.manifest_path(digest);
-        let len = std::fs::metadata(&path).ok()?.len();
-        if len > MANIFEST_MAX {
-            self.remove(&path);
+        self.get_whole(&self.manifest_path(digest), MANIFEST_MAX)
+    }
+
+    /// A whole entry of at most `max` bytes (a larger one is removed).
+    fn get_whole(&self, path: &Path, max: u64) -> Option<Bytes> {
+        let len = std::fs::metadata(path).ok()?.len();
+        if len > max {
+            self.remove(path);
             return None;
         }
-        let bytes = read_exact_file(&path, len)?.ok()?;
-        touch(&path);
+        let bytes = read_exact_file(path, len)?.ok()?;
+        touch(path);
         Some(Bytes::from(bytes))
     }
 
@@ -168,6 +178,26 @@ impl DiskCache {
 
     pub fn remove_manifest(&self, digest: &Digest) {
         self.remove(&self.manifest_path(digest));
+    }
+
+    /// The local profile kept for manifest `digest`, if there; the caller
+    /// checks it names that manifest and calls [`DiskCache::remove_profile`]
+    /// if it does not decode.
+    pub fn get_profile(&self, manifest: &Digest) -> Option<Bytes> {
+        let max = thaw_format::profile::PROFILE_MAX_LEN as u64;
+        self.get_whole(&self.profile_path(manifest), max)
+    }
+
+    /// Keeps `bytes` as the local profile of manifest `digest`, replacing
+    /// the one there.
+    pub fn put_profile(&self, manifest: &Digest, bytes: &[u8]) -> std::io::Result<u64> {
+        let path = self.profile_path(manifest);
+        self.remove(&path);
+        self.write(&path, &[bytes])
+    }
+
+    pub fn remove_profile(&self, manifest: &Digest) {
+        self.remove(&self.profile_path(manifest));
     }
 
     /// Writes `parts` to `path` through a temporary file, unless it exists.
@@ -211,10 +241,10 @@ impl DiskCache {
         }
     }
 
-    /// Every entry, chunks and manifests.
+    /// Every entry: chunks, manifests and profiles.
     fn entries(&self) -> Vec<Entry> {
         let mut out = Vec::new();
-        let mut dirs = vec![self.root.join("manifests")];
+        let mut dirs = vec![self.root.join("manifests"), self.root.join("profiles")];
         if let Ok(rd) = std::fs::read_dir(self.root.join("chunks")) {
             dirs.extend(rd.flatten().map(|d| d.path()));
         }

@@ -429,6 +429,10 @@ impl Fetcher {
         }
     }
 
+    pub(crate) fn disk_cache(&self) -> Option<&Arc<DiskCache>> {
+        self.disk.as_ref()
+    }
+
     /// The chunk from the disk cache, if there and intact.
     async fn disk_lookup(&self, id: Digest, len: u32) -> Option<Bytes> {
         let disk = self.disk.clone()?;

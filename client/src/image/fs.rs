@@ -12,6 +12,7 @@
 //! operation that would change the image gets [`FsError::ReadOnly`]. The FUSE
 //! adapter and the virtio-fs backend only translate calls and replies.
 
+use super::disk_cache::DiskCache;
 use super::fetch::{FetchError, Fetcher, Priority};
 use super::layout::Layout;
 use super::prefetch::Prefetch;
@@ -177,6 +178,11 @@ impl ImageFs {
     /// when recording.
     pub fn recording(&self, digest: Digest) -> Option<Profile> {
         Some(self.recorder.as_ref()?.profile(digest, &self.m))
+    }
+
+    /// The disk cache chunks are kept in, if any.
+    pub fn disk_cache(&self) -> Option<&Arc<DiskCache>> {
+        self.fetcher.disk_cache()
     }
 
     #[cfg(test)]

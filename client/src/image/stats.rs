@@ -50,6 +50,8 @@ pub struct Stats {
     pub profile_stream_us: AtomicU64,
     /// What became of the profile (see [`StatsReport::profile`]).
     profile: Mutex<String>,
+    /// Where the streamed profile came from (see [`StatsReport::profile_source`]).
+    profile_source: Mutex<&'static str>,
     /// Why the last read that failed did (see [`StatsReport::last_error`]).
     last_error: Mutex<String>,
     latencies_us: Mutex<Vec<u32>>,
@@ -81,6 +83,11 @@ impl Stats {
     /// Says what became of the profile.
     pub fn set_profile(&self, state: impl Into<String>) {
         *self.profile.lock().expect("stats lock") = state.into();
+    }
+
+    /// Says where the streamed profile came from.
+    pub fn set_profile_source(&self, source: &'static str) {
+        *self.profile_source.lock().expect("stats lock") = source;
     }
 
     /// Records why a read failed.
@@ -143,6 +150,7 @@ impl Stats {
             disk_evicted: g(&self.disk_evicted),
             mem_cache_bytes: g(&self.mem_cache_bytes),
             profile: self.profile.lock().expect("stats lock").clone(),
+            profile_source: (*self.profile_source.lock().expect("stats lock")).to_owned(),
             last_error: self.last_error.lock().expect("stats lock").clone(),
             profile_chunks: g(&self.profile_chunks),
             profile_bytes: g(&self.profile_bytes),
@@ -207,6 +215,11 @@ pub struct StatsReport {
     /// budget, a failed request), `refused: <why>` (damaged, or for another
     /// image), `unavailable: <why>` (it could not be fetched).
     pub profile: String,
+    /// Where the streamed profile came from: `server` (the image's, recorded
+    /// by `--record` anywhere), `local` (what the last start on this host
+    /// read, kept in the disk cache), or empty when none streams.
+    #[serde(default)]
+    pub profile_source: String,
     pub profile_chunks: u64,
     pub profile_bytes: u64,
     pub profile_batches: u64,

@@ -395,6 +395,7 @@ async fn a_corrupt_or_foreign_profile_is_refused_and_the_image_still_reads() {
             &fs,
             &digest,
             Some(Ok(Some(bytes.into()))),
+            None,
             1 << 30,
             StreamPolicy::default(),
         );
@@ -412,6 +413,7 @@ async fn a_corrupt_or_foreign_profile_is_refused_and_the_image_still_reads() {
         &fs,
         &digest,
         Some(Ok(Some(p.encode().into()))),
+        None,
         1 << 30,
         StreamPolicy::default(),
     );
