@@ -113,6 +113,20 @@ fn mounted_tree_matches_source_and_is_read_only() {
             .raw_os_error(),
         Some(libc::EROFS)
     );
+    // A missing name stays missing (the kernel keeps the negative entry),
+    // and a file opened again and again reads the same, as does a listing.
+    for _ in 0..3 {
+        let err = std::fs::metadata(m.dir.join("no-such-module.py")).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+        assert_eq!(
+            std::fs::read(m.dir.join("big.bin")).unwrap(),
+            std::fs::read(src.join("big.bin")).unwrap()
+        );
+        assert_eq!(
+            std::fs::read_dir(&m.dir).unwrap().count(),
+            std::fs::read_dir(&src).unwrap().count()
+        );
+    }
     let stats = m.stats();
     assert!(stats["chunks_fetched"].as_u64().unwrap() > 0);
     assert_eq!(stats["digest_mismatches"].as_u64(), Some(0));

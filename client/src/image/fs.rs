@@ -88,10 +88,13 @@ pub struct DirEntry<'a> {
 }
 
 /// How an open went: the kernel may keep a file's pages across opens when
-/// `keep_cache` is set.
+/// `keep_cache` is set; with `stateless` set, reads need no handle from the
+/// open, so a door may let the kernel skip opens (and their releases)
+/// altogether.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Opened {
     pub keep_cache: bool,
+    pub stateless: bool,
 }
 
 /// Totals for `statfs`.
@@ -321,8 +324,12 @@ impl ImageFs {
             return Err(FsError::ReadOnly);
         }
         self.node(ino)?;
-        // The data never changes: keep the page cache across opens.
-        Ok(Opened { keep_cache: true })
+        // The data never changes: keep the page cache across opens. A read
+        // names its inode, not an open file.
+        Ok(Opened {
+            keep_cache: true,
+            stateless: true,
+        })
     }
 
     /// access(2): anything but writing, on an entry that exists.
