@@ -32,5 +32,5 @@ pub use demo::{DemoConfig, DemoReport};
 pub use link::Link;
 pub use load::{LoadConfig, LoadReport};
 pub use mount_suite::{MountReport, MountSuiteConfig};
-pub use startup::{Images, StartupConfig, StartupReport};
+pub use startup::{Images, Peers, StartupConfig, StartupReport};
 pub use workload::Workload;

@@ -44,8 +44,26 @@ pub struct StartupConfig {
     pub link: Option<Link>,
     /// Where generated data, stores and mounts live.
     pub work_dir: PathBuf,
-    /// Measure casync and nydus too, when installed.
-    pub peers: bool,
+    /// The peers to measure too, when installed.
+    pub peers: Peers,
+}
+
+/// Which peers the startup suite measures beside thaw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peers {
+    pub casync: bool,
+    pub nydus: bool,
+}
+
+impl Peers {
+    pub const ALL: Peers = Peers {
+        casync: true,
+        nydus: true,
+    };
+    pub const NONE: Peers = Peers {
+        casync: false,
+        nydus: false,
+    };
 }
 
 /// What the suite measures.

@@ -79,8 +79,16 @@ pub struct BenchArgs {
     /// Where results (JSON, SVG) are written.
     #[arg(long, default_value = "thaw-bench-results")]
     out: PathBuf,
-    /// Skip the peers.
-    #[arg(long)]
+    /// The peers to measure beside thaw, when installed (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "casync,nydus"
+    )]
+    peers: Vec<PeerArg>,
+    /// Skip the peers: the same as --peers with none.
+    #[arg(long, conflicts_with = "peers")]
     no_peers: bool,
     /// Load suite: seconds of load.
     #[arg(long, default_value_t = 20.0)]
@@ -172,13 +180,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
+    let peers = peers(&a);
     let config = startup::StartupConfig {
         thaw_bin,
         images: images(&a)?,
         runs: a.runs,
         link: a.link,
         work_dir: a.work_dir,
-        peers: !a.no_peers,
+        peers,
     };
     let report = startup::run(&config)?;
     let [json, svg] = report.write_files(&a.out)?;
@@ -271,4 +280,21 @@ fn print(report: &(impl serde::Serialize + std::fmt::Display), json: bool) -> Re
         false => print!("{report}"),
     }
     Ok(())
+}
+
+/// A peer the startup suite can measure.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PeerArg {
+    Casync,
+    Nydus,
+}
+
+fn peers(a: &BenchArgs) -> thaw_bench::Peers {
+    if a.no_peers {
+        return thaw_bench::Peers::NONE;
+    }
+    thaw_bench::Peers {
+        casync: a.peers.contains(&PeerArg::Casync),
+        nydus: a.peers.contains(&PeerArg::Nydus),
+    }
 }

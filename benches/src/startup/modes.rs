@@ -137,7 +137,7 @@ pub(super) fn run_all(
     rt: &Runtime,
     work: &Path,
     runs: usize,
-    with_peers: bool,
+    peers: super::Peers,
     profiled: Result<(), String>,
 ) -> Result<Vec<ModeResult>> {
     let skip = |m: &Mode| *m == Mode::LazyProfiled && profiled.is_err();
@@ -158,8 +158,10 @@ pub(super) fn run_all(
             _ => ModeResult::from_samples(m.name(), s),
         })
         .collect();
-    if with_peers {
+    if peers.casync {
         modes.push(peers::casync(t, rt, work, runs).context("casync")?);
+    }
+    if peers.nydus {
         modes.push(peers::nydus(t, rt, work, runs).context("nydus")?);
     }
     let seconds_of = |name: &str| {
