@@ -87,6 +87,11 @@ pub struct BenchArgs {
         default_value = "casync,nydus"
     )]
     peers: Vec<PeerArg>,
+    /// With --dir or --pip: record the start on a first push, then push again
+    /// and measure that version, whose files the start reads are packed
+    /// together in read order (what a build pipeline's next push does).
+    #[arg(long)]
+    packed: bool,
     /// Skip the peers: the same as --peers with none.
     #[arg(long, conflicts_with = "peers")]
     no_peers: bool,
@@ -188,6 +193,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         link: a.link,
         work_dir: a.work_dir,
         peers,
+        packed: a.packed,
     };
     let report = startup::run(&config)?;
     let [json, svg] = report.write_files(&a.out)?;
