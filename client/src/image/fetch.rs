@@ -113,6 +113,8 @@ pub struct Fetcher {
     stats: Arc<Stats>,
     demand: Semaphore,
     background: Semaphore,
+    /// Profile batches being verified at once (see `fetch_batch`).
+    stream_decodes: Semaphore,
     policy: FetchPolicy,
     /// Loads and disk cache writes not yet finished; [`Fetcher::flush`] waits for them.
     busy: Arc<AtomicUsize>,
@@ -137,6 +139,7 @@ impl Fetcher {
             stats,
             demand: Semaphore::new(policy.concurrency.max(1)),
             background: Semaphore::new((policy.concurrency / 4).max(1)),
+            stream_decodes: Semaphore::new(1),
             policy,
             busy: Arc::new(AtomicUsize::new(0)),
         })

@@ -60,31 +60,30 @@ impl Fetcher {
         let found = frames.iter().flatten().count() as u64;
         let frame_bytes = frames.iter().flatten().map(|f| f.len() as u64).sum();
         self.stats.record_batch(found, frame_bytes);
-        let checked = tokio::task::spawn_blocking(move || {
-            refs.iter()
-                .zip(frames)
-                .map(|(r, f)| match f {
-                    Some(f) => verify(*r, &f),
-                    None => Err(FetchError::Missing(r.id)),
-                })
-                .collect::<Vec<_>>()
+        // Each chunk goes to its readers as soon as it is verified, and one
+        // batch is verified at a time: a start's reads wait on the next chunk,
+        // not the whole batch, and the start keeps a core to itself.
+        let asked_for = deliveries.len();
+        let _decoding = self.stream_decodes.acquire().await;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            for ((r, f), (c, delivery)) in refs.iter().zip(frames).zip(deliveries) {
+                let data = match f {
+                    Some(f) => this.verified(r.id, verify(*r, &f)),
+                    None => {
+                        tracing::warn!(chunk = %r.id, "the server lacks a chunk of the profile");
+                        Err(FetchError::Missing(r.id))
+                    }
+                };
+                debug_assert_eq!(this.chunks[c as usize].id, r.id);
+                let _ = delivery.send(data);
+            }
         })
         .await
         .map_err(|e| FetchError::Unavailable {
             id,
             message: format!("verification task failed: {e}"),
         })?;
-        let asked_for = deliveries.len();
-        for ((c, delivery), data) in deliveries.into_iter().zip(checked) {
-            let data = match data {
-                Err(FetchError::Missing(id)) => {
-                    tracing::warn!(chunk = %id, "the server lacks a chunk of the profile");
-                    Err(FetchError::Missing(id))
-                }
-                data => self.verified(self.chunks[c as usize].id, data),
-            };
-            let _ = delivery.send(data);
-        }
         Ok(asked_for)
     }
 
