@@ -20,15 +20,14 @@ install() {
   cargo install garage --version "$version" --locked --root "$root" --quiet
 }
 
-start() {
-  local dir=$1 secret base
-  [ -x "$garage" ] || { echo "no Garage at $garage: run scripts/garage.sh install" >&2; exit 1; }
-  mkdir -p "$dir"
+# One attempt at a cluster on ports from $2 up; fails (nodes stopped) if a
+# node does not come up, say because a port was taken meanwhile.
+try_start() {
+  local dir=$1 base=$2 secret
   secret=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
-  # Three consecutive free-looking ports per node, away from other tests'.
-  base=$((30000 + RANDOM % 20000))
   for i in 1 2 3; do
     local n=$dir/node$i p=$((base + 10 * i))
+    rm -rf "$n"
     mkdir -p "$n"
     cat >"$n/garage.toml" <<TOML
 metadata_dir = "$n/meta"
@@ -48,21 +47,22 @@ TOML
     "$garage" -c "$n/garage.toml" server >"$n/log" 2>&1 &
     echo $! >>"$dir/pids"
   done
-  local g1=("$garage" -c "$dir/node1/garage.toml") id
-  for _ in $(seq 100); do "${g1[@]}" status >/dev/null 2>&1 && break; sleep 0.1; done
+  local g1=("$garage" -c "$dir/node1/garage.toml") id up=
+  for _ in $(seq 100); do "${g1[@]}" status >/dev/null 2>&1 && { up=1; break; }; sleep 0.1; done
+  [ -n "$up" ] || return 1
   for i in 2 3; do
-    id=$("$garage" -c "$dir/node$i/garage.toml" node id -q 2>/dev/null)
-    "${g1[@]}" node connect "$id" >/dev/null
+    id=$("$garage" -c "$dir/node$i/garage.toml" node id -q 2>/dev/null) || return 1
+    "${g1[@]}" node connect "$id" >/dev/null || return 1
   done
   for i in 1 2 3; do
-    id=$("$garage" -c "$dir/node$i/garage.toml" node id -q 2>/dev/null)
-    "${g1[@]}" layout assign -z dc1 -c 1G "${id%%@*}" >/dev/null
+    id=$("$garage" -c "$dir/node$i/garage.toml" node id -q 2>/dev/null) || return 1
+    "${g1[@]}" layout assign -z dc1 -c 1G "${id%%@*}" >/dev/null || return 1
   done
-  "${g1[@]}" layout apply --version 1 >/dev/null
-  "${g1[@]}" bucket create thaw >/dev/null
+  "${g1[@]}" layout apply --version 1 >/dev/null || return 1
+  "${g1[@]}" bucket create thaw >/dev/null || return 1
   local key
-  key=$("${g1[@]}" key create thaw-key)
-  "${g1[@]}" bucket allow --read --write --owner thaw --key thaw-key >/dev/null
+  key=$("${g1[@]}" key create thaw-key) || return 1
+  "${g1[@]}" bucket allow --read --write --owner thaw --key thaw-key >/dev/null || return 1
   {
     echo "AWS_ACCESS_KEY_ID=$(sed -n 's/^Key ID: *//p' <<<"$key")"
     echo "AWS_SECRET_ACCESS_KEY=$(sed -n 's/^Secret key: *//p' <<<"$key")"
@@ -70,7 +70,27 @@ TOML
     echo "AWS_ENDPOINT=http://127.0.0.1:$((base + 10))"
     echo "AWS_ALLOW_HTTP=true"
     echo "THAW_S3_STORE=s3://thaw"
-  } | tee "$dir/env"
+  } >"$dir/env"
+}
+
+start() {
+  local dir=$1 attempt base
+  [ -x "$garage" ] || { echo "no Garage at $garage: run scripts/garage.sh install" >&2; exit 1; }
+  mkdir -p "$dir"
+  # Ports below the kernel's ephemeral range (32768 and up by default), where
+  # the other tests' servers and every outgoing connection take theirs; a
+  # start that still meets a taken port is retried on others.
+  for attempt in 1 2 3; do
+    base=$((20000 + RANDOM % 12000))
+    if try_start "$dir" "$base"; then
+      cat "$dir/env"
+      return 0
+    fi
+    echo "Garage did not come up on ports $((base + 10))-$((base + 32)) (attempt $attempt):" >&2
+    tail -n 3 "$dir"/node*/log >&2 || true
+    stop "$dir"
+  done
+  exit 1
 }
 
 stop() {
