@@ -8,10 +8,14 @@
 //! 8  uncompressed len  u32 LE   1 ..= MAX_CHUNK_LEN
 //! 12 payload
 //! ```
-//! A chunk that does not shrink under zstd is stored raw. Decoding bounds the
-//! uncompressed length before it allocates and checks that the payload inflates
-//! to exactly that length; [`decode_verified`] also checks the BLAKE3 digest,
-//! and [`verify`] checks it without keeping the decoded bytes.
+//! A chunk that does not shrink under zstd is stored raw. A zstd payload is
+//! one zstd frame per [`SEGMENT_LEN`] bytes of the chunk, one after another
+//! (any zstd decoder reads such a concatenation as the whole chunk), so that a
+//! reader waiting for a chunk can inflate its segments on several cores.
+//! Decoding bounds the uncompressed length before it allocates and checks that
+//! the payload inflates to exactly that length; [`decode_verified`] also
+//! checks the BLAKE3 digest, and [`verify`] checks it without keeping the
+//! decoded bytes.
 
 use crate::Digest;
 use std::io::Read;
@@ -25,6 +29,10 @@ pub const FRAME_HEADER_LEN: usize = 12;
 /// The largest chunk a frame may hold (uncompressed), 16 MiB.
 pub const MAX_CHUNK_LEN: usize = 16 << 20;
 const FLAG_ZSTD: u8 = 1;
+/// Uncompressed bytes per zstd frame of a payload: the unit a reader
+/// inflates in parallel. (A payload of one frame, as earlier versions wrote
+/// for every chunk, is read the same way.)
+pub const SEGMENT_LEN: usize = 256 << 10;
 
 /// Why a frame could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -78,24 +86,33 @@ impl Encoder {
             !data.is_empty() && data.len() <= MAX_CHUNK_LEN,
             "chunk empty or larger than MAX_CHUNK_LEN"
         );
-        let mut out =
-            Vec::with_capacity(FRAME_HEADER_LEN + zstd::zstd_safe::compress_bound(data.len()));
+        let bound: usize = data
+            .chunks(SEGMENT_LEN)
+            .map(|s| zstd::zstd_safe::compress_bound(s.len()))
+            .sum();
+        let mut out = Vec::with_capacity(FRAME_HEADER_LEN + bound);
         out.extend_from_slice(&FRAME_MAGIC);
         out.push(FRAME_VERSION);
         out.push(FLAG_ZSTD);
         out.extend_from_slice(&[0, 0]);
         out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        out.resize(out.capacity(), 0);
-        match self
-            .zstd
-            .compress_to_buffer(data, &mut out[FRAME_HEADER_LEN..])
-        {
-            Ok(n) if n < data.len() => out.truncate(FRAME_HEADER_LEN + n),
-            _ => {
-                out[5] = 0;
-                out.truncate(FRAME_HEADER_LEN);
-                out.extend_from_slice(data);
+        out.resize(FRAME_HEADER_LEN + bound, 0);
+        let mut end = FRAME_HEADER_LEN;
+        for segment in data.chunks(SEGMENT_LEN) {
+            match self.zstd.compress_to_buffer(segment, &mut out[end..]) {
+                Ok(n) => end += n,
+                Err(_) => {
+                    end = usize::MAX;
+                    break;
+                }
             }
+        }
+        if end < FRAME_HEADER_LEN + data.len() {
+            out.truncate(end);
+        } else {
+            out[5] = 0;
+            out.truncate(FRAME_HEADER_LEN);
+            out.extend_from_slice(data);
         }
         out
     }
@@ -154,13 +171,74 @@ pub fn decode(frame: &[u8]) -> Result<Vec<u8>, FrameError> {
         }
         return Ok(payload.to_vec());
     }
-    // `decompress` never writes more than `len` bytes: the bound is the capacity.
-    let out = zstd::bulk::decompress(payload, len)
-        .map_err(|_| FrameError::LengthMismatch { expected: len })?;
-    if out.len() != len {
-        return Err(FrameError::LengthMismatch { expected: len });
+    inflate(payload, len)
+}
+
+/// Inflates a zstd payload of `len` bytes: its segments in parallel when it
+/// has several whose sizes its frames declare, else in one pass.
+fn inflate(payload: &[u8], len: usize) -> Result<Vec<u8>, FrameError> {
+    let mismatch = || FrameError::LengthMismatch { expected: len };
+    let Some(segments) = segments(payload, len)? else {
+        // `decompress` never writes more than `len` bytes: the bound is the capacity.
+        let out = zstd::bulk::decompress(payload, len).map_err(|_| mismatch())?;
+        if out.len() != len {
+            return Err(mismatch());
+        }
+        return Ok(out);
+    };
+    let mut out = vec![0u8; len];
+    let mut pieces = Vec::with_capacity(segments.len());
+    let mut rest = out.as_mut_slice();
+    for &(src, size) in &segments {
+        let (piece, tail) = rest.split_at_mut(size);
+        pieces.push((&payload[src.0..src.1], piece));
+        rest = tail;
     }
+    use rayon::prelude::*;
+    pieces.into_par_iter().try_for_each(|(src, dst)| {
+        let mut d = zstd::bulk::Decompressor::new().map_err(|_| mismatch())?;
+        match d.decompress_to_buffer(src, dst) {
+            Ok(n) if n == dst.len() => Ok(()),
+            _ => Err(mismatch()),
+        }
+    })?;
     Ok(out)
+}
+
+/// The zstd frames of a payload that inflates to `len` bytes, each as its
+/// byte range and declared size, when there are several and every one
+/// declares its size; `None` to inflate the payload in one pass.
+#[allow(clippy::type_complexity)]
+fn segments(
+    payload: &[u8],
+    len: usize,
+) -> Result<Option<Vec<((usize, usize), usize)>>, FrameError> {
+    let mismatch = || FrameError::LengthMismatch { expected: len };
+    let mut out = Vec::new();
+    let (mut at, mut total) = (0usize, 0usize);
+    while at < payload.len() {
+        let n =
+            zstd::zstd_safe::find_frame_compressed_size(&payload[at..]).map_err(|_| mismatch())?;
+        let frame = &payload[at..at + n];
+        let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(frame) else {
+            return Ok(None);
+        };
+        let size = usize::try_from(size).map_err(|_| mismatch())?;
+        total = total
+            .checked_add(size)
+            .filter(|&t| t <= len)
+            .ok_or_else(mismatch)?;
+        out.push(((at, at + n), size));
+        if out.len() > MAX_CHUNK_LEN / SEGMENT_LEN {
+            // More frames than a writer makes: inflate in one pass.
+            return Ok(None);
+        }
+        at += n;
+    }
+    if total != len {
+        return Err(mismatch());
+    }
+    Ok((out.len() > 1).then_some(out))
 }
 
 /// Checks that a frame decodes to bytes that hash to `id`, as
@@ -208,7 +286,11 @@ pub fn verify(frame: &[u8], id: &Digest) -> Result<(), FrameError> {
 /// Decodes a frame and checks that its bytes hash to `id`.
 pub fn decode_verified(frame: &[u8], id: &Digest) -> Result<Vec<u8>, FrameError> {
     let data = decode(frame)?;
-    let actual = Digest::of(&data);
+    // A reader is waiting: hash a large chunk on every core.
+    let actual = match data.len() {
+        n if n > SEGMENT_LEN => Digest::from(blake3::Hasher::new().update_rayon(&data).finalize()),
+        _ => Digest::of(&data),
+    };
     if actual != *id {
         return Err(FrameError::DigestMismatch {
             expected: *id,
@@ -277,6 +359,47 @@ mod tests {
         assert!(matches!(
             decode_verified(&good, &other),
             Err(FrameError::DigestMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn large_chunks_are_segments_that_inflate_alone_or_together() {
+        let data: Vec<u8> = (0..(SEGMENT_LEN * 4 + 1000) as u64)
+            .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as u8)
+            .collect();
+        let id = Digest::of(&data);
+        let f = encode(&data, 3);
+        let payload = &f[FRAME_HEADER_LEN..];
+        let found = segments(payload, data.len())
+            .unwrap()
+            .expect("several frames");
+        assert_eq!(found.len(), 5);
+        assert!(found[..4].iter().all(|&(_, size)| size == SEGMENT_LEN));
+        assert_eq!(decode_verified(&f, &id).unwrap(), data);
+        verify(&f, &id).unwrap();
+        // Any zstd decoder reads the concatenation as the whole chunk (as
+        // clients before segments did), and a one-frame payload (as pushes
+        // before segments wrote) still decodes.
+        assert_eq!(zstd::bulk::decompress(payload, data.len()).unwrap(), data);
+        let mut old = f[..FRAME_HEADER_LEN].to_vec();
+        old.extend(zstd::bulk::compress(&data, 3).unwrap());
+        assert!(segments(&old[FRAME_HEADER_LEN..], data.len())
+            .unwrap()
+            .is_none());
+        assert_eq!(decode_verified(&old, &id).unwrap(), data);
+        // A segment that inflates to other bytes, or a frame cut short, is
+        // refused, whichever segment it is.
+        for at in [payload.len() / 3, payload.len() - 3] {
+            let mut bad = f.clone();
+            bad[FRAME_HEADER_LEN + at] ^= 0x55;
+            assert!(decode_verified(&bad, &id).is_err(), "flip at {at}");
+        }
+        assert!(decode(&f[..f.len() - 1]).is_err());
+        let mut long = f.clone();
+        long[8..12].copy_from_slice(&(data.len() as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            decode(&long),
+            Err(FrameError::LengthMismatch { .. })
         ));
     }
 
