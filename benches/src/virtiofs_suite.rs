@@ -117,7 +117,17 @@ impl Backend {
 }
 
 impl Drop for Backend {
+    /// The backend ends by itself once its VMM has gone, keeping what it
+    /// read as the image's local profile (as a VM's backend does); it is
+    /// killed if it has not within a few seconds.
     fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

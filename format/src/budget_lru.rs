@@ -89,6 +89,11 @@ impl<K: Hash + Eq, V: Weigh> BudgetLru<K, V> {
     }
 
     /// Sum of the weights of the cached values.
+    /// The byte budget.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
     pub fn bytes(&self) -> u64 {
         self.bytes
     }

@@ -26,6 +26,11 @@ impl Fetcher {
         self.chunks[chunk as usize].len
     }
 
+    /// The memory cache's byte budget.
+    pub(crate) fn mem_budget(&self) -> u64 {
+        self.mem.lock().expect("mem cache lock").budget()
+    }
+
     /// Whether the disk cache holds `chunk` (by its size, unverified).
     pub(crate) fn on_disk(&self, chunk: u32) -> bool {
         let ChunkRef { id, len } = self.chunks[chunk as usize];

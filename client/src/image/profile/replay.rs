@@ -9,7 +9,10 @@
 //! misses a chunk the stream has not reached fetches it alone, on demand,
 //! ahead of the stream. The first batch is small, so the first chunks arrive
 //! soon; later ones grow. Chunks already in the disk cache are loaded from it
-//! into memory, in the same order, off the reader's path. The stream stops at
+//! into memory, in the same order, off the reader's path, up to three
+//! quarters of the memory cache's budget (a chunk loaded past it would push
+//! out one loaded before a reader got to it; readers load the rest from disk
+//! as they come to it). The stream stops at
 //! the end of the working set, when the next chunk would take it past the
 //! cache budget (what it brings would start pushing out what it brought), or
 //! when a batch fails for good (readers then fetch on demand, as without a
@@ -81,7 +84,8 @@ pub(crate) async fn stream(
     Stats::set(&stats.profile_chunks, plan.len() as u64);
     Stats::set(&stats.profile_bytes, plan.iter().map(|&c| len(c)).sum());
     let mut steps: FuturesUnordered<Step> = FuturesUnordered::new();
-    let (mut next, mut spent) = (0, 0u64);
+    let (mut next, mut spent, mut loaded) = (0, 0u64, 0u64);
+    let load_budget = fetcher.mem_budget() / 4 * 3;
     let mut limit = policy.first_batch_bytes.min(policy.batch_bytes);
     let mut stopped: Option<String> = None;
     loop {
@@ -100,6 +104,10 @@ pub(crate) async fn stream(
                     continue;
                 }
                 if fetcher.on_disk(c) {
+                    if loaded + len(c) > load_budget {
+                        continue;
+                    }
+                    loaded += len(c);
                     steps.push(load_from_disk(fetcher.clone(), c, stats.clone()));
                     if steps.len() >= policy.in_flight {
                         break;

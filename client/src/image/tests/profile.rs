@@ -322,6 +322,20 @@ async fn a_warm_replay_loads_the_disk_cache_instead_of_fetching() {
     assert_eq!(t.source.request_count(), asked, "nothing fetched");
     let s = warm.stats.report();
     assert_eq!((s.profile_chunks_loaded, s.disk_hits), (n, n));
+
+    // What it loads from disk stays within three quarters of the memory
+    // cache (a chunk loaded past that would push out one loaded before it
+    // was read); the rest is left for the readers to load.
+    let small = ImageOptions {
+        cache_mem: 2 * MIB as u64,
+        ..quiet()
+    };
+    let (warm, _) = t.attach(&small, true);
+    warm.start_replay(&p, 1 << 30, StreamPolicy::default());
+    assert_eq!(streamed(&warm).await, "done");
+    let s = warm.stats.report();
+    assert_eq!(s.profile_chunks_loaded, 1, "{s:?}");
+    assert_eq!(t.source.request_count(), asked, "nothing fetched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
