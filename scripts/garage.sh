@@ -94,9 +94,14 @@ start() {
 }
 
 stop() {
-  local dir=$1
+  local dir=$1 pid
   [ -f "$dir/pids" ] || return 0
   xargs -r kill <"$dir/pids" 2>/dev/null || true
+  # Wait for the nodes to be gone, so that nothing of theirs still writes
+  # into the directory (a retried start reuses it).
+  while read -r pid; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  done <"$dir/pids"
   rm -f "$dir/pids"
 }
 

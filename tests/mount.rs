@@ -113,8 +113,11 @@ fn mounted_tree_matches_source_and_is_read_only() {
             .raw_os_error(),
         Some(libc::EROFS)
     );
-    // A missing name stays missing (the kernel keeps the negative entry),
-    // and a file opened again and again reads the same, as does a listing.
+    // A missing name stays missing, and the kernel remembers it: one
+    // lookup reaches the mount. Opens after the first never reach it (the
+    // kernel opens without a message), and reopened files and listings read
+    // the same.
+    let before = m.stats();
     for _ in 0..3 {
         let err = std::fs::metadata(m.dir.join("no-such-module.py")).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
@@ -128,6 +131,13 @@ fn mounted_tree_matches_source_and_is_read_only() {
         );
     }
     let stats = m.stats();
+    let count = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap();
+    assert_eq!(
+        count(&stats, "lookups") - count(&before, "lookups"),
+        1,
+        "{stats}"
+    );
+    assert_eq!(count(&stats, "opens"), 1, "one open per mount: {stats}");
     assert!(stats["chunks_fetched"].as_u64().unwrap() > 0);
     assert_eq!(stats["digest_mismatches"].as_u64(), Some(0));
 }

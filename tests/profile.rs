@@ -312,11 +312,23 @@ fn a_warm_mount_streams_from_the_disk_cache_what_the_last_start_on_this_host_rea
         assert_eq!(s["profile_source"], "", "{which}: {s}");
     }
 
+    // A local profile is a hint for the disk only: with the chunks gone from
+    // the disk cache, its stream loads nothing and fetches nothing.
+    std::fs::remove_dir_all(cache.join("v2/chunks")).unwrap();
+    let m = mount("emptied", &[]);
+    let s = streamed(&m);
+    assert_eq!(s["profile_source"], "local", "{s}");
+    assert_eq!(num(&s, "profile_chunks_loaded"), 0, "{s}");
+    assert_eq!(num(&s, "chunks_fetched"), 0, "{s}");
+    run_start(&m.dir, &src);
+    drop(m);
+
     // A damaged local profile is removed, and the mount works without it.
     std::fs::write(&kept, b"THAWPRF\0 not a profile").unwrap();
     let m = mount("damaged", &[]);
     let s = m.stats();
-    assert_eq!(s["profile"], "none", "{s}");
+    let state = s["profile"].as_str().unwrap();
+    assert!(state.starts_with("refused (local): "), "{s}");
     assert!(!kept.exists(), "the damaged profile is still there");
     run_start(&m.dir, &src);
 }

@@ -60,10 +60,6 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub const ALL: Peers = Peers {
-        casync: true,
-        nydus: true,
-    };
     pub const NONE: Peers = Peers {
         casync: false,
         nydus: false,

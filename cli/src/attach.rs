@@ -56,12 +56,13 @@ pub struct ImageArgs {
 /// Which recorded profile an attach streams.
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ProfileArg {
-    /// The image's profile on the server, else what the last start on this
-    /// host read (kept in the disk cache at each detach).
+    /// The image's profile on the server, else what the last attach on this
+    /// host read (kept in the disk cache at each detach; only what is still
+    /// there is loaded).
     Auto,
     /// Only the image's profile on the server.
     Server,
-    /// Only what the last start on this host read.
+    /// Only what the last attach on this host read.
     Local,
     /// None.
     Off,

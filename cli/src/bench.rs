@@ -90,9 +90,9 @@ pub struct BenchArgs {
     /// With --dir or --pip: record the start on a first push, then push again
     /// and measure that version, whose files the start reads are packed
     /// together in read order (what a build pipeline's next push does).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "image")]
     packed: bool,
-    /// Skip the peers: the same as --peers with none.
+    /// Measure no peers.
     #[arg(long, conflicts_with = "peers")]
     no_peers: bool,
     /// Load suite: seconds of load.

@@ -80,7 +80,7 @@ pub enum Replay {
     Auto,
     /// Only the image's profile on the server.
     Server,
-    /// Only the local profile: what the last start on this host read.
+    /// Only the local profile: what the last attach on this host read.
     Local,
     /// None.
     Off,
@@ -163,6 +163,8 @@ pub struct Image {
     pub manifest: Digest,
     /// The chunk servers it is served from.
     remote: Remote,
+    /// Opened to record its profile on the server (`ImageOptions::record`).
+    record: bool,
 }
 
 impl Image {
@@ -186,6 +188,9 @@ impl Image {
     /// image's profile on the server; `None` when not recording, or when
     /// nothing was read (an empty recording would only dilute the profile).
     pub async fn save_recording(&self) -> Result<Option<Profile>> {
+        if !self.record {
+            return Ok(None);
+        }
         match self.fs.recording(self.manifest) {
             Some(recorded) if recorded.working_set().next().is_some() => {
                 crate::profile::save(&self.remote, recorded).await.map(Some)
@@ -272,6 +277,7 @@ pub async fn open(r: &ImageRef, mut remote: Remote, opts: &ImageOptions) -> Resu
         reference: r.to_string(),
         manifest: digest,
         remote,
+        record: opts.record,
     })
 }
 
@@ -315,17 +321,19 @@ fn replay(
         match checked(&bytes) {
             Ok(p) => {
                 fs.stats.set_profile_source("local");
-                return fs.start_replay(&p, budget, policy);
+                let disk_only = StreamPolicy {
+                    fetch_missing: false,
+                    ..policy
+                };
+                return fs.start_replay(&p, budget, disk_only);
             }
             Err(e) => {
                 let why = crate::error::chain(&e);
                 tracing::warn!("removing the local profile of this image: {why}");
                 disk.remove_profile(digest);
+                state = format!("refused (local): {why}");
             }
         }
-    }
-    if state != "none" {
-        tracing::warn!("starting without a profile");
     }
     fs.stats.set_profile(state);
 }

@@ -88,12 +88,12 @@ impl<K: Hash + Eq, V: Weigh> BudgetLru<K, V> {
         Some(v)
     }
 
-    /// Sum of the weights of the cached values.
     /// The byte budget.
     pub fn budget(&self) -> u64 {
         self.budget
     }
 
+    /// Sum of the weights of the cached values.
     pub fn bytes(&self) -> u64 {
         self.bytes
     }

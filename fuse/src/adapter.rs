@@ -14,7 +14,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
-use thaw_client::image::fs::{Attr, FsError, ImageFs, TTL};
+use thaw_client::image::fs::{Attr, FsError, ImageFs, NEGATIVE_TTL, TTL};
 
 /// The core's errno for `e`.
 pub(crate) fn errno(e: &FsError) -> i32 {
@@ -83,6 +83,10 @@ fn negative_entry() -> FileAttr {
 pub(crate) struct FuseAdapter {
     pub fs: Arc<ImageFs>,
     pub rt: tokio::runtime::Handle,
+    /// Whether the kernel takes ENOSYS to a successful open (or opendir) as
+    /// a zero-message open, as it says at init; older kernels fail it.
+    pub zero_message_open: bool,
+    pub zero_message_opendir: bool,
 }
 
 /// A reply that can carry an error.
@@ -131,6 +135,10 @@ impl Filesystem for FuseAdapter {
         ] {
             let _ = config.add_capabilities(cap);
         }
+        // Flags the kernel offers rather than asks for: accepting one says
+        // whether it was offered.
+        self.zero_message_open = config.add_capabilities(FUSE_NO_OPEN_SUPPORT).is_ok();
+        self.zero_message_opendir = config.add_capabilities(FUSE_NO_OPENDIR_SUPPORT).is_ok();
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(128);
         Ok(())
@@ -139,10 +147,9 @@ impl Filesystem for FuseAdapter {
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup(parent, name.as_bytes()) {
             Ok(a) => reply.entry(&TTL, &to_fuse(&a), 0),
-            // Inode 0 is a negative entry the kernel may keep as long as a
-            // positive one: the image never changes, so a name that is not
-            // there now never will be (an import path search asks often).
-            Err(FsError::NotFound) => reply.entry(&TTL, &negative_entry(), 0),
+            // Inode 0 is a negative entry, which the kernel keeps for the
+            // core's NEGATIVE_TTL.
+            Err(FsError::NotFound) => reply.entry(&NEGATIVE_TTL, &negative_entry(), 0),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -167,7 +174,9 @@ impl Filesystem for FuseAdapter {
             // open: it stops sending opens and releases for this mount and
             // keeps each file's page cache, two round trips fewer per file.
             // (Opens for writing never get here: the mount is read-only.)
-            Ok(o) if o.stateless && o.keep_cache => reply.error(libc::ENOSYS),
+            Ok(o) if o.stateless && o.keep_cache && self.zero_message_open => {
+                reply.error(libc::ENOSYS)
+            }
             Ok(o) if o.keep_cache => reply.opened(0, fuser::consts::FOPEN_KEEP_CACHE),
             Ok(_) => reply.opened(0, 0),
             Err(e) => reply.error(errno(&e)),
@@ -178,7 +187,8 @@ impl Filesystem for FuseAdapter {
         // As for files: a listing needs no handle, and without opendirs the
         // kernel also caches the listings themselves.
         match self.fs.getattr(ino) {
-            Ok(_) => reply.error(libc::ENOSYS),
+            Ok(_) if self.zero_message_opendir => reply.error(libc::ENOSYS),
+            Ok(_) => reply.opened(0, 0),
             Err(e) => reply.error(errno(&e)),
         }
     }

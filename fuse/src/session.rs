@@ -41,6 +41,8 @@ impl Session {
         let adapter = FuseAdapter {
             fs: image.fs.clone(),
             rt,
+            zero_message_open: false,
+            zero_message_opendir: false,
         };
         let fuse = fuser::spawn_mount2(adapter, mountpoint, &opts.mount_options(&image.reference))
             .map_err(|source| FuseError::Mount {

@@ -6,7 +6,7 @@
 //! ```text
 //! v2/chunks/<2 hex>/<64 hex>   chunk bytes, then a 64-byte trailer
 //! v2/manifests/<64 hex>        a manifest's encoding (named by its digest)
-//! v2/profiles/<64 hex>         what the last start on this host read from
+//! v2/profiles/<64 hex>         what the last attach on this host read from
 //!                              that manifest's image (a profile's encoding)
 //! v2/tmp/                      writes in progress
 //! ```
@@ -191,9 +191,7 @@ impl DiskCache {
     /// Keeps `bytes` as the local profile of manifest `digest`, replacing
     /// the one there.
     pub fn put_profile(&self, manifest: &Digest, bytes: &[u8]) -> std::io::Result<u64> {
-        let path = self.profile_path(manifest);
-        self.remove(&path);
-        self.write(&path, &[bytes])
+        self.write_entry(&self.profile_path(manifest), &[bytes], Replace::Yes)
     }
 
     pub fn remove_profile(&self, manifest: &Digest) {
@@ -202,7 +200,14 @@ impl DiskCache {
 
     /// Writes `parts` to `path` through a temporary file, unless it exists.
     fn write(&self, path: &Path, parts: &[&[u8]]) -> std::io::Result<u64> {
-        if path.exists() {
+        self.write_entry(path, parts, Replace::No)
+    }
+
+    /// Writes `parts` to `path` through a temporary file renamed into place:
+    /// readers see the old entry or the new one, never none or a part.
+    fn write_entry(&self, path: &Path, parts: &[&[u8]], replace: Replace) -> std::io::Result<u64> {
+        let old = std::fs::symlink_metadata(path).ok().map(|m| m.len());
+        if old.is_some() && replace == Replace::No {
             return Ok(0);
         }
         let name = path
@@ -226,7 +231,13 @@ impl DiskCache {
             return Err(e);
         }
         let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
-        let used = self.used.fetch_add(len, Ordering::Relaxed) + len;
+        let replaced = old.unwrap_or(0);
+        let used = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some((u + len).saturating_sub(replaced))
+            })
+            .map_or(0, |u| (u + len).saturating_sub(replaced));
         Ok(if used > self.budget { self.evict() } else { 0 })
     }
 
@@ -293,6 +304,13 @@ impl DiskCache {
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }
+}
+
+/// Whether a write replaces an entry that is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replace {
+    Yes,
+    No,
 }
 
 /// A cache entry as eviction sees it.

@@ -113,7 +113,7 @@ pub struct Fetcher {
     stats: Arc<Stats>,
     demand: Semaphore,
     background: Semaphore,
-    /// Profile batches being verified at once (see `fetch_batch`).
+    /// Profile batches being verified at once, one per core (see `fetch_batch`).
     stream_decodes: Semaphore,
     policy: FetchPolicy,
     /// Loads and disk cache writes not yet finished; [`Fetcher::flush`] waits for them.
@@ -139,7 +139,9 @@ impl Fetcher {
             stats,
             demand: Semaphore::new(policy.concurrency.max(1)),
             background: Semaphore::new((policy.concurrency / 4).max(1)),
-            stream_decodes: Semaphore::new(1),
+            stream_decodes: Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            ),
             policy,
             busy: Arc::new(AtomicUsize::new(0)),
         })

@@ -25,6 +25,9 @@ use thaw_format::{Digest, Extent, Manifest, Node, NodeKind, Profile, ROOT};
 
 /// The image never changes, so entries, attributes and pages may be cached for long.
 pub const TTL: Duration = Duration::from_secs(24 * 3600);
+/// For as long, a name that is not in the image never will be: a door may
+/// let the kernel remember its absence (an import path search asks often).
+pub const NEGATIVE_TTL: Duration = TTL;
 
 /// Errors of filesystem operations; [`FsError::errno`] maps them for every door.
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +235,7 @@ impl ImageFs {
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        Stats::inc(&self.stats.lookups);
         let (p, node) = self.node(parent)?;
         if !node.is_dir() {
             return Err(FsError::NotDir);
@@ -320,6 +324,7 @@ impl ImageFs {
 
     /// Opens `ino` with open(2) `flags`: only for reading.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
+        Stats::inc(&self.stats.opens);
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             return Err(FsError::ReadOnly);
         }

@@ -13,6 +13,10 @@ const LATENCY_SAMPLES: usize = 8192;
 /// Counters of one image instance. All are monotonic except the cache sizes.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Names looked up and files opened through a door (a kernel that
+    /// remembers absent names and opens without a message asks less).
+    pub lookups: AtomicU64,
+    pub opens: AtomicU64,
     pub reads: AtomicU64,
     pub read_bytes: AtomicU64,
     /// Chunk lookups answered from the in-memory cache.
@@ -149,6 +153,8 @@ impl Stats {
             disk_write_errors: g(&self.disk_write_errors),
             disk_evicted: g(&self.disk_evicted),
             mem_cache_bytes: g(&self.mem_cache_bytes),
+            lookups: g(&self.lookups),
+            opens: g(&self.opens),
             profile: self.profile.lock().expect("stats lock").clone(),
             profile_source: (*self.profile_source.lock().expect("stats lock")).to_owned(),
             last_error: self.last_error.lock().expect("stats lock").clone(),
@@ -188,6 +194,10 @@ pub struct StatsReport {
     pub server: String,
     #[serde(default)]
     pub failovers: u64,
+    #[serde(default)]
+    pub lookups: u64,
+    #[serde(default)]
+    pub opens: u64,
     pub reads: u64,
     pub read_bytes: u64,
     pub mem_hits: u64,
@@ -216,7 +226,7 @@ pub struct StatsReport {
     /// image), `unavailable: <why>` (it could not be fetched).
     pub profile: String,
     /// Where the streamed profile came from: `server` (the image's, recorded
-    /// by `--record` anywhere), `local` (what the last start on this host
+    /// by `--record` anywhere), `local` (what the last attach on this host
     /// read, kept in the disk cache), or empty when none streams.
     #[serde(default)]
     pub profile_source: String,

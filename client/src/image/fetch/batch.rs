@@ -65,11 +65,11 @@ impl Fetcher {
         let found = frames.iter().flatten().count() as u64;
         let frame_bytes = frames.iter().flatten().map(|f| f.len() as u64).sum();
         self.stats.record_batch(found, frame_bytes);
-        // Each chunk goes to its readers as soon as it is verified (its
-        // segments inflated on every core), one batch at a time: a start's
-        // reads wait on the next chunk, not on the whole batch, nor on other
-        // batches' chunks decoding beside it. (Verifying on one core, leaving
-        // the other to the start, was no faster.)
+        // Each chunk goes to its readers as soon as it is verified (a large
+        // one's segments inflated on every core), one batch per core at a
+        // time: a start's reads wait on the next chunk, not on the whole batch,
+        // nor on every batch in flight decoding at once. (Verifying on one
+        // core, leaving the other to the start, was no faster.)
         let asked_for = deliveries.len();
         let _decoding = self.stream_decodes.acquire().await;
         let this = self.clone();

@@ -37,6 +37,10 @@ pub struct StreamPolicy {
     pub first_batch_bytes: u64,
     /// Batch requests (and disk cache loads) in flight at once.
     pub in_flight: usize,
+    /// Fetch what the disk cache lacks; off, only what it holds is loaded
+    /// (a local profile: what an attach read, perhaps over hours, is a hint
+    /// for the disk, not a reason to fetch).
+    pub fetch_missing: bool,
 }
 
 impl Default for StreamPolicy {
@@ -45,6 +49,7 @@ impl Default for StreamPolicy {
             batch_bytes: 4 << 20,
             first_batch_bytes: 1 << 20,
             in_flight: 8,
+            fetch_missing: true,
         }
     }
 }
@@ -112,6 +117,9 @@ pub(crate) async fn stream(
                     if steps.len() >= policy.in_flight {
                         break;
                     }
+                    continue;
+                }
+                if !policy.fetch_missing {
                     continue;
                 }
                 batch.push(c);

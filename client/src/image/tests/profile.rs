@@ -193,6 +193,7 @@ async fn a_demand_miss_goes_ahead_of_the_stream() {
         batch_bytes: MIB as u64,
         first_batch_bytes: MIB as u64,
         in_flight: 1,
+        ..StreamPolicy::default()
     };
     t.source.hold(chunks[0]);
     let (fs, _cache) = t.attach(&quiet(), false);
