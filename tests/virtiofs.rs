@@ -335,7 +335,10 @@ fn one_byte_of_a_100mb_file_fetches_at_most_two_chunks() {
     write(&src.join("weights.bin"), &data);
     let r = w.push(&src, "w:v1");
     let backend = w.backend(&r, "cache", &[]);
-    let script = "dd if=/mnt/weights.bin bs=1 count=1 skip=52428801 2>/dev/null | od -An -tu1\n\
+    // A missing name, three times: the guest keeps the negative entry, so
+    // one lookup of it reaches the backend.
+    let script = "for i in 1 2 3; do ls /mnt/no-such-module.py 2>/dev/null && echo FOUND; done\n\
+                  dd if=/mnt/weights.bin bs=1 count=1 skip=52428801 2>/dev/null | od -An -tu1\n\
                   echo 'read done'\nread line\n";
     let mut guest = Guest::boot(&kit, &w.config(script)).unwrap();
     guest.wait_for("read done", SCRIPT_TIMEOUT).unwrap();
@@ -356,6 +359,9 @@ fn one_byte_of_a_100mb_file_fetches_at_most_two_chunks() {
         "one byte fetched {fetched} chunks: {stats}"
     );
     assert_eq!(stats["transport"], "virtiofs");
+    assert!(!so_far.contains("FOUND"), "{so_far}");
+    // weights.bin, and the missing name once.
+    assert_eq!(stats["lookups"], 2, "{stats}");
 }
 
 #[test]

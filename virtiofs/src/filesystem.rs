@@ -18,7 +18,7 @@ use std::ffi::CStr;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use thaw_client::image::fs::{Attr, FsError, ImageFs, TTL};
+use thaw_client::image::fs::{Attr, FsError, ImageFs, NEGATIVE_TTL, TTL};
 use thaw_format::device_state::HandleKind;
 
 /// An image served to a guest.
@@ -136,8 +136,21 @@ impl FileSystem for ImageFileSystem {
     }
 
     fn lookup(&self, _: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
-        let a = self.fs.lookup(parent, name.to_bytes()).map_err(err)?;
-        Ok(entry(&a))
+        match self.fs.lookup(parent, name.to_bytes()) {
+            Ok(a) => Ok(entry(&a)),
+            // Inode 0 is a negative entry, which the guest keeps for the
+            // core's NEGATIVE_TTL.
+            Err(FsError::NotFound) => Ok(Entry {
+                inode: 0,
+                generation: 0,
+                // SAFETY: stat64 is plain old data; all zeroes is a valid value.
+                attr: unsafe { std::mem::zeroed() },
+                attr_flags: 0,
+                attr_timeout: NEGATIVE_TTL,
+                entry_timeout: NEGATIVE_TTL,
+            }),
+            Err(e) => Err(err(e)),
+        }
     }
 
     fn getattr(&self, _: &Context, ino: u64, _: Option<u64>) -> io::Result<(stat64, Duration)> {
