@@ -179,8 +179,8 @@ pub fn decode(frame: &[u8]) -> Result<Vec<u8>, FrameError> {
 fn inflate(payload: &[u8], len: usize) -> Result<Vec<u8>, FrameError> {
     let mismatch = || FrameError::LengthMismatch { expected: len };
     let Some(segments) = segments(payload, len)? else {
-        // `decompress` never writes more than `len` bytes: the bound is the capacity.
-        let out = zstd::bulk::decompress(payload, len).map_err(|_| mismatch())?;
+        // Never more than `len` bytes are written: the bound is the capacity.
+        let out = with_decompressor(|d| d.decompress(payload, len)).map_err(|_| mismatch())?;
         if out.len() != len {
             return Err(mismatch());
         }
@@ -189,15 +189,14 @@ fn inflate(payload: &[u8], len: usize) -> Result<Vec<u8>, FrameError> {
     let mut out = vec![0u8; len];
     let mut pieces = Vec::with_capacity(segments.len());
     let mut rest = out.as_mut_slice();
-    for &(src, size) in &segments {
+    for (src, size) in segments {
         let (piece, tail) = rest.split_at_mut(size);
-        pieces.push((&payload[src.0..src.1], piece));
+        pieces.push((src, piece));
         rest = tail;
     }
     use rayon::prelude::*;
     pieces.into_par_iter().try_for_each(|(src, dst)| {
-        let mut d = zstd::bulk::Decompressor::new().map_err(|_| mismatch())?;
-        match d.decompress_to_buffer(src, dst) {
+        match with_decompressor(|d| d.decompress_to_buffer(src, dst)) {
             Ok(n) if n == dst.len() => Ok(()),
             _ => Err(mismatch()),
         }
@@ -205,14 +204,34 @@ fn inflate(payload: &[u8], len: usize) -> Result<Vec<u8>, FrameError> {
     Ok(out)
 }
 
-/// The zstd frames of a payload that inflates to `len` bytes, each as its
-/// byte range and declared size, when there are several and every one
-/// declares its size; `None` to inflate the payload in one pass.
-#[allow(clippy::type_complexity)]
-fn segments(
-    payload: &[u8],
-    len: usize,
-) -> Result<Option<Vec<((usize, usize), usize)>>, FrameError> {
+thread_local! {
+    /// Each thread's zstd context, made once and reused by every decode on it
+    /// (as [`Encoder`] reuses one for encoding).
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's zstd context.
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let d = match slot.as_mut() {
+            Some(d) => d,
+            None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        f(d)
+    })
+}
+
+/// A zstd frame of a payload, and how many bytes it declares it inflates to.
+type Segment<'a> = (&'a [u8], usize);
+
+/// The zstd frames of a payload that inflates to `len` bytes, each with its
+/// declared size, when there are several and every one declares its size;
+/// `None` to inflate the payload in one pass.
+fn segments(payload: &[u8], len: usize) -> Result<Option<Vec<Segment<'_>>>, FrameError> {
     let mismatch = || FrameError::LengthMismatch { expected: len };
     let mut out = Vec::new();
     let (mut at, mut total) = (0usize, 0usize);
@@ -228,7 +247,7 @@ fn segments(
             .checked_add(size)
             .filter(|&t| t <= len)
             .ok_or_else(mismatch)?;
-        out.push(((at, at + n), size));
+        out.push((frame, size));
         if out.len() > MAX_CHUNK_LEN / SEGMENT_LEN {
             // More frames than a writer makes: inflate in one pass.
             return Ok(None);

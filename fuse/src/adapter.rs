@@ -59,25 +59,23 @@ fn to_fuse(a: &Attr) -> FileAttr {
 }
 
 /// The attributes of a negative entry: inode 0, nothing else read.
-fn negative_entry() -> FileAttr {
-    FileAttr {
-        ino: 0,
-        size: 0,
-        blocks: 0,
-        atime: UNIX_EPOCH,
-        mtime: UNIX_EPOCH,
-        ctime: UNIX_EPOCH,
-        crtime: UNIX_EPOCH,
-        kind: FileType::RegularFile,
-        perm: 0,
-        nlink: 0,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        blksize: 0,
-        flags: 0,
-    }
-}
+const NEGATIVE_ENTRY: FileAttr = FileAttr {
+    ino: 0,
+    size: 0,
+    blocks: 0,
+    atime: UNIX_EPOCH,
+    mtime: UNIX_EPOCH,
+    ctime: UNIX_EPOCH,
+    crtime: UNIX_EPOCH,
+    kind: FileType::RegularFile,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 0,
+    flags: 0,
+};
 
 /// Serves an [`ImageFs`] to the kernel.
 pub(crate) struct FuseAdapter {
@@ -149,7 +147,7 @@ impl Filesystem for FuseAdapter {
             Ok(a) => reply.entry(&TTL, &to_fuse(&a), 0),
             // Inode 0 is a negative entry, which the kernel keeps for the
             // core's NEGATIVE_TTL.
-            Err(FsError::NotFound) => reply.entry(&NEGATIVE_TTL, &negative_entry(), 0),
+            Err(FsError::NotFound) => reply.entry(&NEGATIVE_TTL, &NEGATIVE_ENTRY, 0),
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -255,16 +255,20 @@ impl Fetcher {
         InFlight { result, upgrade }
     }
 
-    /// Starts fetching `chunk` in the background if it is not cached or pending.
-    pub fn prefetch(self: &Arc<Self>, chunk: u32) {
-        if self.is_resident_or_pending(chunk) || self.recent_failure(chunk).is_some() {
-            return;
+    /// Starts fetching `chunk` in the background if it is not cached, pending
+    /// or recently failed; returns whether it was neither cached nor pending.
+    pub fn prefetch(self: &Arc<Self>, chunk: u32) -> bool {
+        if self.is_resident_or_pending(chunk) {
+            return false;
         }
-        let (this, busy) = (self.clone(), BusyGuard::new(&self.busy));
-        tokio::spawn(async move {
-            let _busy = busy;
-            let _ = this.get(chunk, Priority::Background).await;
-        });
+        if self.recent_failure(chunk).is_none() {
+            let (this, busy) = (self.clone(), BusyGuard::new(&self.busy));
+            tokio::spawn(async move {
+                let _busy = busy;
+                let _ = this.get(chunk, Priority::Background).await;
+            });
+        }
+        true
     }
 
     /// Waits (up to `timeout`) for fetches and disk cache writes in flight, so

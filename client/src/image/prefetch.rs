@@ -53,12 +53,9 @@ impl Prefetch {
 
     /// Starts fetching `chunk` at background priority.
     fn ahead(&self, f: &Arc<Fetcher>, chunk: u32) {
-        if let Some(r) = &self.recorder {
-            if !f.is_resident_or_pending(chunk) {
-                r.readahead(chunk);
-            }
+        if let (true, Some(r)) = (f.prefetch(chunk), &self.recorder) {
+            r.readahead(chunk);
         }
-        f.prefetch(chunk);
     }
 
     /// Called for each chunk of a read that is neither cached nor pending.

@@ -108,8 +108,13 @@ pub(crate) async fn stream(
                 if fetcher.is_resident_or_pending(c) {
                     continue;
                 }
+                let fits = loaded + len(c) <= load_budget;
+                if !fits && !policy.fetch_missing {
+                    // Neither loaded nor fetched: no need to look on disk.
+                    continue;
+                }
                 if fetcher.on_disk(c) {
-                    if loaded + len(c) > load_budget {
+                    if !fits {
                         continue;
                     }
                     loaded += len(c);
