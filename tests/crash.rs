@@ -29,12 +29,12 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 use thaw_format::Manifest;
 use thaw_testkit::tree::write;
 use thaw_testkit::{
-    assert_same_tree, finish_within, noise, thaw, thaw_bin, thaw_json, PythonEnv, Rng, Server,
+    assert_same_tree, finish_within, noise, spawn_thaw, thaw, thaw_json, PythonEnv, Rng, Server,
 };
 
 const MIB: usize = 1 << 20;
@@ -428,19 +428,14 @@ fn push(dir: &Path, reference: &str) -> Value {
 
 /// `thaw push DIR REF --json` as a child process.
 fn spawn_push(dir: &Path, reference: &str) -> Child {
-    Command::new(thaw_bin())
-        .args([
-            "push",
-            s(dir),
-            reference,
-            "--json",
-            "--chunk-size",
-            CHUNK_SIZE,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn thaw push")
+    spawn_thaw(&[
+        "push",
+        s(dir),
+        reference,
+        "--json",
+        "--chunk-size",
+        CHUNK_SIZE,
+    ])
 }
 
 /// Success, or the error a finished push printed.

@@ -3,15 +3,14 @@
 //! reads and during a push, a server dead from the start, and all of them
 //! dead.
 
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 use thaw_testkit::tree::write;
 use thaw_testkit::{
-    assert_eio_within, assert_same_tree, finish_within, noise, thaw, thaw_bin, thaw_ok,
-    thaw_within, Mount, Server,
+    assert_eio_within, assert_same_tree, finish_within, noise, spawn_thaw, thaw, thaw_ok,
+    thaw_within, wait_for_chunks, Mount, Server,
 };
 
 const MB: usize = 1 << 20;
@@ -68,40 +67,8 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn blake3_of_file(path: &Path) -> blake3::Hash {
-    let mut f = std::fs::File::open(path).unwrap();
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; MB];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            return h.finalize();
-        }
-        h.update(&buf[..n]);
-    }
-}
-
-fn spawn_thaw(args: &[String]) -> Child {
-    Command::new(thaw_bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Chunk files in a directory store (staged uploads included).
-fn stored_chunk_count(store: &Path) -> usize {
-    std::fs::read_dir(store.join("chunks"))
-        .map(|dirs| {
-            dirs.map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 #[test]
@@ -152,7 +119,11 @@ fn a_mount_reads_every_byte_while_the_servers_it_uses_are_killed() {
 
     // The one it moved to dies too: the last one serves, same mount.
     w.servers[1].kill();
-    assert_eq!(blake3_of_file(&m.dir.join("second")), blake3::hash(&second));
+    let got = blake3::Hasher::new()
+        .update_reader(std::fs::File::open(m.dir.join("second")).unwrap())
+        .unwrap()
+        .finalize();
+    assert_eq!(got, blake3::hash(&second));
     let stats = m.stats();
     assert_eq!(stats["server"], w.servers[2].url(), "{stats}");
     assert_eq!(stats["failovers"], 2, "{stats}");
@@ -177,15 +148,10 @@ fn a_push_whose_server_is_killed_completes_through_another() {
     args.extend(["--concurrency", "1", "--chunk-size", "65536", "--json"].map(str::to_owned));
     args.extend(w.more_servers());
     let mut child = spawn_thaw(&args);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stored_chunk_count(&w.store()) < 5 {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the push ended before its server could be killed"
-        );
-        assert!(Instant::now() < deadline, "no chunks arrived in 60 s");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    assert!(
+        wait_for_chunks(&w.store(), 5, &mut child).is_none(),
+        "the push ended before its server could be killed"
+    );
     w.servers[0].kill();
     let out = finish_within(child, Duration::from_secs(120), "push");
     assert!(out.status.success(), "push failed: {}", stderr(&out));

@@ -15,14 +15,15 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use thaw_testkit::tree::{chmod, is_root, mknod, set_mtime_ns, set_xattr, write};
 use thaw_testkit::{
-    assert_same_tree, finish_within, noise, thaw, thaw_bin, thaw_json, thaw_within, Server,
+    assert_same_tree, finish_within, noise, spawn_thaw, thaw, thaw_bin, thaw_json, thaw_within,
+    wait_for_chunks, Server,
 };
 
 const MIB: usize = 1 << 20;
@@ -376,39 +377,14 @@ fn id_of(data: &[u8]) -> String {
 
 /// `thaw push ... --json` as a child process.
 fn spawn_push(dir: &Path, reference: &str, extra: &[&str]) -> Child {
-    Command::new(thaw_bin())
-        .args(["push", s(dir), reference, "--json"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn thaw push")
+    let mut args = vec!["push", s(dir), reference, "--json"];
+    args.extend_from_slice(extra);
+    spawn_thaw(&args)
 }
 
 fn parse_json(out: &Output) -> Value {
     assert!(out.status.success(), "thaw failed: {}", stderr(out));
     serde_json::from_slice(&out.stdout).expect("thaw printed JSON")
-}
-
-/// Polls until the store holds at least `n` chunk files or `child` exits.
-fn wait_for_chunks(store: &Path, n: usize, child: &mut Child) -> Option<ExitStatus> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        let count = fs::read_dir(store.join("chunks"))
-            .map(|dirs| {
-                dirs.map(|d| fs::read_dir(d.unwrap().path()).unwrap().count())
-                    .sum::<usize>()
-            })
-            .unwrap_or(0);
-        if count >= n {
-            return None;
-        }
-        assert!(Instant::now() < deadline, "no chunks arrived in 60 s");
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -223,15 +223,14 @@ fn a_snapshot_restores_lazily_from_a_thaw_mount() {
 /// that the guest goes on where it was, on the template's memory, fetched
 /// on demand: a fraction of it.
 fn restore_and_check(tmp: &Path, tpl: &Template, restored: &Path) {
-    let cache = tmp.join("cache");
-    let said = thaw_ok(&[
-        "vm",
-        "restore",
-        &tpl.reference,
-        restored.to_str().unwrap(),
-        "--cache-dir",
-        cache.to_str().unwrap(),
-    ]);
+    let name = restored.file_name().unwrap().to_str().unwrap();
+    let out = restore_into(tmp, name, &tpl.reference);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "thaw vm restore failed: {}\n{said}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     eprintln!("{said}");
     let mut c = console(restored);
     // The counter goes on from the snapshot; memory is the template's.
@@ -290,7 +289,8 @@ fn a_cloud_hypervisor_snapshot_restores_lazily_from_a_thaw_mount() {
     restore_and_check(tmp.path(), &tpl, &restored);
 }
 
-/// `thaw vm restore REF TMP/NAME` with an empty cache of its own.
+/// `thaw vm restore REF TMP/NAME` with an empty cache of its own
+/// (`TMP/NAME-cache`).
 fn restore_into(tmp: &Path, name: &str, reference: &str) -> std::process::Output {
     let dir = tmp.join(name);
     let cache = tmp.join(format!("{name}-cache"));

@@ -204,6 +204,9 @@ fn images(cfg: &StartupConfig) -> Result<Vec<Image>> {
     })
 }
 
+/// What a directory is pushed as.
+const PUSHED: &str = "bench:latest";
+
 /// Pushes the image (unshaped: that is the build pipeline's side) or copies a
 /// remote one locally, and puts the link in front of its server.
 fn prepare(
@@ -215,10 +218,10 @@ fn prepare(
     let (upstream, local) = match &image.dir {
         Some(dir) => {
             eprintln!("thaw bench: pushing {}", image.name);
-            thaw::push(rt, dir, &server.reference("bench:latest"))?;
+            thaw::push(rt, dir, &server.reference(PUSHED))?;
             let up = thaw::Upstream {
                 addr: server.addr,
-                image: "bench:latest".into(),
+                image: PUSHED.into(),
             };
             (up, dir.clone())
         }
@@ -246,7 +249,7 @@ fn prepare(
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)?;
         modes::record_profile(&target, &work).context("recording the start to pack by")?;
-        let report = thaw::push(rt, dir, &server.reference("bench:latest"))?;
+        let report = thaw::push(rt, dir, &server.reference(PUSHED))?;
         match report.chunks_uploaded {
             0 => eprintln!("  pushed again: no new chunks (packed by an earlier profile already)"),
             n => eprintln!(

@@ -234,32 +234,28 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
         // The first size: cold while recording the restore's profile, warm
         // (its disk cache), then cold again with a fresh cache, the profile
         // streamed. The others: cold, without a profile.
-        let passes: &[&str] = if i == 0 {
-            &["cold", "warm", "cold with a profile"]
-        } else {
-            &["cold"]
+        let off = MountFlags {
+            profile: Some("off"),
+            ..flags
         };
-        for (pass, &label) in passes.iter().enumerate() {
+        let passes = if i == 0 {
+            let record = MountFlags {
+                record: true,
+                ..flags
+            };
+            let profiled = work.join(format!("cache{kib}-profiled"));
+            vec![
+                ("cold", cache.clone(), record),
+                ("warm", cache, off),
+                ("cold with a profile", profiled, flags),
+            ]
+        } else {
+            vec![("cold", cache, off)]
+        };
+        for (pass, (label, cache, flags)) in passes.into_iter().enumerate() {
             eprintln!("restoring from thaw, {kib} KiB chunks, {label}");
             let dir = work.join(format!("restore{kib}-{pass}"));
             let mp = qemu::image_dir(&dir);
-            let (cache, flags) = match label {
-                "cold" if i == 0 => (
-                    cache.clone(),
-                    MountFlags {
-                        record: true,
-                        ..flags
-                    },
-                ),
-                "cold with a profile" => (work.join(format!("cache{kib}-profiled")), flags),
-                _ => (
-                    cache.clone(),
-                    MountFlags {
-                        profile: Some("off"),
-                        ..flags
-                    },
-                ),
-            };
             let t = Instant::now();
             thaw_bin.mount(&reference, &mp, &cache, flags)?;
             let measured = qemu::restore(&dir, &mp, false)

@@ -74,11 +74,6 @@ pub const READ_BATCH: usize = BATCH_MAX_IDS;
 pub const MANIFEST_MAX: usize = 256 << 20;
 /// Largest tag answer (a digest and a newline, with room).
 const TAG_MAX: usize = wire::TAG_BODY_MAX;
-/// Largest answer to a `missing` query of `n` ids: each id as a quoted
-/// `blake3:<hex>` string and a comma, with room for the braces.
-const fn missing_answer_max(n: usize) -> usize {
-    n * 80 + 1024
-}
 
 fn http_client(ca_pem: Option<&[u8]>) -> reqwest::Result<reqwest::Client> {
     let mut b = reqwest::Client::builder()
@@ -169,14 +164,18 @@ impl Remote {
     }
 
     /// One attempt at `op`, on each server in turn from the one in use,
-    /// until one answers (see [`servers::fails_over`]). When all fail, the
-    /// error is the last server's (alone, with one server).
+    /// until one answers (see [`servers::fails_over`]). With one server, its
+    /// answer or error as it is.
     async fn on_any<'s, T, F, Fut>(&'s self, op: F) -> Result<T>
     where
         F: Fn(&'s str) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
         let servers = &*self.servers;
+        if servers.count() == 1 {
+            // Nothing to fail over to, so nothing to remember.
+            return op(servers.base(0)).await;
+        }
         let order = servers.order(Instant::now());
         let mut last = None;
         for &i in &order {
@@ -196,9 +195,6 @@ impl Remote {
             }
         }
         let e = last.expect("a remote has at least one server");
-        if servers.count() == 1 {
-            return Err(e);
-        }
         Err(ClientError::NoServerAnswered {
             servers: servers.bases().to_vec(),
             source: Box::new(e),
@@ -435,7 +431,7 @@ impl Remote {
         let mut out = Vec::new();
         for batch in ids.chunks(MISSING_BATCH) {
             let body = serde_json::json!({ "ids": batch });
-            let max = missing_answer_max(batch.len());
+            let max = wire::id_list_body_max(batch.len());
             let answer = self
                 .retrying(what, || {
                     self.post_once(what, "/v1/chunks/missing", &body, max)

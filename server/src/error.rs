@@ -41,6 +41,16 @@ pub enum ServerError {
     },
 }
 
+impl ServerError {
+    /// Maps a store error on reading `path` to [`ServerError::StoreRead`].
+    pub(crate) fn store_read(
+        path: &object_store::path::Path,
+    ) -> impl FnOnce(object_store::Error) -> ServerError {
+        let path = path.to_string();
+        move |source| ServerError::StoreRead { path, source }
+    }
+}
+
 /// A refused request: an HTTP status, a stable code and a short message.
 #[derive(Debug)]
 pub(crate) struct ApiError {

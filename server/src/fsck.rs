@@ -135,18 +135,14 @@ impl Checker<'_> {
             Kind::Chunk => CHUNKS,
             Kind::Manifest => MANIFESTS,
         });
-        let failed = |path: &Path| {
-            let path = path.to_string();
-            move |source| ServerError::StoreRead { path, source }
-        };
         let store = self.store;
         let mut checks = store
             .list(Some(prefix))
             .map(|listed| async move {
-                let meta = listed.map_err(failed(prefix))?;
+                let meta = listed.map_err(ServerError::store_read(prefix))?;
                 let verdict = check(store, kind, &meta.location, good_chunks)
                     .await
-                    .map_err(failed(&meta.location))?;
+                    .map_err(ServerError::store_read(&meta.location))?;
                 Ok::<_, ServerError>((meta, verdict))
             })
             .buffer_unordered(self.options.concurrency.max(1));
@@ -175,7 +171,7 @@ impl Checker<'_> {
                     if quarantined {
                         layout::quarantine(&**store, &meta.location)
                             .await
-                            .map_err(failed(&meta.location))?;
+                            .map_err(ServerError::store_read(&meta.location))?;
                     }
                     report.bad.push(BadObject {
                         path: meta.location.to_string(),
@@ -197,7 +193,7 @@ async fn check(
     path: &Path,
     good_chunks: &Arc<HashSet<Digest>>,
 ) -> object_store::Result<Verdict> {
-    let named = path.filename().and_then(|name| Digest::from_hex(name).ok());
+    let named = layout::named_digest(path);
     let expected = named.map(|digest| match kind {
         Kind::Chunk => layout::chunk_path(&digest),
         Kind::Manifest => layout::manifest_path(&digest),

@@ -136,24 +136,13 @@ struct Run<'a> {
     id: String,
 }
 
-fn failed(path: &Path) -> impl FnOnce(object_store::Error) -> ServerError {
-    let path = path.to_string();
-    move |source| ServerError::StoreRead { path, source }
-}
-
-/// The digest an object's last path part names (`manifests/<hex>`,
-/// `chunks/<ab>/<hex>`, `profiles/<hex>`).
-fn named_digest(path: &Path) -> Option<Digest> {
-    Digest::from_hex(path.filename()?).ok()
-}
-
 impl Run<'_> {
     async fn put(&self, path: &Path, bytes: Vec<u8>) -> Result<(), ServerError> {
         self.store
             .put(path, bytes.into())
             .await
             .map(drop)
-            .map_err(failed(path))
+            .map_err(ServerError::store_read(path))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ServerError> {
@@ -162,7 +151,7 @@ impl Run<'_> {
             .list(Some(&prefix))
             .try_collect()
             .await
-            .map_err(failed(&prefix))
+            .map_err(ServerError::store_read(&prefix))
     }
 
     fn old(&self, meta: &ObjectMeta) -> bool {
@@ -177,7 +166,7 @@ impl Run<'_> {
         let mut live = HashSet::new();
         let mut dead_manifests = Vec::new();
         for meta in manifests {
-            match named_digest(&meta.location) {
+            match layout::named_digest(&meta.location) {
                 Some(d) if roots.contains(&d) || !self.old(&meta) => {
                     live.insert(d);
                 }
@@ -195,12 +184,14 @@ impl Run<'_> {
         let dead_chunks: Vec<ObjectMeta> = chunks
             .into_iter()
             .filter(|m| self.old(m))
-            .filter(|m| named_digest(&m.location).is_none_or(|id| !live_chunks.contains(&id)))
+            .filter(|m| {
+                layout::named_digest(&m.location).is_none_or(|id| !live_chunks.contains(&id))
+            })
             .collect();
         let dead_profiles: Vec<ObjectMeta> = profiles
             .into_iter()
             .filter(|m| self.old(m))
-            .filter(|m| named_digest(&m.location).is_none_or(|d| !live.contains(&d)))
+            .filter(|m| layout::named_digest(&m.location).is_none_or(|d| !live.contains(&d)))
             .collect();
         report.chunks_removed = dead_chunks.len() as u64;
         report.manifests_removed = dead_manifests.len() as u64;
@@ -233,13 +224,13 @@ impl Run<'_> {
             .await?
             .iter()
             .filter(|m| !listed.contains(&m.location))
-            .filter_map(|m| named_digest(&m.location))
+            .filter_map(|m| layout::named_digest(&m.location))
             .collect();
         since.extend(roots_now.difference(&live));
         for digest in &since {
             let back = bring_back(&**self.store, digest)
                 .await
-                .map_err(failed(&layout::manifest_path(digest)))?;
+                .map_err(ServerError::store_read(&layout::manifest_path(digest)))?;
             report.restored += back.restored;
         }
         let named_since = self.chunks_of(since.iter().copied()).await?;
@@ -256,7 +247,7 @@ impl Run<'_> {
             }
             let original = Path::from_iter(parts[2..].iter().cloned());
             let is_chunk = parts.get(2).is_some_and(|p| p.as_ref() == CHUNKS);
-            let wanted = named_digest(&original).is_some_and(|d| match is_chunk {
+            let wanted = layout::named_digest(&original).is_some_and(|d| match is_chunk {
                 true => live_chunks.contains(&d) || named_since.contains(&d),
                 false => live.contains(&d),
             });
@@ -321,8 +312,8 @@ impl Run<'_> {
     async fn read_digest(&self, path: &Path) -> Result<Option<Digest>, ServerError> {
         let bytes = layout::get(&**self.store, path)
             .await
-            .map_err(failed(path))?;
-        Ok(bytes.and_then(|b| std::str::from_utf8(&b).ok()?.trim().parse().ok()))
+            .map_err(ServerError::store_read(path))?;
+        Ok(bytes.and_then(|b| layout::parse_tag_object(&b)))
     }
 
     /// Every chunk the stored manifests `digests` name. A manifest that is
@@ -335,7 +326,9 @@ impl Run<'_> {
         let mut reads = futures::stream::iter(digests)
             .map(|d| async move {
                 let path = layout::manifest_path(&d);
-                let bytes = layout::get(store, &path).await.map_err(failed(&path))?;
+                let bytes = layout::get(store, &path)
+                    .await
+                    .map_err(ServerError::store_read(&path))?;
                 Ok::<_, ServerError>(bytes.and_then(|b| Manifest::decode_verified(&b, &d).ok()))
             })
             .buffer_unordered(self.options.concurrency.max(1));
@@ -358,21 +351,21 @@ impl Run<'_> {
     async fn trash(&self, path: &Path) -> Result<(), ServerError> {
         match self.store.rename(path, &trash_path(&self.id, path)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(failed(path)(e)),
+            Err(e) => Err(ServerError::store_read(path)(e)),
         }
     }
 
     async fn untrash(&self, trashed: &Path, path: &Path) -> Result<(), ServerError> {
         match self.store.rename(trashed, path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(failed(path)(e)),
+            Err(e) => Err(ServerError::store_read(path)(e)),
         }
     }
 
     async fn delete(&self, path: &Path) -> Result<(), ServerError> {
         match self.store.delete(path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(failed(path)(e)),
+            Err(e) => Err(ServerError::store_read(path)(e)),
         }
     }
 }

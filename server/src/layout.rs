@@ -42,6 +42,17 @@ pub(crate) fn profile_path(digest: &Digest) -> Path {
     Path::from_iter([PROFILES, &digest.to_hex()])
 }
 
+/// The digest an object's last path part names (`manifests/<hex>`,
+/// `chunks/<ab>/<hex>`, `profiles/<hex>`).
+pub(crate) fn named_digest(path: &Path) -> Option<Digest> {
+    Digest::from_hex(path.filename()?).ok()
+}
+
+/// The manifest a stored tag object names, if it holds a digest at all.
+pub(crate) fn parse_tag_object(bytes: &[u8]) -> Option<Digest> {
+    std::str::from_utf8(bytes).ok()?.trim().parse().ok()
+}
+
 /// `name` and `tag` must have passed [`valid_name`].
 pub(crate) fn tag_path(name: &str, tag: &str) -> Path {
     Path::from_iter(["tags", name, tag])

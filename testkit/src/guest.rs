@@ -141,8 +141,15 @@ pub fn find_for_test(virtiofsd: bool) -> Result<GuestKit, String> {
 #[doc(hidden)]
 pub fn skip_or_fail(here: &str, why: &str) {
     let test = here.strip_suffix("::here").unwrap_or(here);
-    if std::env::var_os("THAW_REQUIRE_GUEST").is_some_and(|v| v != "0") {
-        panic!("{test}: THAW_REQUIRE_GUEST is set but {why}");
+    skip_unless_required("THAW_REQUIRE_GUEST", test, why);
+}
+
+/// Says loudly that `test` skips, and why; panics instead when the
+/// environment variable `require` is set (and not `0`): there, what is
+/// missing should have been installed.
+pub fn skip_unless_required(require: &str, test: &str, why: &str) {
+    if std::env::var_os(require).is_some_and(|v| v != "0") {
+        panic!("{test}: {require} is set but {why}");
     }
     skip(test, why);
 }

@@ -22,6 +22,6 @@ pub mod tree;
 pub use compare::assert_same_tree;
 pub use data::{noise, Python, PythonEnv, Rng};
 pub use process::{
-    assert_eio_within, finish_within, thaw, thaw_bin, thaw_json, thaw_ok, thaw_within, Mount,
-    Server,
+    assert_eio_within, finish_within, spawn_thaw, thaw, thaw_bin, thaw_json, thaw_ok, thaw_within,
+    wait_for_chunks, Mount, Server,
 };

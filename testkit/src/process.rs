@@ -49,15 +49,47 @@ pub fn finish_within(mut child: Child, limit: Duration, what: &str) -> Output {
     child.wait_with_output().expect("wait for a child")
 }
 
-/// Runs `thaw ARGS` with its output captured, failing the test if it runs
-/// longer than `limit`.
-pub fn thaw_within(args: &[impl AsRef<OsStr>], limit: Duration) -> Output {
-    let child = Command::new(thaw_bin())
+/// Starts `thaw ARGS` as a child with its output captured.
+pub fn spawn_thaw(args: &[impl AsRef<OsStr>]) -> Child {
+    Command::new(thaw_bin())
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("run thaw");
+        .expect("run thaw")
+}
+
+/// Polls until the directory store at `store` holds at least `n` chunk files
+/// (staged uploads included), or `child` exits first (its status); fails the
+/// test after 60 s.
+pub fn wait_for_chunks(
+    store: &Path,
+    n: usize,
+    child: &mut Child,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().expect("poll a child") {
+            return Some(status);
+        }
+        let count = std::fs::read_dir(store.join("chunks"))
+            .map(|dirs| {
+                dirs.map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
+                    .sum::<usize>()
+            })
+            .unwrap_or(0);
+        if count >= n {
+            return None;
+        }
+        assert!(Instant::now() < deadline, "no chunks arrived in 60 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Runs `thaw ARGS` with its output captured, failing the test if it runs
+/// longer than `limit`.
+pub fn thaw_within(args: &[impl AsRef<OsStr>], limit: Duration) -> Output {
+    let child = spawn_thaw(args);
     let what = args.iter().map(|a| a.as_ref().to_string_lossy());
     finish_within(
         child,

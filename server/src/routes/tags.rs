@@ -88,11 +88,6 @@ pub(super) async fn put(
     Ok(StatusCode::OK)
 }
 
-/// The manifest a stored tag object names, if it holds a digest at all.
-fn parse_tag_object(bytes: &[u8]) -> Option<Digest> {
-    std::str::from_utf8(bytes).ok()?.trim().parse().ok()
-}
-
 pub(super) async fn get(
     State(state): State<Shared>,
     Param((name, tag)): Param<(String, String)>,
@@ -104,7 +99,7 @@ pub(super) async fn get(
         .await
         .map_err(ApiError::store)?;
     let bytes = bytes.ok_or_else(|| ApiError::not_found(format!("tag {name}/{tag}")))?;
-    let digest = parse_tag_object(&bytes)
+    let digest = layout::parse_tag_object(&bytes)
         .ok_or_else(|| ApiError::internal(format!("tag object {path} does not hold a digest")))?;
     let headers = [
         (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
@@ -148,7 +143,7 @@ pub(super) async fn list(
             let bytes = layout::get(store, &path).await?;
             Ok::<_, object_store::Error>(
                 bytes
-                    .and_then(|b| parse_tag_object(&b))
+                    .and_then(|b| layout::parse_tag_object(&b))
                     .map(|manifest| TagEntry { tag, manifest }),
             )
         })
