@@ -62,9 +62,7 @@ const START: &str = "cat lib/core.so pkg/m0[0-9][0-9].py > /dev/null";
 
 /// Reads what [`START`] reads through `root` and checks it against `src`.
 fn run_start(root: &Path, src: &Path) {
-    let mut names = vec!["lib/core.so".to_owned()];
-    names.extend((0..100).map(|i| format!("pkg/m{i:03}.py")));
-    for name in names {
+    for name in start_files() {
         let got = std::fs::read(root.join(&name)).unwrap();
         assert!(got == std::fs::read(src.join(&name)).unwrap(), "{name}");
     }
@@ -121,7 +119,8 @@ fn a_recorded_profile_is_fetched_before_the_reads_ask_and_no_profile_turns_it_of
     // The start finds everything fetched: no read fetches.
     run_start(&m.dir, &src);
     let s = m.stats();
-    assert!(num(&s, "reads") > 0);
+    // What the kernel was handed ahead of a read does not reach the mount.
+    assert!(num(&s, "reads") + num(&s, "pushes") > 0, "{s}");
     assert_eq!(num(&s, "chunks_fetched"), working_set, "{s}");
     assert_eq!(
         w.server.metric("thaw_chunks_served_total") - served,
@@ -142,6 +141,52 @@ fn a_recorded_profile_is_fetched_before_the_reads_ask_and_no_profile_turns_it_of
     assert_eq!(num(&s, "profile_chunks_streamed"), 0);
     assert_eq!(num(&s, "profile_batches"), 0);
     assert!(num(&s, "chunks_fetched") >= working_set, "{s}");
+}
+
+/// The files [`START`] reads.
+fn start_files() -> Vec<String> {
+    let mut names = vec!["lib/core.so".to_owned()];
+    names.extend((0..100).map(|i| format!("pkg/m{i:03}.py")));
+    names
+}
+
+#[test]
+fn streamed_bytes_reach_the_page_cache_before_the_start_reads_them() {
+    let w = World::new();
+    let src = w.tree();
+    let (r, _) = w.push(&src, "app:v1");
+    thaw_json(&["profile", "record", &r, "--run", START, "--runs", "2"]);
+    let wanted: u64 = start_files()
+        .iter()
+        .map(|n| std::fs::metadata(src.join(n)).unwrap().len())
+        .sum();
+    for (name, push) in [("pushed", true), ("asked", false)] {
+        let extra: &[&str] = if push { &[] } else { &["--no-push"] };
+        let m = w.cold_mount(&r, name, extra);
+        assert_eq!(streamed(&m)["profile"], "done");
+        // Each file the kernel learns of gets its streamed bytes at once
+        // (6 MiB and 100 bytes of library, a tail that ends mid-page, and
+        // a hundred 12,000-byte modules packed together).
+        for n in start_files() {
+            std::fs::metadata(m.dir.join(n)).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while push && num(&m.stats(), "pushed_bytes") < wanted {
+            assert!(Instant::now() < deadline, "not pushed: {}", m.stats());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let before = m.stats();
+        run_start(&m.dir, &src);
+        let s = m.stats();
+        if push {
+            // Every byte read was already in the page cache, and right.
+            assert_eq!(num(&s, "reads"), num(&before, "reads"), "{s}");
+            assert_eq!(num(&s, "pushed_bytes"), wanted, "{s}");
+        } else {
+            assert!(num(&s, "reads") >= 101, "{s}");
+            assert_eq!(num(&s, "pushes"), 0, "{s}");
+        }
+    }
 }
 
 #[test]

@@ -111,6 +111,11 @@ pub struct MountArgs {
     /// Let other users access the mount.
     #[arg(long)]
     allow_other: bool,
+    /// Do not hand chunks in memory (a profile's stream, a fetched chunk's
+    /// other files) to the kernel's page cache before they are read; every
+    /// first read of a page then asks the mount.
+    #[arg(long)]
+    no_push: bool,
     #[command(flatten)]
     image: ImageArgs,
 }
@@ -235,6 +240,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let fuse = thaw_fuse::FuseOptions {
         allow_other: a.allow_other,
         kernel_readahead: a.kernel_readahead,
+        push: !a.no_push,
     };
     let say = Announce {
         what: "mount",
@@ -297,6 +303,13 @@ pub fn stats(a: StatsArgs) -> Result<()> {
     println!("attached    {} at {}", s.transport, s.attached_at);
     println!("server      {} ({} failovers)", s.server, s.failovers);
     println!("reads       {} ({})", s.reads, human(s.read_bytes));
+    if s.pushes > 0 {
+        println!(
+            "pushed      {} to the page cache ahead of reads, in {} messages",
+            human(s.pushed_bytes),
+            s.pushes
+        );
+    }
     println!(
         "fetched     {} chunks, {} of {} image bytes ({:.1}%), {} by readahead",
         s.chunks_fetched,

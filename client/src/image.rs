@@ -184,6 +184,13 @@ impl Image {
         }
     }
 
+    /// Whether what is read is to be merged into the image's profile on the
+    /// server (`ImageOptions::record`): a door then lets every read reach
+    /// the image, rather than answer any from bytes it handed the kernel.
+    pub fn recording_for_server(&self) -> bool {
+        self.record
+    }
+
     /// Merges what was read since the image was opened to record into the
     /// image's profile on the server; `None` when not recording, or when
     /// nothing was read (an empty recording would only dilute the profile).

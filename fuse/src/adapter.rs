@@ -5,6 +5,7 @@
 //! tokio runtime and reply when their chunks arrive, so the request loop
 //! never waits on the network.
 
+use crate::push::Pusher;
 use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
@@ -12,7 +13,7 @@ use fuser::{
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, UNIX_EPOCH};
 use thaw_client::image::fs::{Attr, FsError, ImageFs, NEGATIVE_TTL, TTL};
 
@@ -85,6 +86,9 @@ pub(crate) struct FuseAdapter {
     /// a zero-message open, as it says at init; older kernels fail it.
     pub zero_message_open: bool,
     pub zero_message_opendir: bool,
+    /// Where regular files the kernel is given and forgets are told, when
+    /// the mount pushes bytes in memory to the page cache.
+    pub pusher: Arc<OnceLock<Pusher>>,
 }
 
 /// A reply that can carry an error.
@@ -104,6 +108,15 @@ error_reply!(
 );
 
 impl FuseAdapter {
+    /// The kernel now holds `a`'s inode once more.
+    fn given(&self, a: &Attr) {
+        if let Some(p) = self.pusher.get() {
+            if a.mode & libc::S_IFMT == libc::S_IFREG && a.size > 0 {
+                p.known(a.ino);
+            }
+        }
+    }
+
     /// Answers an operation that would change the image, as the core decides.
     fn refuse(&self, reply: impl ErrorReply) {
         match self.fs.modify() {
@@ -144,11 +157,28 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup(parent, name.as_bytes()) {
-            Ok(a) => reply.entry(&TTL, &to_fuse(&a), 0),
+            Ok(a) => {
+                reply.entry(&TTL, &to_fuse(&a), 0);
+                self.given(&a);
+            }
             // Inode 0 is a negative entry, which the kernel keeps for the
             // core's NEGATIVE_TTL.
             Err(FsError::NotFound) => reply.entry(&NEGATIVE_TTL, &NEGATIVE_ENTRY, 0),
             Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
+        if let Some(p) = self.pusher.get() {
+            p.forgotten(ino, nlookup);
+        }
+    }
+
+    fn batch_forget(&mut self, _req: &Request<'_>, nodes: &[fuser::fuse_forget_one]) {
+        if let Some(p) = self.pusher.get() {
+            for n in nodes {
+                p.forgotten(n.nodeid, n.nlookup);
+            }
         }
     }
 
@@ -253,6 +283,7 @@ impl Filesystem for FuseAdapter {
     ) {
         match self.fs.readdir(ino, offset) {
             Ok(entries) => {
+                let mut given = Vec::new();
                 for e in entries {
                     let Ok(a) = self.fs.getattr(e.ino) else {
                         continue;
@@ -267,8 +298,15 @@ impl Filesystem for FuseAdapter {
                     ) {
                         break;
                     }
+                    // The kernel counts a lookup of each entry but `.` and `..`.
+                    if e.name != b"." && e.name != b".." {
+                        given.push(a);
+                    }
                 }
                 reply.ok();
+                for a in &given {
+                    self.given(a);
+                }
             }
             Err(e) => reply.error(errno(&e)),
         }

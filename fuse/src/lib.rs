@@ -12,6 +12,7 @@ mod adapter;
 pub mod background;
 mod kernel;
 mod options;
+mod push;
 mod session;
 
 pub use kernel::{set_readahead, unmount, unmount_and_wait};

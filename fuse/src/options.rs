@@ -32,6 +32,9 @@ pub struct FuseOptions {
     /// Larger keeps more reads in flight for sequential readers, but makes each
     /// page fault of an mmap'd file read (and fetch) that much around it.
     pub kernel_readahead: u64,
+    /// Hand bytes in memory to the kernel's page cache before they are read
+    /// (see `push`), so reads of a streamed working set never ask.
+    pub push: bool,
 }
 
 impl Default for FuseOptions {
@@ -39,6 +42,7 @@ impl Default for FuseOptions {
         FuseOptions {
             allow_other: false,
             kernel_readahead: 1 << 20,
+            push: true,
         }
     }
 }

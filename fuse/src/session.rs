@@ -4,9 +4,11 @@
 
 use crate::adapter::FuseAdapter;
 use crate::options::{FuseError, FuseOptions};
+use crate::push::Pusher;
 use std::future::Future;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use thaw_client::image::control::ControlSocket;
 use thaw_client::image::Image;
@@ -38,17 +40,37 @@ impl Session {
     ) -> Result<Session, FuseError> {
         recover_stale(mountpoint);
         let started = Instant::now();
+        let pusher = Arc::new(OnceLock::new());
         let adapter = FuseAdapter {
             fs: image.fs.clone(),
             rt,
             zero_message_open: false,
             zero_message_opendir: false,
+            pusher: pusher.clone(),
         };
-        let fuse = fuser::spawn_mount2(adapter, mountpoint, &opts.mount_options(&image.reference))
-            .map_err(|source| FuseError::Mount {
-                mountpoint: mountpoint.to_path_buf(),
-                source,
-            })?;
+        let mount_error = |source| FuseError::Mount {
+            mountpoint: mountpoint.to_path_buf(),
+            source,
+        };
+        let session =
+            fuser::Session::new(adapter, mountpoint, &opts.mount_options(&image.reference))
+                .map_err(mount_error)?;
+        // A recording for the server sees every read (a local recording
+        // counts what was pushed).
+        if opts.push && !image.recording_for_server() {
+            // Set before the session serves its first request.
+            match session
+                .as_fd()
+                .try_clone_to_owned()
+                .and_then(|dev| Pusher::start(image.fs.clone(), dev))
+            {
+                Ok(p) => {
+                    let _ = pusher.set(p);
+                }
+                Err(e) => tracing::warn!("page cache push off: {e}"),
+            }
+        }
+        let fuse = session.spawn().map_err(mount_error)?;
         // The mount answers once a getattr through it succeeds.
         std::fs::metadata(mountpoint).map_err(|source| FuseError::NotAnswering {
             mountpoint: mountpoint.to_path_buf(),

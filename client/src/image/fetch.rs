@@ -26,7 +26,7 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use thaw_format::{frame, BudgetLru, ChunkRef, Digest};
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
@@ -118,7 +118,12 @@ pub struct Fetcher {
     policy: FetchPolicy,
     /// Loads and disk cache writes not yet finished; [`Fetcher::flush`] waits for them.
     busy: Arc<AtomicUsize>,
+    /// Told of each chunk as it enters memory (see [`Fetcher::on_resident`]).
+    resident_hook: OnceLock<ResidentHook>,
 }
+
+/// What a door wants to hear of each chunk entering memory.
+pub type ResidentHook = Box<dyn Fn(u32) + Send + Sync>;
 
 impl Fetcher {
     pub fn new(
@@ -144,7 +149,23 @@ impl Fetcher {
             ),
             policy,
             busy: Arc::new(AtomicUsize::new(0)),
+            resident_hook: OnceLock::new(),
         })
+    }
+
+    /// Calls `hook` with each chunk as it enters memory, from then on (once
+    /// per fetcher; a second hook is refused and returned).
+    pub fn on_resident(&self, hook: ResidentHook) -> Result<(), ResidentHook> {
+        self.resident_hook.set(hook)
+    }
+
+    /// The verified bytes of `chunk` if it is in memory now; never fetches.
+    pub fn resident(&self, chunk: u32) -> Option<Bytes> {
+        self.mem
+            .lock()
+            .expect("mem cache lock")
+            .peek(&chunk)
+            .cloned()
     }
 
     fn mem_get(&self, chunk: u32) -> Option<Bytes> {
@@ -296,9 +317,14 @@ impl Fetcher {
     fn settle(&self, chunk: u32, result: &Result<Bytes, FetchError>) {
         match result {
             Ok(b) => {
-                let mut mem = self.mem.lock().expect("mem cache lock");
-                mem.insert(chunk, b.clone());
-                Stats::set(&self.stats.mem_cache_bytes, mem.bytes());
+                {
+                    let mut mem = self.mem.lock().expect("mem cache lock");
+                    mem.insert(chunk, b.clone());
+                    Stats::set(&self.stats.mem_cache_bytes, mem.bytes());
+                }
+                if let Some(hook) = self.resident_hook.get() {
+                    hook(chunk);
+                }
             }
             Err(e) => {
                 let failure = Failure {

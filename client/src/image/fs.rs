@@ -131,6 +131,65 @@ pub struct ImageFs {
     recorder: Option<Arc<Recorder>>,
     /// The profile's stream, while it runs.
     replay: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Which files each chunk holds, built on first use.
+    chunk_files: std::sync::OnceLock<ChunkFiles>,
+}
+
+/// The inodes of the files each chunk holds bytes of (compressed rows).
+struct ChunkFiles {
+    /// Where chunk `c`'s inodes start in `inos`; `c + 1`'s start ends them.
+    starts: Vec<u32>,
+    inos: Vec<u64>,
+}
+
+impl ChunkFiles {
+    fn of(m: &Manifest) -> ChunkFiles {
+        let mut per_chunk = vec![0u32; m.chunks.len() + 1];
+        let files = || {
+            m.nodes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| match &n.kind {
+                    NodeKind::File { extents } => Some((i as u64 + 1, extents.clone())),
+                    _ => None,
+                })
+        };
+        let chunks_of = |extents: std::ops::Range<u32>| {
+            let mut cs: Vec<u32> = m.extents[extents.start as usize..extents.end as usize]
+                .iter()
+                .filter_map(|e| e.chunk)
+                .collect();
+            cs.dedup();
+            cs
+        };
+        for (_, extents) in files() {
+            for c in chunks_of(extents) {
+                per_chunk[c as usize + 1] += 1;
+            }
+        }
+        for c in 1..per_chunk.len() {
+            per_chunk[c] += per_chunk[c - 1];
+        }
+        let mut next = per_chunk.clone();
+        let mut inos = vec![0; per_chunk[m.chunks.len()] as usize];
+        for (ino, extents) in files() {
+            for c in chunks_of(extents) {
+                inos[next[c as usize] as usize] = ino;
+                next[c as usize] += 1;
+            }
+        }
+        ChunkFiles {
+            starts: per_chunk,
+            inos,
+        }
+    }
+
+    fn of_chunk(&self, c: u32) -> &[u64] {
+        match (self.starts.get(c as usize), self.starts.get(c as usize + 1)) {
+            (Some(&a), Some(&b)) => &self.inos[a as usize..b as usize],
+            _ => &[],
+        }
+    }
 }
 
 impl ImageFs {
@@ -152,7 +211,117 @@ impl ImageFs {
             prefetch: Prefetch::new(readahead_max, recorder.clone()),
             recorder,
             replay: Mutex::new(None),
+            chunk_files: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Calls `hook` with each chunk as it enters memory (a fetch, a load
+    /// from disk, a profile's stream), so a door can hand the bytes on ahead
+    /// of reads ([`ImageFs::resident_runs`]). One hook per image.
+    pub fn on_resident(&self, hook: impl Fn(u32) + Send + Sync + 'static) {
+        if self.fetcher.on_resident(Box::new(hook)).is_err() {
+            tracing::warn!("a second resident-chunk hook was ignored");
+        }
+    }
+
+    /// The inodes of the files that hold bytes of `chunk`.
+    pub fn files_of_chunk(&self, chunk: u32) -> &[u64] {
+        self.chunk_files
+            .get_or_init(|| ChunkFiles::of(&self.m))
+            .of_chunk(chunk)
+    }
+
+    /// The bytes of file `ino` that are in memory now, as runs `(offset,
+    /// pieces)` starting and ending on multiples of `align` (or at the file's
+    /// end): every run of chunks in memory, or, given `chunk`, only the
+    /// bytes of that chunk (with the neighbours' bytes that complete their
+    /// first and last `align` blocks, when those are in memory too). Never
+    /// fetches, and does not count as a read.
+    pub fn resident_runs(
+        &self,
+        ino: u64,
+        chunk: Option<u32>,
+        align: u64,
+    ) -> Vec<(u64, Vec<Bytes>)> {
+        let Ok((_, node)) = self.node(ino) else {
+            return Vec::new();
+        };
+        let NodeKind::File { extents } = &node.kind else {
+            return Vec::new();
+        };
+        let range = extents.start as usize..extents.end as usize;
+        let size = node.size;
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        for e in range.clone() {
+            let wanted = match (self.m.extents[e].chunk, chunk) {
+                (Some(c), Some(only)) => c == only,
+                (Some(c), None) => self.fetcher.resident(c).is_some(),
+                (None, _) => false,
+            };
+            if !wanted {
+                continue;
+            }
+            let start = self.layout.extent_starts[e];
+            let end = start + self.m.extents[e].len;
+            match spans.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => spans.push((start, end)),
+            }
+        }
+        let whole = |at: u64| if at >= size { size } else { at / align * align };
+        spans
+            .into_iter()
+            .filter_map(|(start, end)| {
+                // Widened to whole blocks with the neighbours' bytes, else
+                // narrowed to the blocks this span fills alone.
+                let wide = (whole(start), whole(end.div_ceil(align) * align));
+                let narrow = (whole(start.div_ceil(align) * align), whole(end));
+                [wide, narrow].into_iter().find_map(|(from, to)| {
+                    let pieces = (from < to).then(|| self.gather(range.clone(), from, to))??;
+                    Some((from, pieces))
+                })
+            })
+            .collect()
+    }
+
+    /// A door handed `len` bytes at `offset` of file `ino` to the kernel,
+    /// whose reads of them will not reach the image: they count as read
+    /// for the recording (the local profile), since the kernel is handed
+    /// only files it was given by a lookup or a listing.
+    pub fn pushed(&self, ino: u64, offset: u64, len: u64) {
+        Stats::inc(&self.stats.pushes);
+        Stats::add_to(&self.stats.pushed_bytes, len);
+        let (Some(r), Ok((i, node))) = (&self.recorder, self.node(ino)) else {
+            return;
+        };
+        let NodeKind::File { extents } = &node.kind else {
+            return;
+        };
+        let range = extents.start as usize..extents.end as usize;
+        for p in self.pieces(range, offset, offset + len) {
+            if let Some(c) = p.extent.chunk {
+                r.read(
+                    c,
+                    self.m.chunks[c as usize].len,
+                    i,
+                    offset + p.at as u64,
+                    p.len,
+                );
+            }
+        }
+    }
+
+    /// The bytes `[from, to)` of the file with extents `range`, as slices of
+    /// chunks in memory; `None` if any is not (or is a hole).
+    fn gather(&self, range: std::ops::Range<usize>, from: u64, to: u64) -> Option<Vec<Bytes>> {
+        self.pieces(range, from, to)
+            .iter()
+            .map(|p| {
+                let data = self.fetcher.resident(p.extent.chunk?)?;
+                let at = (u64::from(p.extent.offset) + p.within) as usize;
+                Some(data.slice(at..at + p.len as usize))
+            })
+            .collect()
     }
 
     /// Stops the profile's stream, then waits for fetches and disk cache

@@ -19,6 +19,10 @@ pub struct Stats {
     pub opens: AtomicU64,
     pub reads: AtomicU64,
     pub read_bytes: AtomicU64,
+    /// Bytes a door handed to the kernel's page cache before they were read
+    /// (FUSE's page cache push), in how many messages.
+    pub pushes: AtomicU64,
+    pub pushed_bytes: AtomicU64,
     /// Chunk lookups answered from the in-memory cache.
     pub mem_hits: AtomicU64,
     /// Chunk lookups answered from the disk cache.
@@ -155,6 +159,8 @@ impl Stats {
             mem_cache_bytes: g(&self.mem_cache_bytes),
             lookups: g(&self.lookups),
             opens: g(&self.opens),
+            pushes: g(&self.pushes),
+            pushed_bytes: g(&self.pushed_bytes),
             profile: self.profile.lock().expect("stats lock").clone(),
             profile_source: (*self.profile_source.lock().expect("stats lock")).to_owned(),
             last_error: self.last_error.lock().expect("stats lock").clone(),
@@ -200,6 +206,12 @@ pub struct StatsReport {
     pub opens: u64,
     pub reads: u64,
     pub read_bytes: u64,
+    /// Bytes handed to the kernel's page cache ahead of reads (FUSE), and
+    /// in how many messages: reads of them never reach the image.
+    #[serde(default)]
+    pub pushes: u64,
+    #[serde(default)]
+    pub pushed_bytes: u64,
     pub mem_hits: u64,
     pub disk_hits: u64,
     pub joined: u64,

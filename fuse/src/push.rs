@@ -1,0 +1,256 @@
+//! Page cache push: bytes of the image that are in memory go into the
+//! kernel's page cache before anything reads them, so a read or a page fault
+//! on them is answered by the kernel alone, with no request to this process.
+//!
+//! A profile's stream (or a local one from the disk cache) brings a start's
+//! working set into memory ahead of the start; without this, each of the
+//! start's reads would still be a round trip through `/dev/fuse` and a copy
+//! while the program waits. With it, the copy is made here, on another core,
+//! while the program runs.
+//!
+//! The kernel only takes bytes for an inode it holds (`FUSE_NOTIFY_STORE`
+//! answers ENOENT otherwise), so the pusher keeps the lookup count of every
+//! regular file the kernel was given (lookups and `readdirplus` entries, less
+//! forgets) and pushes:
+//! - a file's bytes in memory when the kernel first holds it, and
+//! - a chunk's bytes, when it enters memory, to the files the kernel holds.
+//!
+//! The kernel instantiates an inode when the lookup's reply reaches the
+//! process that asked, which may be just after the pusher hears of it: a
+//! push answered ENOENT is tried again a moment later, a few times.
+//! Pushes are blocks whole (a partial block would not be taken as read), and
+//! a push the kernel refuses for another reason turns pushing off for the
+//! mount: reads still work, they just ask.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thaw_client::image::fs::ImageFs;
+
+/// `FUSE_NOTIFY_STORE`, sent in the error field of an unsolicited message.
+const FUSE_NOTIFY_STORE: i32 = 4;
+/// `fuse_out_header` then `fuse_notify_store_out`.
+const STORE_HEADER: usize = 16 + 24;
+/// Tries of a push the kernel answered ENOENT to, and the wait between them.
+const TRIES: u8 = 4;
+const RETRY_AFTER: Duration = Duration::from_millis(2);
+/// A message is cut once it holds this many pieces (below `IOV_MAX`) or bytes.
+const MAX_PIECES: usize = 256;
+const MAX_MESSAGE: u64 = 64 << 20;
+
+enum Event {
+    /// The kernel was given this inode once more.
+    Known(u64),
+    /// The kernel forgot this many lookups of the inode.
+    Forgotten(u64, u64),
+    /// This chunk entered memory.
+    Resident(u32),
+}
+
+/// Sends a mount's bytes in memory to the kernel's page cache.
+pub(crate) struct Pusher {
+    tx: mpsc::Sender<Event>,
+}
+
+impl Pusher {
+    /// Starts pushing to the kernel over `dev` (the mount's `/dev/fuse`).
+    pub(crate) fn start(fs: Arc<ImageFs>, dev: OwnedFd) -> std::io::Result<Pusher> {
+        let (tx, rx) = mpsc::channel();
+        let hook = tx.clone();
+        fs.on_resident(move |chunk| {
+            let _ = hook.send(Event::Resident(chunk));
+        });
+        let page = page_size();
+        std::thread::Builder::new()
+            .name("thaw-push".into())
+            .spawn(move || Worker::new(fs, dev, page).run(rx))?;
+        Ok(Pusher { tx })
+    }
+
+    /// The kernel was given regular file `ino` (a lookup's or a listing's entry).
+    pub(crate) fn known(&self, ino: u64) {
+        let _ = self.tx.send(Event::Known(ino));
+    }
+
+    /// The kernel forgot `n` lookups of `ino`.
+    pub(crate) fn forgotten(&self, ino: u64, n: u64) {
+        let _ = self.tx.send(Event::Forgotten(ino, n));
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(p).unwrap_or(4096).max(512)
+}
+
+/// How the kernel took a push.
+enum Pushed {
+    Taken,
+    /// The kernel does not hold the inode (yet, or any more).
+    NotHeld,
+    Refused(std::io::Error),
+}
+
+struct Worker {
+    fs: Arc<ImageFs>,
+    dev: OwnedFd,
+    page: u64,
+    /// Lookup counts of the regular files the kernel holds.
+    held: HashMap<u64, u64>,
+    /// Files whose first push found them not yet held: when to try again, and tries left.
+    retry: Vec<(Instant, u64, u8)>,
+    on: bool,
+}
+
+impl Worker {
+    fn new(fs: Arc<ImageFs>, dev: OwnedFd, page: u64) -> Worker {
+        Worker {
+            fs,
+            dev,
+            page,
+            held: HashMap::new(),
+            retry: Vec::new(),
+            on: true,
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Event>) {
+        loop {
+            let wait = self
+                .retry
+                .iter()
+                .map(|r| r.0.saturating_duration_since(Instant::now()))
+                .min()
+                .unwrap_or(Duration::from_secs(3600));
+            match rx.recv_timeout(wait) {
+                Ok(event) if self.on => self.handle(event),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            self.retry_due();
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Known(ino) => {
+                let n = self.held.entry(ino).or_insert(0);
+                *n += 1;
+                if *n == 1 {
+                    self.push_file(ino, TRIES);
+                }
+            }
+            Event::Forgotten(ino, n) => {
+                if let Some(held) = self.held.get_mut(&ino) {
+                    *held = held.saturating_sub(n);
+                    if *held == 0 {
+                        self.held.remove(&ino);
+                    }
+                }
+            }
+            Event::Resident(chunk) => {
+                let fs = self.fs.clone();
+                for &ino in fs.files_of_chunk(chunk) {
+                    if self.held.contains_key(&ino) {
+                        let runs = fs.resident_runs(ino, Some(chunk), self.page);
+                        if let Pushed::NotHeld = self.push_runs(ino, runs) {
+                            self.held.remove(&ino);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pushes every byte of `ino` in memory; if the kernel does not hold it
+    /// yet, tries again later while `tries` last.
+    fn push_file(&mut self, ino: u64, tries: u8) {
+        let runs = self.fs.resident_runs(ino, None, self.page);
+        if let Pushed::NotHeld = self.push_runs(ino, runs) {
+            if tries > 1 && self.held.contains_key(&ino) {
+                self.retry
+                    .push((Instant::now() + RETRY_AFTER, ino, tries - 1));
+            } else {
+                self.held.remove(&ino);
+            }
+        }
+    }
+
+    fn retry_due(&mut self) {
+        let now = Instant::now();
+        let (due, later) = std::mem::take(&mut self.retry)
+            .into_iter()
+            .partition(|r| r.0 <= now);
+        self.retry = later;
+        for (_, ino, tries) in due {
+            if self.on {
+                self.push_file(ino, tries);
+            }
+        }
+    }
+
+    fn push_runs(&mut self, ino: u64, runs: Vec<(u64, Vec<bytes::Bytes>)>) -> Pushed {
+        for (offset, pieces) in runs {
+            // One message per run, split where a message has grown large
+            // and the next piece starts on a block (a message must end on
+            // one, but for the file's end).
+            let (mut at, mut from, mut len) = (offset, 0, 0u64);
+            for (k, p) in pieces.iter().enumerate() {
+                len += p.len() as u64;
+                let last = k + 1 == pieces.len();
+                let full = k + 1 - from >= MAX_PIECES || len >= MAX_MESSAGE;
+                if last || (full && (at + len) % self.page == 0) {
+                    match self.store(ino, at, &pieces[from..=k], len) {
+                        Pushed::Taken => self.fs.pushed(ino, at, len),
+                        Pushed::NotHeld => return Pushed::NotHeld,
+                        Pushed::Refused(e) => {
+                            tracing::warn!(ino, "the kernel refused a page cache push ({e}); reads will ask instead");
+                            self.on = false;
+                            return Pushed::Refused(e);
+                        }
+                    }
+                    (at, from, len) = (at + len, k + 1, 0);
+                }
+            }
+        }
+        Pushed::Taken
+    }
+
+    /// One `FUSE_NOTIFY_STORE` of `pieces` (`len` bytes) at `offset` of `ino`.
+    fn store(&self, ino: u64, offset: u64, pieces: &[bytes::Bytes], len: u64) -> Pushed {
+        let total = STORE_HEADER as u64 + len;
+        let (Ok(total32), Ok(len32)) = (u32::try_from(total), u32::try_from(len)) else {
+            return Pushed::Refused(std::io::Error::other("push too large"));
+        };
+        let mut header = [0u8; STORE_HEADER];
+        header[0..4].copy_from_slice(&total32.to_ne_bytes());
+        header[4..8].copy_from_slice(&FUSE_NOTIFY_STORE.to_ne_bytes());
+        // unique = 0: a notification, not a reply
+        header[16..24].copy_from_slice(&ino.to_ne_bytes());
+        header[24..32].copy_from_slice(&offset.to_ne_bytes());
+        header[32..36].copy_from_slice(&len32.to_ne_bytes());
+        let mut iov = Vec::with_capacity(pieces.len() + 1);
+        iov.push(libc::iovec {
+            iov_base: header.as_ptr() as *mut libc::c_void,
+            iov_len: header.len(),
+        });
+        iov.extend(pieces.iter().map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        }));
+        // SAFETY: every iovec points into a buffer that outlives the call.
+        let n = unsafe { libc::writev(self.dev.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        if n >= 0 {
+            return Pushed::Taken;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => Pushed::NotHeld,
+            _ => Pushed::Refused(e),
+        }
+    }
+}
