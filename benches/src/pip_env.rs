@@ -55,11 +55,26 @@ pub fn install(cache: &Path, spec: &[String]) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The interpreter `python3` names, by its own path: a wrapper on `PATH`
+/// (pyenv's shim is a shell script that runs several processes) would add
+/// its own start to every measured one.
+pub fn interpreter() -> Result<String> {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .context("cannot run python3")?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || path.is_empty() {
+        bail!("python3 does not say where it is ({})", out.status);
+    }
+    Ok(path)
+}
+
 /// The start that imports every package of `spec` from the image's root
-/// (`$THAW_ROOT`), as `thaw bench --run` takes it. Import names are the
-/// package names without version pins, `-` as `_`; pass `--run` for
-/// packages whose import name differs (scikit-learn is `sklearn`).
-pub fn import_command(spec: &[String]) -> String {
+/// (`$THAW_ROOT`) with `python`, as `thaw bench --run` takes it. Import
+/// names are the package names without version pins, `-` as `_`; pass
+/// `--run` for packages whose import name differs (scikit-learn is `sklearn`).
+pub fn import_command(spec: &[String], python: &str) -> String {
     let modules: Vec<String> = spec
         .iter()
         .map(|p| {
@@ -71,7 +86,7 @@ pub fn import_command(spec: &[String]) -> String {
         })
         .collect();
     format!(
-        "python3 -c 'import os, sys; sys.path.insert(0, os.environ[\"THAW_ROOT\"]); import {}'",
+        "{python} -c 'import os, sys; sys.path.insert(0, os.environ[\"THAW_ROOT\"]); import {}'",
         modules.join(", ")
     )
 }
@@ -87,7 +102,8 @@ mod tests {
             "python-dateutil".into(),
             "PyArrow>=20".into(),
         ];
-        let cmd = import_command(&spec);
+        let cmd = import_command(&spec, "/usr/bin/python3");
+        assert!(cmd.starts_with("/usr/bin/python3 -c "), "{cmd}");
         assert!(
             cmd.ends_with("import numpy, python_dateutil, pyarrow'"),
             "{cmd}"

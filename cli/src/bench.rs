@@ -232,10 +232,13 @@ fn images(a: &BenchArgs) -> Result<Images> {
         let cache = thaw_client::image::default_cache_dir().join("bench-pip");
         return Ok(Images::Dir {
             dir: thaw_bench::pip_env::install(&cache, &spec)?,
-            startup: a
-                .run
-                .clone()
-                .unwrap_or_else(|| thaw_bench::pip_env::import_command(&spec)),
+            startup: match &a.run {
+                Some(run) => run.clone(),
+                None => {
+                    let python = thaw_bench::pip_env::interpreter()?;
+                    thaw_bench::pip_env::import_command(&spec, &python)
+                }
+            },
         });
     }
     Ok(match (&a.image, &a.dir) {

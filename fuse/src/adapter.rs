@@ -108,11 +108,12 @@ error_reply!(
 );
 
 impl FuseAdapter {
-    /// The kernel now holds `a`'s inode once more.
-    fn given(&self, a: &Attr) {
+    /// The kernel now holds `a`'s inode once more, from a lookup
+    /// (`looked_up`) or a listing.
+    fn given(&self, a: &Attr, looked_up: bool) {
         if let Some(p) = self.pusher.get() {
             if a.mode & libc::S_IFMT == libc::S_IFREG && a.size > 0 {
-                p.known(a.ino);
+                p.known(a.ino, looked_up);
             }
         }
     }
@@ -159,7 +160,7 @@ impl Filesystem for FuseAdapter {
         match self.fs.lookup(parent, name.as_bytes()) {
             Ok(a) => {
                 reply.entry(&TTL, &to_fuse(&a), 0);
-                self.given(&a);
+                self.given(&a, true);
             }
             // Inode 0 is a negative entry, which the kernel keeps for the
             // core's NEGATIVE_TTL.
@@ -305,7 +306,7 @@ impl Filesystem for FuseAdapter {
                 }
                 reply.ok();
                 for a in &given {
-                    self.given(a);
+                    self.given(a, false);
                 }
             }
             Err(e) => reply.error(errno(&e)),

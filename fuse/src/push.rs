@@ -22,10 +22,9 @@
 //! a push the kernel refuses for another reason turns pushing off for the
 //! mount: reads still work, they just ask.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use thaw_client::image::fs::ImageFs;
 
@@ -33,15 +32,20 @@ use thaw_client::image::fs::ImageFs;
 const FUSE_NOTIFY_STORE: i32 = 4;
 /// `fuse_out_header` then `fuse_notify_store_out`.
 const STORE_HEADER: usize = 16 + 24;
-/// Tries of a push the kernel answered ENOENT to, and the wait between them.
-const TRIES: u8 = 4;
-const RETRY_AFTER: Duration = Duration::from_millis(2);
+/// Tries of a push the kernel answered ENOENT to, and the first wait
+/// between them, doubled at each: a program that looked a file up usually
+/// reads it within 100 µs of the reply, and the kernel makes the inode just
+/// before; the entries of a listing take longer (the kernel makes them one
+/// by one after the reply), about 10 ms in all.
+const TRIES: u8 = 10;
+const RETRY_AFTER: Duration = Duration::from_micros(20);
 /// A message is cut once it holds this many pieces (below `IOV_MAX`) or bytes.
 const MAX_PIECES: usize = 256;
 const MAX_MESSAGE: u64 = 64 << 20;
 
 enum Event {
-    /// The kernel was given this inode once more.
+    /// The kernel was given this inode once more (by a lookup: a program
+    /// is about to open it; or in a listing).
     Known(u64),
     /// The kernel forgot this many lookups of the inode.
     Forgotten(u64, u64),
@@ -49,34 +53,88 @@ enum Event {
     Resident(u32),
 }
 
+/// Events for the pusher: a file just looked up goes before the bulk of
+/// chunks arriving for files the kernel holds, since a program is about to
+/// read it.
+#[derive(Default)]
+struct Queue {
+    events: Mutex<Queued>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct Queued {
+    urgent: VecDeque<Event>,
+    later: VecDeque<Event>,
+    closed: bool,
+}
+
+impl Queue {
+    fn send(&self, event: Event, urgent: bool) {
+        let mut q = self.events.lock().expect("push queue lock");
+        if urgent {
+            q.urgent.push_back(event);
+        } else {
+            q.later.push_back(event);
+        }
+        self.ready.notify_one();
+    }
+
+    /// The next event, waiting up to `wait`; `Err` once closed.
+    fn next(&self, wait: Duration) -> Result<Option<Event>, ()> {
+        let mut q = self.events.lock().expect("push queue lock");
+        if q.urgent.is_empty() && q.later.is_empty() && !q.closed {
+            q = self.ready.wait_timeout(q, wait).expect("push queue lock").0;
+        }
+        match q.urgent.pop_front().or_else(|| q.later.pop_front()) {
+            Some(e) => Ok(Some(e)),
+            None if q.closed => Err(()),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Sends a mount's bytes in memory to the kernel's page cache.
 pub(crate) struct Pusher {
-    tx: mpsc::Sender<Event>,
+    queue: Arc<Queue>,
 }
 
 impl Pusher {
     /// Starts pushing to the kernel over `dev` (the mount's `/dev/fuse`).
     pub(crate) fn start(fs: Arc<ImageFs>, dev: OwnedFd) -> std::io::Result<Pusher> {
-        let (tx, rx) = mpsc::channel();
-        let hook = tx.clone();
-        fs.on_resident(move |chunk| {
-            let _ = hook.send(Event::Resident(chunk));
-        });
+        let queue = Arc::new(Queue::default());
+        let hook = queue.clone();
+        fs.on_resident(move |chunk| hook.send(Event::Resident(chunk), false));
         let page = page_size();
+        let q = queue.clone();
         std::thread::Builder::new()
             .name("thaw-push".into())
-            .spawn(move || Worker::new(fs, dev, page).run(rx))?;
-        Ok(Pusher { tx })
+            .spawn(move || {
+                // Retries are microseconds apart: no timer slack for them.
+                // SAFETY: PR_SET_TIMERSLACK takes a value and changes only
+                // this thread.
+                unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1) };
+                Worker::new(fs, dev, page).run(&q)
+            })?;
+        Ok(Pusher { queue })
     }
 
-    /// The kernel was given regular file `ino` (a lookup's or a listing's entry).
-    pub(crate) fn known(&self, ino: u64) {
-        let _ = self.tx.send(Event::Known(ino));
+    /// The kernel was given regular file `ino`: by a lookup (`looked_up`),
+    /// or as a listing's entry.
+    pub(crate) fn known(&self, ino: u64, looked_up: bool) {
+        self.queue.send(Event::Known(ino), looked_up);
     }
 
     /// The kernel forgot `n` lookups of `ino`.
     pub(crate) fn forgotten(&self, ino: u64, n: u64) {
-        let _ = self.tx.send(Event::Forgotten(ino, n));
+        self.queue.send(Event::Forgotten(ino, n), true);
+    }
+}
+
+impl Drop for Pusher {
+    fn drop(&mut self) {
+        self.queue.events.lock().expect("push queue lock").closed = true;
+        self.queue.ready.notify_one();
     }
 }
 
@@ -117,7 +175,7 @@ impl Worker {
         }
     }
 
-    fn run(mut self, rx: mpsc::Receiver<Event>) {
+    fn run(mut self, queue: &Queue) {
         loop {
             let wait = self
                 .retry
@@ -125,11 +183,10 @@ impl Worker {
                 .map(|r| r.0.saturating_duration_since(Instant::now()))
                 .min()
                 .unwrap_or(Duration::from_secs(3600));
-            match rx.recv_timeout(wait) {
-                Ok(event) if self.on => self.handle(event),
+            match queue.next(wait) {
+                Ok(Some(event)) if self.on => self.handle(event),
                 Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(()) => return,
             }
             self.retry_due();
         }
@@ -172,8 +229,8 @@ impl Worker {
         let runs = self.fs.resident_runs(ino, None, self.page);
         if let Pushed::NotHeld = self.push_runs(ino, runs) {
             if tries > 1 && self.held.contains_key(&ino) {
-                self.retry
-                    .push((Instant::now() + RETRY_AFTER, ino, tries - 1));
+                let wait = RETRY_AFTER * (1 << (TRIES - tries));
+                self.retry.push((Instant::now() + wait, ino, tries - 1));
             } else {
                 self.held.remove(&ino);
             }
