@@ -534,7 +534,7 @@ fn content_defined_chunking_round_trips_and_resyncs_after_an_insertion() {
 
     // Fixed-size chunks (here 64 KiB, zstd level 1) round-trip too, but the
     // same insertion shifts every chunk after it.
-    let fixed = ["--chunk-size", "65536", "--level", "1"];
+    let fixed = ["--chunk-size", "65536", "--codec", "zstd", "--level", "1"];
     push(&v1, &server.reference("model:f1"), &fixed);
     let f2 = push(&v2, &server.reference("model:f2"), &fixed);
     assert!(

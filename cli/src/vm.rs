@@ -177,7 +177,6 @@ fn snapshot(a: SnapshotArgs) -> Result<()> {
     let image = thaw_vmm::image_dir(&a.dir);
     let opts = PushOptions {
         chunking,
-        level: 3,
         concurrency: 16,
         progress: false,
         ..PushOptions::default()

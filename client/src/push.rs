@@ -38,8 +38,8 @@ use thaw_format::{frame, node_path, Chunking, Digest, Manifest, NodeKind};
 #[derive(Debug, Clone)]
 pub struct PushOptions {
     pub chunking: Chunking,
-    /// zstd level for chunk frames.
-    pub level: i32,
+    /// How chunk frames are compressed.
+    pub codec: frame::Codec,
     /// Uploads in flight at once.
     pub concurrency: usize,
     /// Show progress bars (on a terminal).
@@ -54,7 +54,7 @@ impl Default for PushOptions {
     fn default() -> Self {
         PushOptions {
             chunking: Chunking::default(),
-            level: 3,
+            codec: frame::Codec::DEFAULT,
             concurrency: 16,
             progress: false,
             profile_from: None,
@@ -107,15 +107,15 @@ struct Hashed {
 }
 
 thread_local! {
-    static ENCODER: std::cell::RefCell<Option<(i32, frame::Encoder)>> = const { std::cell::RefCell::new(None) };
+    static ENCODER: std::cell::RefCell<Option<(frame::Codec, frame::Encoder)>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Encodes with this thread's reusable zstd context.
-fn encode(data: &[u8], level: i32) -> Vec<u8> {
+/// Encodes with this thread's reusable compression context.
+fn encode(data: &[u8], codec: frame::Codec) -> Vec<u8> {
     ENCODER.with(|e| {
         let mut e = e.borrow_mut();
-        if e.as_ref().map(|(l, _)| *l) != Some(level) {
-            *e = Some((level, frame::Encoder::new(level)));
+        if e.as_ref().map(|(c, _)| *c) != Some(codec) {
+            *e = Some((codec, frame::Encoder::with_codec(codec)));
         }
         e.as_mut().expect("set above").1.encode(data)
     })
@@ -194,13 +194,13 @@ async fn compress_and_upload(
     h: Hashed,
     cpu: &Arc<tokio::sync::Semaphore>,
     remote: &Remote,
-    level: i32,
+    codec: frame::Codec,
 ) -> Result<u64> {
     let id = h.piece.id.expect("only chunks are uploaded");
     let permit = cpu.clone().acquire_owned().await.expect("semaphore open");
     let frame = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        Bytes::from(encode(&h.data, level))
+        Bytes::from(encode(&h.data, codec))
     })
     .await
     .expect("compression task panicked");
@@ -250,11 +250,11 @@ async fn upload_missing(
             }
             uploaded += 1;
             let slot = slots.clone().acquire_owned().await.expect("semaphore open");
-            let (cpu, sent, remote, level) =
-                (cpu.clone(), sent.clone(), remote.clone(), opts.level);
+            let (cpu, sent, remote, codec) =
+                (cpu.clone(), sent.clone(), remote.clone(), opts.codec);
             tasks.spawn(async move {
                 let _slot = slot;
-                let len = compress_and_upload(h, &cpu, &remote, level).await?;
+                let len = compress_and_upload(h, &cpu, &remote, codec).await?;
                 sent.fetch_add(len, Ordering::Relaxed);
                 Ok::<_, ClientError>(())
             });

@@ -3,15 +3,20 @@
 //! ```text
 //! 0  magic             4 bytes  "THCK"
 //! 4  version           u8       1
-//! 5  flags             u8       bit 0: payload is zstd; other bits must be 0
+//! 5  flags             u8       bit 0: payload is zstd; bit 1: payload is
+//!                               LZ4 blocks; other bits (and both) refused
 //! 6  reserved          u16      0
 //! 8  uncompressed len  u32 LE   1 ..= MAX_CHUNK_LEN
 //! 12 payload
 //! ```
-//! A chunk that does not shrink under zstd is stored raw. A zstd payload is
-//! one zstd frame per [`SEGMENT_LEN`] bytes of the chunk, one after another
-//! (any zstd decoder reads such a concatenation as the whole chunk), so that a
-//! reader waiting for a chunk can inflate its segments on several cores.
+//! A chunk that does not shrink is stored raw. A zstd payload is one zstd
+//! frame per [`SEGMENT_LEN`] bytes of the chunk, one after another (any zstd
+//! decoder reads such a concatenation as the whole chunk); an LZ4 payload is
+//! one LZ4 block per segment, each after its compressed length (u32 LE). In
+//! both, a reader waiting for a chunk inflates its segments on several cores.
+//! LZ4 (high-compression blocks) inflates about four times as fast as zstd
+//! for 10-20% more bytes: what a reader waits for on a fast network is the
+//! inflating, not the bytes.
 //! Decoding bounds the uncompressed length before it allocates and checks that
 //! the payload inflates to exactly that length; [`decode_verified`] also
 //! checks the BLAKE3 digest, and [`verify`] checks it without keeping the
@@ -29,6 +34,7 @@ pub const FRAME_HEADER_LEN: usize = 12;
 /// The largest chunk a frame may hold (uncompressed), 16 MiB.
 pub const MAX_CHUNK_LEN: usize = 16 << 20;
 const FLAG_ZSTD: u8 = 1;
+const FLAG_LZ4: u8 = 2;
 /// Uncompressed bytes per zstd frame of a payload: the unit a reader
 /// inflates in parallel. (A payload of one frame, as earlier versions wrote
 /// for every chunk, is read the same way.)
@@ -57,10 +63,25 @@ pub enum FrameError {
     DigestMismatch { expected: Digest, actual: Digest },
 }
 
-/// Encodes frames with one reusable zstd context (cheaper than a new context
-/// per chunk when pushing thousands of chunks).
+/// How a frame's payload is compressed, and at what level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// zstd at a level (1..=22; 3 is zstd's default).
+    Zstd(i32),
+    /// LZ4 high-compression blocks at a level (3..=12).
+    Lz4(i32),
+}
+
+impl Codec {
+    /// The default codec: LZ4, for readers that wait on inflating.
+    pub const DEFAULT: Codec = Codec::Lz4(4);
+}
+
+/// Encodes frames with one reusable compression context (cheaper than a new
+/// context per chunk when pushing thousands of chunks).
 pub struct Encoder {
-    zstd: zstd::bulk::Compressor<'static>,
+    codec: Codec,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -70,13 +91,22 @@ impl std::fmt::Debug for Encoder {
 }
 
 impl Encoder {
+    /// A zstd encoder at `level`.
     pub fn new(level: i32) -> Encoder {
-        Encoder {
-            zstd: zstd::bulk::Compressor::new(level).expect("valid zstd level"),
-        }
+        Encoder::with_codec(Codec::Zstd(level))
     }
 
-    /// Encodes `data` as a frame, zstd-compressed when that makes it smaller.
+    pub fn with_codec(codec: Codec) -> Encoder {
+        let zstd = match codec {
+            Codec::Zstd(level) => {
+                Some(zstd::bulk::Compressor::new(level).expect("valid zstd level"))
+            }
+            Codec::Lz4(_) => None,
+        };
+        Encoder { codec, zstd }
+    }
+
+    /// Encodes `data` as a frame, compressed when that makes it smaller.
     ///
     /// # Panics
     /// If `data` is empty or longer than [`MAX_CHUNK_LEN`]: chunkers never
@@ -86,20 +116,43 @@ impl Encoder {
             !data.is_empty() && data.len() <= MAX_CHUNK_LEN,
             "chunk empty or larger than MAX_CHUNK_LEN"
         );
-        let bound: usize = data
-            .chunks(SEGMENT_LEN)
-            .map(|s| zstd::zstd_safe::compress_bound(s.len()))
-            .sum();
+        let (flag, bound) = match self.codec {
+            Codec::Zstd(_) => (
+                FLAG_ZSTD,
+                data.chunks(SEGMENT_LEN)
+                    .map(|s| zstd::zstd_safe::compress_bound(s.len()))
+                    .sum(),
+            ),
+            Codec::Lz4(_) => (
+                FLAG_LZ4,
+                data.chunks(SEGMENT_LEN)
+                    .map(|s| 4 + lz4::block::compress_bound(s.len()).unwrap_or(2 * s.len()))
+                    .sum::<usize>(),
+            ),
+        };
         let mut out = Vec::with_capacity(FRAME_HEADER_LEN + bound);
         out.extend_from_slice(&FRAME_MAGIC);
         out.push(FRAME_VERSION);
-        out.push(FLAG_ZSTD);
+        out.push(flag);
         out.extend_from_slice(&[0, 0]);
         out.extend_from_slice(&(data.len() as u32).to_le_bytes());
         out.resize(FRAME_HEADER_LEN + bound, 0);
         let mut end = FRAME_HEADER_LEN;
         for segment in data.chunks(SEGMENT_LEN) {
-            match self.zstd.compress_to_buffer(segment, &mut out[end..]) {
+            let written = match (self.codec, &mut self.zstd) {
+                (Codec::Zstd(_), Some(z)) => z.compress_to_buffer(segment, &mut out[end..]),
+                (Codec::Lz4(level), _) => {
+                    let mode = Some(lz4::block::CompressionMode::HIGHCOMPRESSION(level));
+                    lz4::block::compress_to_buffer(segment, mode, false, &mut out[end + 4..]).map(
+                        |n| {
+                            out[end..end + 4].copy_from_slice(&(n as u32).to_le_bytes());
+                            n + 4
+                        },
+                    )
+                }
+                (Codec::Zstd(_), None) => unreachable!("a zstd encoder has its context"),
+            };
+            match written {
                 Ok(n) => end += n,
                 Err(_) => {
                     end = usize::MAX;
@@ -145,7 +198,7 @@ pub fn declared_len(frame: &[u8]) -> Result<usize, FrameError> {
     if frame[4] != FRAME_VERSION {
         return Err(FrameError::UnsupportedVersion(frame[4]));
     }
-    if frame[5] & !FLAG_ZSTD != 0 {
+    if frame[5] & !(FLAG_ZSTD | FLAG_LZ4) != 0 || frame[5] == FLAG_ZSTD | FLAG_LZ4 {
         return Err(FrameError::UnknownFlags(frame[5]));
     }
     if frame[6..8] != [0, 0] {
@@ -165,13 +218,65 @@ pub fn declared_len(frame: &[u8]) -> Result<usize, FrameError> {
 pub fn decode(frame: &[u8]) -> Result<Vec<u8>, FrameError> {
     let len = declared_len(frame)?;
     let payload = &frame[FRAME_HEADER_LEN..];
-    if frame[5] & FLAG_ZSTD == 0 {
-        if payload.len() != len {
-            return Err(FrameError::LengthMismatch { expected: len });
-        }
-        return Ok(payload.to_vec());
+    match frame[5] {
+        FLAG_ZSTD => inflate(payload, len),
+        FLAG_LZ4 => inflate_lz4(payload, len),
+        _ if payload.len() != len => Err(FrameError::LengthMismatch { expected: len }),
+        _ => Ok(payload.to_vec()),
     }
-    inflate(payload, len)
+}
+
+/// The LZ4 blocks of a payload that inflates to `len` bytes, each with the
+/// size it inflates to: one per segment, each after its length.
+fn lz4_segments(payload: &[u8], len: usize) -> Result<Vec<Segment<'_>>, FrameError> {
+    let mismatch = || FrameError::LengthMismatch { expected: len };
+    let mut out = Vec::with_capacity(len.div_ceil(SEGMENT_LEN));
+    let (mut at, mut left) = (0usize, len);
+    while left > 0 {
+        let n = payload.get(at..at + 4).ok_or_else(mismatch)?;
+        let n = u32::from_le_bytes(n.try_into().expect("4 bytes")) as usize;
+        let block = payload.get(at + 4..at + 4 + n).ok_or_else(mismatch)?;
+        let size = left.min(SEGMENT_LEN);
+        out.push((block, size));
+        (at, left) = (at + 4 + n, left - size);
+    }
+    if at != payload.len() {
+        return Err(mismatch());
+    }
+    Ok(out)
+}
+
+/// Inflates one LZ4 block into `dst`, which it must fill exactly.
+fn inflate_lz4_block(src: &[u8], dst: &mut [u8]) -> bool {
+    let Ok(size) = i32::try_from(dst.len()) else {
+        return false;
+    };
+    matches!(lz4::block::decompress_to_buffer(src, Some(size), dst), Ok(n) if n == dst.len())
+}
+
+/// Inflates an LZ4 payload of `len` bytes, its segments in parallel.
+fn inflate_lz4(payload: &[u8], len: usize) -> Result<Vec<u8>, FrameError> {
+    let segments = lz4_segments(payload, len)?;
+    let mut out = vec![0u8; len];
+    let pieces: Vec<(&[u8], &mut [u8])> = segments
+        .iter()
+        .map(|&(src, _)| src)
+        .zip(out.chunks_mut(SEGMENT_LEN))
+        .collect();
+    use rayon::prelude::*;
+    let all = if pieces.len() > 1 {
+        pieces
+            .into_par_iter()
+            .all(|(src, dst)| inflate_lz4_block(src, dst))
+    } else {
+        pieces
+            .into_iter()
+            .all(|(src, dst)| inflate_lz4_block(src, dst))
+    };
+    if !all {
+        return Err(FrameError::LengthMismatch { expected: len });
+    }
+    Ok(out)
 }
 
 /// Inflates a zstd payload of `len` bytes: its segments in parallel when it
@@ -267,7 +372,15 @@ pub fn verify(frame: &[u8], id: &Digest) -> Result<(), FrameError> {
     let len = declared_len(frame)?;
     let payload = &frame[FRAME_HEADER_LEN..];
     let mut hasher = blake3::Hasher::new();
-    if frame[5] & FLAG_ZSTD == 0 {
+    if frame[5] == FLAG_LZ4 {
+        let mut buf = vec![0u8; len.min(SEGMENT_LEN)];
+        for (src, size) in lz4_segments(payload, len)? {
+            if !inflate_lz4_block(src, &mut buf[..size]) {
+                return Err(FrameError::LengthMismatch { expected: len });
+            }
+            hasher.update(&buf[..size]);
+        }
+    } else if frame[5] & FLAG_ZSTD == 0 {
         if payload.len() != len {
             return Err(FrameError::LengthMismatch { expected: len });
         }
@@ -337,6 +450,65 @@ mod tests {
     }
 
     #[test]
+    fn lz4_payloads_are_one_block_per_segment_and_damage_is_refused() {
+        let data: Vec<u8> = (0..(SEGMENT_LEN * 4 + 1000) as u64)
+            .map(|i| ((i / 7) % 251) as u8 ^ (i.wrapping_mul(0x9E37_79B9) >> 60) as u8)
+            .collect();
+        let id = Digest::of(&data);
+        let f = Encoder::with_codec(Codec::DEFAULT).encode(&data);
+        assert_eq!(f[5], FLAG_LZ4, "compressible data is LZ4");
+        assert!(f.len() < data.len() / 2);
+        let blocks = lz4_segments(&f[FRAME_HEADER_LEN..], data.len()).unwrap();
+        assert_eq!(blocks.len(), 5);
+        assert_eq!(blocks[4].1, 1000);
+        // Each block inflates alone to its segment.
+        for (k, &(src, size)) in blocks.iter().enumerate() {
+            let mut one = vec![0u8; size];
+            assert!(inflate_lz4_block(src, &mut one));
+            assert!(one[..] == data[k * SEGMENT_LEN..k * SEGMENT_LEN + size]);
+        }
+        assert!(decode_verified(&f, &id).unwrap() == data);
+        verify(&f, &id).unwrap();
+        // A block cut short, a length past the payload, trailing bytes, a
+        // wrong declared length and both codec flags are refused.
+        let mut cut = f.clone();
+        cut.truncate(f.len() - 10);
+        assert!(matches!(
+            decode(&cut),
+            Err(FrameError::LengthMismatch { .. })
+        ));
+        assert!(verify(&cut, &id).is_err());
+        let mut long = f.clone();
+        long[FRAME_HEADER_LEN..FRAME_HEADER_LEN + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decode(&long),
+            Err(FrameError::LengthMismatch { .. })
+        ));
+        let mut trailing = f.clone();
+        trailing.push(0);
+        assert!(matches!(
+            decode(&trailing),
+            Err(FrameError::LengthMismatch { .. })
+        ));
+        let mut short = f.clone();
+        short[8..12].copy_from_slice(&((data.len() - 1) as u32).to_le_bytes());
+        assert!(decode(&short).is_err());
+        let mut both = f.clone();
+        both[5] = FLAG_ZSTD | FLAG_LZ4;
+        assert!(matches!(decode(&both), Err(FrameError::UnknownFlags(3))));
+        // Damage inside a block never passes as the chunk.
+        for at in [FRAME_HEADER_LEN + 40, f.len() / 2, f.len() - 3] {
+            let mut bad = f.clone();
+            bad[at] ^= 0x5a;
+            assert!(decode_verified(&bad, &id).is_err(), "damage at {at}");
+        }
+        // Incompressible chunks stay raw.
+        let mut noise = vec![0u8; 100_000];
+        blake3::Hasher::new().finalize_xof().fill(&mut noise);
+        assert_eq!(Encoder::with_codec(Codec::DEFAULT).encode(&noise)[5], 0);
+    }
+
+    #[test]
     fn golden_frame_bytes() {
         // format changed: bump FRAME_VERSION if this test has to change.
         let f = encode(b"abc", 3);
@@ -347,6 +519,10 @@ mod tests {
         let z = encode(&[7u8; 4096], 3);
         assert_eq!(&z[..12], &[b'T', b'H', b'C', b'K', 1, 1, 0, 0, 0, 16, 0, 0]);
         assert!(z.len() < 100);
+        let l = Encoder::with_codec(Codec::Lz4(4)).encode(&[7u8; 4096]);
+        assert_eq!(&l[..12], &[b'T', b'H', b'C', b'K', 1, 2, 0, 0, 0, 16, 0, 0]);
+        let block = u32::from_le_bytes(l[12..16].try_into().unwrap()) as usize;
+        assert_eq!(l.len(), 16 + block);
     }
 
     #[test]
@@ -488,7 +664,21 @@ mod tests {
             data.extend(std::iter::repeat_n(0u8, zeros));
             let id = Digest::of(&data);
             let f = encode(&data, level);
+            prop_assert_eq!(decode_verified(&f, &id).unwrap(), data.clone());
+            let f = Encoder::with_codec(Codec::Lz4(level + 2)).encode(&data);
             prop_assert_eq!(decode_verified(&f, &id).unwrap(), data);
+        }
+
+        #[test]
+        fn lz4_verify_accepts_exactly_what_decoding_accepts(data in proptest::collection::vec(any::<u8>(), 1..3000), zeros in 0usize..600_000, flip in any::<prop::sample::Index>()) {
+            let mut data = data;
+            data.extend(std::iter::repeat_n(0u8, zeros));
+            let id = Digest::of(&data);
+            let mut f = Encoder::with_codec(Codec::DEFAULT).encode(&data);
+            prop_assert!(verify(&f, &id).is_ok());
+            let at = flip.index(f.len());
+            f[at] ^= 0x5a;
+            prop_assert_eq!(verify(&f, &id).is_ok(), decode_verified(&f, &id).is_ok());
         }
     }
 }
