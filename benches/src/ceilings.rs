@@ -1,5 +1,5 @@
 //! The machine's ceilings, measured in the same run as the figures they bound:
-//! loopback TCP bandwidth, zstd decompression, BLAKE3, and sequential reads
+//! loopback TCP bandwidth, LZ4 and zstd decompression, BLAKE3, and sequential reads
 //! through a local FUSE filesystem (squashfuse over a squashfs of the same data).
 
 use crate::link::{self, Link};
@@ -16,6 +16,8 @@ pub struct Ceilings {
     pub loopback_bytes_per_sec: f64,
     pub link_bytes_per_sec: Option<f64>,
     pub zstd_decompress_bytes_per_sec: f64,
+    /// LZ4 as chunk frames have it (high compression, level 4; 256 KiB blocks).
+    pub lz4_decompress_bytes_per_sec: f64,
     pub blake3_bytes_per_sec: f64,
 }
 
@@ -81,6 +83,21 @@ pub async fn measure(sample: &[u8], link: Option<Link>) -> Result<Ceilings> {
         std::hint::black_box(zstd::bulk::decompress(f, 1 << 20).expect("zstd"));
     }
     let zstd = sample.len() as f64 / t.elapsed().as_secs_f64();
+    let mode = Some(lz4::block::CompressionMode::HIGHCOMPRESSION(4));
+    let blocks: Vec<(Vec<u8>, i32)> = sample
+        .chunks(256 << 10)
+        .map(|c| {
+            (
+                lz4::block::compress(c, mode, false).expect("lz4"),
+                c.len() as i32,
+            )
+        })
+        .collect();
+    let t = Instant::now();
+    for (b, len) in &blocks {
+        std::hint::black_box(lz4::block::decompress(b, Some(*len)).expect("lz4"));
+    }
+    let lz4 = sample.len() as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     for c in sample.chunks(1 << 20) {
         std::hint::black_box(blake3::hash(c));
@@ -90,6 +107,7 @@ pub async fn measure(sample: &[u8], link: Option<Link>) -> Result<Ceilings> {
         loopback_bytes_per_sec: loopback,
         link_bytes_per_sec: link_bw,
         zstd_decompress_bytes_per_sec: zstd,
+        lz4_decompress_bytes_per_sec: lz4,
         blake3_bytes_per_sec: b3,
     })
 }

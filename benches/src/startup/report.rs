@@ -153,9 +153,10 @@ impl fmt::Display for StartupReport {
             .map(|b| format!(", shaped link {}", mbps(b)));
         writeln!(
             f,
-            "ceilings: loopback {}{}, zstd-3 decompress {} (1 core), BLAKE3 {} (1 core)",
+            "ceilings: loopback {}{}, LZ4 decompress {}, zstd-3 decompress {} (1 core each), BLAKE3 {} (1 core)",
             mbps(c.loopback_bytes_per_sec),
             shaped.unwrap_or_default(),
+            mbps(c.lz4_decompress_bytes_per_sec),
             mbps(c.zstd_decompress_bytes_per_sec),
             mbps(c.blake3_bytes_per_sec)
         )?;
