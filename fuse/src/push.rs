@@ -72,6 +72,9 @@ struct Queued {
 impl Queue {
     fn send(&self, event: Event, urgent: bool) {
         let mut q = self.events.lock().expect("push queue lock");
+        if q.closed {
+            return;
+        }
         if urgent {
             q.urgent.push_back(event);
         } else {
