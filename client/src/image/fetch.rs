@@ -120,6 +120,9 @@ pub struct Fetcher {
     busy: Arc<AtomicUsize>,
     /// Told of each chunk as it enters memory (see [`Fetcher::on_resident`]).
     resident_hook: OnceLock<ResidentHook>,
+    /// Disk cache writes held back while a profile's stream runs (see
+    /// [`Fetcher::defer_disk_writes`]); `None` when writes go at once.
+    deferred: Mutex<Option<Vec<(Digest, Bytes)>>>,
 }
 
 /// What a door wants to hear of each chunk entering memory.
@@ -150,7 +153,37 @@ impl Fetcher {
             policy,
             busy: Arc::new(AtomicUsize::new(0)),
             resident_hook: OnceLock::new(),
+            deferred: Mutex::new(None),
         })
+    }
+
+    /// Holds disk cache writes back until [`Fetcher::write_deferred`]: a
+    /// profile's stream brings a start's working set while the start runs,
+    /// and on a small machine the writes (10-15% of the stream's CPU) would
+    /// take a core from the start for bytes it already has in memory.
+    pub fn defer_disk_writes(&self) {
+        let mut d = self.deferred.lock().expect("deferred lock");
+        if d.is_none() && self.disk.is_some() {
+            *d = Some(Vec::new());
+        }
+    }
+
+    /// Writes what was held back, in the background, one after another;
+    /// writes go at once from then on.
+    pub fn write_deferred(&self) {
+        let Some(held) = self.deferred.lock().expect("deferred lock").take() else {
+            return;
+        };
+        let Some(disk) = self.disk.clone() else {
+            return;
+        };
+        let (stats, busy) = (self.stats.clone(), BusyGuard::new(&self.busy));
+        tokio::task::spawn_blocking(move || {
+            let _busy = busy;
+            for (id, data) in held {
+                store_on_disk(&disk, &stats, &id, &data);
+            }
+        });
     }
 
     /// Calls `hook` with each chunk as it enters memory, from then on (once
@@ -295,6 +328,7 @@ impl Fetcher {
     /// Waits (up to `timeout`) for fetches and disk cache writes in flight, so
     /// a remount finds every chunk this one fetched.
     pub fn flush(&self, timeout: Duration) {
+        self.write_deferred();
         let deadline = Instant::now() + timeout;
         while self.busy.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
@@ -490,23 +524,33 @@ impl Fetcher {
         let Some(disk) = self.disk.clone() else {
             return;
         };
+        if let Some(held) = self.deferred.lock().expect("deferred lock").as_mut() {
+            held.push((id, data));
+            return;
+        }
         let (stats, busy) = (self.stats.clone(), BusyGuard::new(&self.busy));
         tokio::task::spawn_blocking(move || {
             let _busy = busy;
-            match disk.put(&id, &data) {
-                Ok(evicted) => Stats::add(&stats.disk_evicted, evicted),
-                Err(e) => {
-                    if stats.disk_write_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                        tracing::warn!("cannot write the disk cache, continuing without it: {e}");
-                    }
-                }
-            }
+            store_on_disk(&disk, &stats, &id, &data);
         });
     }
 }
 
 /// Decodes `frame` and checks it against the chunk's id and the manifest's
 /// length: the bytes, or an error naming the chunk (blocking work).
+/// Writes one verified chunk to the disk cache, counting what it evicted or
+/// why it failed (said once: a full disk fails every write).
+fn store_on_disk(disk: &DiskCache, stats: &Stats, id: &Digest, data: &[u8]) {
+    match disk.put(id, data) {
+        Ok(evicted) => Stats::add(&stats.disk_evicted, evicted),
+        Err(e) => {
+            if stats.disk_write_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!("cannot write the disk cache, continuing without it: {e}");
+            }
+        }
+    }
+}
+
 fn verify(chunk: ChunkRef, frame: &[u8]) -> Result<Bytes, FetchError> {
     let ChunkRef { id, len } = chunk;
     let data = frame::decode_verified(frame, &id).map_err(|_| FetchError::Corrupt(id))?;

@@ -346,6 +346,14 @@ impl ImageFs {
             policy,
             self.stats.clone(),
         );
+        // What the stream fetches is written to the disk cache once it ends
+        // (or at flush, if it is stopped), not while the start runs.
+        self.fetcher.defer_disk_writes();
+        let fetcher = self.fetcher.clone();
+        let stream = async move {
+            stream.await;
+            fetcher.write_deferred();
+        };
         *self.replay.lock().expect("replay lock") = Some(tokio::spawn(stream));
     }
 

@@ -376,6 +376,30 @@ async fn flush_waits_for_fetches_in_flight() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_held_back_during_a_stream_reach_the_disk_when_it_ends_or_at_flush() {
+    let t = image(&[("w.bin", noise(9, 2 * MIB))], opts()).await;
+    let cache = DiskCache::open(t._cache.path(), 1 << 30).unwrap();
+    let on_disk = |offset| cache.contains(&t.chunk_of("w.bin", offset), MIB as u32);
+    let f = t.fs.fetcher();
+    f.defer_disk_writes();
+    f.get(0, Priority::Demand).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!on_disk(0), "written while held back");
+    // The stream's end writes them; writes go at once after it.
+    f.write_deferred();
+    f.get(1, Priority::Demand).await.unwrap();
+    t.settle().await;
+    assert!(on_disk(0) && on_disk(MIB as u64));
+    // A stream stopped by an unmount: flush writes what it held.
+    let t = image(&[("w.bin", noise(9, 2 * MIB))], opts()).await;
+    let cache = DiskCache::open(t._cache.path(), 1 << 30).unwrap();
+    t.fs.fetcher().defer_disk_writes();
+    t.fs.fetcher().get(0, Priority::Demand).await.unwrap();
+    t.settle().await;
+    assert!(cache.contains(&t.chunk_of("w.bin", 0), MIB as u32));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_is_read_only() {
     let t = image(&[("a.txt", b"x".to_vec())], opts()).await;
     let ino = t.ino("a.txt");
