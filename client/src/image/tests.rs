@@ -400,6 +400,45 @@ async fn writes_held_back_during_a_stream_reach_the_disk_when_it_ends_or_at_flus
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resident_runs_are_whole_blocks_of_chunks_in_memory_and_skip_files_being_read() {
+    let big = noise(3, 3 * MIB + 1000);
+    let t = image(&[("a.bin", big.clone()), ("b.bin", big.clone())], opts()).await;
+    let (a, b) = (t.ino("a.bin"), t.ino("b.bin"));
+    let f = t.fs.fetcher();
+    // Nothing in memory: nothing to hand on.
+    assert!(t.fs.resident_runs(a, None, 4096).is_empty());
+    // The same bytes, so both files share chunks 0..=3; bring in the first
+    // two and the tail.
+    for c in [0, 1, 3] {
+        f.get(c, Priority::Demand).await.unwrap();
+    }
+    let runs = t.fs.resident_runs(a, None, 4096);
+    let flat = |runs: &[(u64, Vec<bytes::Bytes>)]| -> Vec<(u64, Vec<u8>)> {
+        runs.iter()
+            .map(|(at, pieces)| (*at, pieces.concat()))
+            .collect()
+    };
+    // Two runs: the first two chunks, and the tail up to the file's end.
+    assert_eq!(
+        flat(&runs),
+        vec![
+            (0, big[..2 * MIB].to_vec()),
+            (3 * MIB as u64, big[3 * MIB..].to_vec())
+        ]
+    );
+    assert_eq!(t.fs.files_of_chunk(1), &[a, b]);
+    // Once a read has reached a file, chunks arriving for it are left to
+    // the kernel's readahead; another file still gets them.
+    t.fs.read(a, 0, 4096).await.unwrap();
+    f.get(2, Priority::Demand).await.unwrap();
+    assert!(t.fs.resident_runs(a, Some(2), 4096).is_empty());
+    assert_eq!(
+        flat(&t.fs.resident_runs(b, Some(2), 4096)),
+        vec![(2 * MIB as u64, big[2 * MIB..3 * MIB].to_vec())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_is_read_only() {
     let t = image(&[("a.txt", b"x".to_vec())], opts()).await;
     let ino = t.ino("a.txt");
