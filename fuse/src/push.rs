@@ -217,7 +217,8 @@ impl Worker {
                 for &ino in fs.files_of_chunk(chunk) {
                     if self.held.contains_key(&ino) {
                         let runs = fs.resident_runs(ino, Some(chunk), self.page);
-                        if let Pushed::NotHeld = self.push_runs(ino, runs) {
+                        let retrying = self.retry.iter().any(|r| r.1 == ino);
+                        if let (Pushed::NotHeld, false) = (self.push_runs(ino, runs), retrying) {
                             self.held.remove(&ino);
                         }
                     }
