@@ -82,18 +82,22 @@ const TAG_MAX: usize = wire::TAG_BODY_MAX;
 /// certificate directory, which on a cold page cache was most of a `thaw
 /// mount` (28 of 44 ms) of an `http://` image.
 fn http_client(ca_pem: Option<&[u8]>, bases: &[String]) -> reqwest::Result<reqwest::Client> {
-    let tls = bases.iter().any(|b| b.starts_with("https://"));
     let mut b = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
-        .tls_built_in_root_certs(tls);
+        .tls_built_in_root_certs(any_tls(bases));
     if let Some(pem) = ca_pem {
         for cert in reqwest::Certificate::from_pem_bundle(pem)? {
             b = b.add_root_certificate(cert);
         }
     }
     b.build()
+}
+
+/// Whether any of `bases` is an `https://` server.
+fn any_tls(bases: &[String]) -> bool {
+    bases.iter().any(|b| b.starts_with("https://"))
 }
 
 fn unreachable(base: &str, source: reqwest::Error) -> ClientError {
@@ -134,12 +138,7 @@ impl Remote {
                 bases.push(url);
             }
         }
-        let tls_before = self
-            .servers
-            .bases()
-            .iter()
-            .any(|b| b.starts_with("https://"));
-        if !tls_before && bases.iter().any(|b| b.starts_with("https://")) {
+        if !any_tls(self.servers.bases()) && any_tls(&bases) {
             self.http = http_client(self.ca_pem.as_deref(), &bases)
                 .map_err(|source| unreachable(first, source))?;
         }

@@ -256,27 +256,7 @@ fn inflate_lz4_block(src: &[u8], dst: &mut [u8]) -> bool {
 
 /// Inflates an LZ4 payload of `len` bytes, its segments in parallel.
 fn inflate_lz4(payload: &[u8], len: usize) -> Result<Vec<u8>, FrameError> {
-    let segments = lz4_segments(payload, len)?;
-    let mut out = vec![0u8; len];
-    let pieces: Vec<(&[u8], &mut [u8])> = segments
-        .iter()
-        .map(|&(src, _)| src)
-        .zip(out.chunks_mut(SEGMENT_LEN))
-        .collect();
-    use rayon::prelude::*;
-    let all = if pieces.len() > 1 {
-        pieces
-            .into_par_iter()
-            .all(|(src, dst)| inflate_lz4_block(src, dst))
-    } else {
-        pieces
-            .into_iter()
-            .all(|(src, dst)| inflate_lz4_block(src, dst))
-    };
-    if !all {
-        return Err(FrameError::LengthMismatch { expected: len });
-    }
-    Ok(out)
+    inflate_segments(lz4_segments(payload, len)?, len, inflate_lz4_block)
 }
 
 /// Inflates a zstd payload of `len` bytes: its segments in parallel when it
@@ -291,6 +271,21 @@ fn inflate(payload: &[u8], len: usize) -> Result<Vec<u8>, FrameError> {
         }
         return Ok(out);
     };
+    inflate_segments(
+        segments,
+        len,
+        |src, dst| matches!(with_decompressor(|d| d.decompress_to_buffer(src, dst)), Ok(n) if n == dst.len()),
+    )
+}
+
+/// Inflates `segments` (sizes summing to `len`) into one buffer, each with
+/// `one`, which must fill its piece exactly; on every core when there are
+/// several.
+fn inflate_segments(
+    segments: Vec<Segment<'_>>,
+    len: usize,
+    one: impl Fn(&[u8], &mut [u8]) -> bool + Sync,
+) -> Result<Vec<u8>, FrameError> {
     let mut out = vec![0u8; len];
     let mut pieces = Vec::with_capacity(segments.len());
     let mut rest = out.as_mut_slice();
@@ -300,12 +295,14 @@ fn inflate(payload: &[u8], len: usize) -> Result<Vec<u8>, FrameError> {
         rest = tail;
     }
     use rayon::prelude::*;
-    pieces.into_par_iter().try_for_each(|(src, dst)| {
-        match with_decompressor(|d| d.decompress_to_buffer(src, dst)) {
-            Ok(n) if n == dst.len() => Ok(()),
-            _ => Err(mismatch()),
-        }
-    })?;
+    let all = if pieces.len() > 1 {
+        pieces.into_par_iter().all(|(src, dst)| one(src, dst))
+    } else {
+        pieces.into_iter().all(|(src, dst)| one(src, dst))
+    };
+    if !all {
+        return Err(FrameError::LengthMismatch { expected: len });
+    }
     Ok(out)
 }
 

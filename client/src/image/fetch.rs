@@ -536,8 +536,6 @@ impl Fetcher {
     }
 }
 
-/// Decodes `frame` and checks it against the chunk's id and the manifest's
-/// length: the bytes, or an error naming the chunk (blocking work).
 /// Writes one verified chunk to the disk cache, counting what it evicted or
 /// why it failed (said once: a full disk fails every write).
 fn store_on_disk(disk: &DiskCache, stats: &Stats, id: &Digest, data: &[u8]) {
@@ -551,6 +549,8 @@ fn store_on_disk(disk: &DiskCache, stats: &Stats, id: &Digest, data: &[u8]) {
     }
 }
 
+/// Decodes `frame` and checks it against the chunk's id and the manifest's
+/// length: the bytes, or an error naming the chunk (blocking work).
 fn verify(chunk: ChunkRef, frame: &[u8]) -> Result<Bytes, FetchError> {
     let ChunkRef { id, len } = chunk;
     let data = frame::decode_verified(frame, &id).map_err(|_| FetchError::Corrupt(id))?;

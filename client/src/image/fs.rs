@@ -19,6 +19,7 @@ use super::prefetch::Prefetch;
 use super::profile::{self, Recorder, StreamPolicy};
 use super::stats::Stats;
 use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thaw_format::{Digest, Extent, Manifest, Node, NodeKind, Profile, ROOT};
@@ -133,10 +134,10 @@ pub struct ImageFs {
     replay: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Which files each chunk holds, built on first use.
     chunk_files: std::sync::OnceLock<ChunkFiles>,
-    /// The file nodes a door's reads have reached: the kernel's own
+    /// Per node, whether a door's reads have reached it: the kernel's own
     /// readahead reads those, so chunks arriving later are not pushed to
     /// them as well (see [`ImageFs::resident_runs`]).
-    asked: Mutex<std::collections::HashSet<u32>>,
+    reached: Box<[AtomicBool]>,
 }
 
 /// The inodes of the files each chunk holds bytes of (compressed rows).
@@ -207,6 +208,7 @@ impl ImageFs {
         record: bool,
     ) -> ImageFs {
         let recorder = record.then(|| Arc::new(Recorder::new()));
+        let reached = (0..m.nodes.len()).map(|_| AtomicBool::new(false)).collect();
         ImageFs {
             layout: Layout::of(&m),
             m,
@@ -216,7 +218,7 @@ impl ImageFs {
             recorder,
             replay: Mutex::new(None),
             chunk_files: std::sync::OnceLock::new(),
-            asked: Mutex::new(std::collections::HashSet::new()),
+            reached,
         }
     }
 
@@ -259,7 +261,7 @@ impl ImageFs {
         };
         let range = extents.start as usize..extents.end as usize;
         let size = node.size;
-        if chunk.is_some() && self.asked.lock().expect("asked lock").contains(&node_index) {
+        if chunk.is_some() && self.reached[node_index as usize].load(Ordering::Relaxed) {
             return Vec::new();
         }
         let mut spans: Vec<(u64, u64)> = Vec::new();
@@ -302,22 +304,26 @@ impl ImageFs {
     pub fn pushed(&self, ino: u64, offset: u64, len: u64) {
         Stats::inc(&self.stats.pushes);
         Stats::add_to(&self.stats.pushed_bytes, len);
-        let (Some(r), Ok((i, node))) = (&self.recorder, self.node(ino)) else {
+        let (Some(_), Ok((i, node))) = (&self.recorder, self.node(ino)) else {
             return;
         };
         let NodeKind::File { extents } = &node.kind else {
             return;
         };
         let range = extents.start as usize..extents.end as usize;
-        for p in self.pieces(range, offset, offset + len) {
+        self.record(i, offset, &self.pieces(range, offset, offset + len));
+    }
+
+    /// Records, when recording, that `pieces` of node `i` from `offset` on
+    /// were read.
+    fn record(&self, i: u32, offset: u64, pieces: &[Piece]) {
+        let Some(r) = &self.recorder else {
+            return;
+        };
+        for p in pieces {
             if let Some(c) = p.extent.chunk {
-                r.read(
-                    c,
-                    self.m.chunks[c as usize].len,
-                    i,
-                    offset + p.at as u64,
-                    p.len,
-                );
+                let len = self.m.chunks[c as usize].len;
+                r.read(c, len, i, offset + p.at as u64, p.len);
             }
         }
     }
@@ -553,15 +559,8 @@ impl ImageFs {
         Stats::inc(&self.stats.reads);
         Stats::add(&self.stats.read_bytes, end - offset);
         let pieces = self.pieces(extents.start as usize..extents.end as usize, offset, end);
-        self.asked.lock().expect("asked lock").insert(i);
-        if let Some(r) = &self.recorder {
-            for p in &pieces {
-                if let Some(c) = p.extent.chunk {
-                    let len = self.m.chunks[c as usize].len;
-                    r.read(c, len, i, offset + p.at as u64, p.len);
-                }
-            }
-        }
+        self.reached[i as usize].store(true, Ordering::Relaxed);
+        self.record(i, offset, &pieces);
         // Readahead starts before this read waits, so the two overlap.
         self.prefetch
             .on_read(&self.m, &self.layout, &self.fetcher, i, offset, end);
