@@ -217,6 +217,17 @@ fn a_snapshot_restores_lazily_from_a_thaw_mount() {
         started.elapsed()
     );
     assert!(why.contains("is not on the server"), "{why}");
+
+    // Stopping the restored VM takes its image's mount down with it, even
+    // while the VMM that mapped the image's files is still letting go.
+    thaw_ok(&["vm", "stop", restored.to_str().unwrap()]);
+    let image = restored.join("image");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(&format!(" {} ", image.display())),
+        "{} is still mounted after thaw vm stop",
+        image.display()
+    );
 }
 
 /// Restores the template into `restored` with an empty cache and checks

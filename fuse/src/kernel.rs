@@ -21,17 +21,19 @@ pub fn set_readahead(mountpoint: &Path, bytes: u64) {
     }
 }
 
-fn umount2(mountpoint: &Path, flags: i32) -> bool {
-    let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
+fn umount2(mountpoint: &Path, flags: i32) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    unsafe { libc::umount2(c.as_ptr(), flags) == 0 }
+    match unsafe { libc::umount2(c.as_ptr(), flags) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 /// Unmounts a FUSE mount (as root directly, else through `fusermount3`).
 pub fn unmount(mountpoint: &Path) -> Result<(), FuseError> {
-    if umount2(mountpoint, 0) {
+    if umount2(mountpoint, 0).is_ok() {
         return Ok(());
     }
     let status = std::process::Command::new("fusermount3")
@@ -48,7 +50,7 @@ pub fn unmount(mountpoint: &Path) -> Result<(), FuseError> {
 
 /// Lazily detaches a mount (a dead process's), as root or through `fusermount3 -z`.
 pub(crate) fn detach(mountpoint: &Path) -> bool {
-    umount2(mountpoint, libc::MNT_DETACH)
+    umount2(mountpoint, libc::MNT_DETACH).is_ok()
         || std::process::Command::new("fusermount3")
             .arg("-uz")
             .arg(mountpoint)
@@ -63,9 +65,22 @@ pub fn unmount_and_wait(mountpoint: &Path, timeout: Duration) -> Result<(), Fuse
         .ok()
         .map(|s| s.pid)
         .filter(|&p| p != 0);
-    unmount(mountpoint)?;
-    let Some(pid) = pid else { return Ok(()) };
     let deadline = Instant::now() + timeout;
+    // A process that has just exited (a VMM that mapped the image's files)
+    // may still be letting go of them: busy is asked again until the deadline.
+    loop {
+        match umount2(mountpoint, 0) {
+            Ok(()) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(_) => {
+                unmount(mountpoint)?;
+                break;
+            }
+        }
+    }
+    let Some(pid) = pid else { return Ok(()) };
     while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
         // A zombie (our own child, never here) would also stop the wait.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
