@@ -284,7 +284,7 @@ fn corrupted_chunk_in_the_store_gives_eio_never_wrong_bytes() {
     assert!(m.stats()["fetch_errors"].as_u64().unwrap() >= 1);
     assert!(w.server.metric("thaw_quarantined_total") >= 1.0);
     // Nothing bad reached the disk cache.
-    let cached = w.path("cache/v2/chunks").join(&id[..2]).join(&id);
+    let cached = w.path("cache/v3/chunks").join(&id[..2]).join(&id);
     assert!(!cached.exists());
 }
 
@@ -296,7 +296,7 @@ fn small_disk_cache_evicts_and_stays_correct() {
     let m = w.mount(&r, "mnt", &["--cache-size", "6M", "--cache-mem", "2M"]);
     assert!(std::fs::read(m.dir.join("data")).unwrap() == data);
     std::thread::sleep(Duration::from_millis(300));
-    let total: u64 = walk_sizes(&w.path("cache/v2"));
+    let total: u64 = walk_sizes(&w.path("cache/v3"));
     assert!(
         total <= 6 * MB as u64 + MB as u64 + 64,
         "disk cache holds {total} bytes"
@@ -372,6 +372,85 @@ fn remount_reads_everything_from_the_disk_cache() {
     let s = m.stats();
     assert_eq!(s["chunks_fetched"].as_u64(), Some(0), "{s}");
     assert!(s["disk_hits"].as_u64().unwrap() > 0);
+}
+
+/// A 4 KiB read of a large file whose chunks only the disk cache holds
+/// reads and hashes the 16 KiB group around it, not the 1 MiB chunk, and
+/// still never serves a damaged byte: a damaged group or outboard makes the
+/// entry corrupt and the chunk is fetched again; damage elsewhere in the
+/// entry does not concern that read.
+#[test]
+fn a_small_warm_read_of_a_large_file_verifies_only_its_part_of_the_cache() {
+    let w = World::new(&[]);
+    let data = noise(29, 16 * MB);
+    let r = w.push_file("weights", &data, "slice:v1");
+    {
+        let m = w.mount(&r, "mnt", &[]);
+        assert!(std::fs::read(m.dir.join("weights")).unwrap() == data);
+    }
+    std::thread::sleep(Duration::from_millis(300)); // cache writes finish in the background
+    let entry = |k: usize| {
+        let id = blake3::hash(&data[k * MB..(k + 1) * MB]).to_hex();
+        w.path("cache/v3/chunks").join(&id[..2]).join(id.as_str())
+    };
+    // The chunk's bytes, a 32-byte value per 16 KiB group, the trailer.
+    assert_eq!(
+        std::fs::metadata(entry(3)).unwrap().len(),
+        (MB + 64 * 32 + 64) as u64
+    );
+    // Page-sized reads at 20 KiB into chunks 1, 5, 9 and 13, no readahead.
+    let within = 5 * 4096;
+    let read_pages = |m: &Mount| {
+        let f = std::fs::File::open(m.dir.join("weights")).unwrap();
+        // SAFETY: a valid open descriptor; advice only.
+        unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+                0,
+                libc::POSIX_FADV_RANDOM,
+            )
+        };
+        for k in [1, 5, 9, 13] {
+            let at = k * MB + within;
+            let mut buf = vec![0u8; 4096];
+            f.read_exact_at(&mut buf, at as u64).unwrap();
+            assert!(buf[..] == data[at..at + 4096], "chunk {k}");
+        }
+        m.stats()
+    };
+    let flags = ["--profile", "off", "--readahead", "0"];
+    let s = read_pages(&w.mount(&r, "mnt", &flags));
+    assert_eq!(
+        (
+            s["disk_slice_hits"].as_u64(),
+            s["disk_hits"].as_u64(),
+            s["chunks_fetched"].as_u64()
+        ),
+        (Some(4), Some(0), Some(0)),
+        "{s}"
+    );
+
+    let flip = |k: usize, at: usize| {
+        let p = entry(k);
+        let mut b = std::fs::read(&p).unwrap();
+        b[at] ^= 0x40;
+        std::fs::write(&p, b).unwrap();
+    };
+    flip(5, within + 100); // in the group the read covers
+    flip(9, MB + 3 * 32 + 1); // in the outboard
+    flip(13, 3 * 16384 + 7); // in another group of the chunk
+    let s = read_pages(&w.mount(&r, "mnt", &flags));
+    assert_eq!(
+        (
+            s["disk_slice_hits"].as_u64(),
+            s["disk_corrupt"].as_u64(),
+            s["chunks_fetched"].as_u64()
+        ),
+        (Some(2), Some(2), Some(2)),
+        "{s}"
+    );
+    assert_eq!(s["digest_mismatches"].as_u64(), Some(0), "{s}");
 }
 
 #[test]

@@ -318,7 +318,7 @@ fn a_warm_mount_streams_from_the_disk_cache_what_the_last_start_on_this_host_rea
     drop(m); // detaching keeps what was read in the disk cache
     assert!(thaw_json(&["inspect", &r])["profile"].is_null());
     let kept = cache
-        .join("v2/profiles")
+        .join("v3/profiles")
         .join(digest.trim_start_matches("blake3:"));
     assert!(kept.is_file(), "no local profile at {}", kept.display());
 
@@ -359,7 +359,7 @@ fn a_warm_mount_streams_from_the_disk_cache_what_the_last_start_on_this_host_rea
 
     // A local profile is a hint for the disk only: with the chunks gone from
     // the disk cache, its stream loads nothing and fetches nothing.
-    std::fs::remove_dir_all(cache.join("v2/chunks")).unwrap();
+    std::fs::remove_dir_all(cache.join("v3/chunks")).unwrap();
     let m = mount("emptied", &[]);
     let s = streamed(&m);
     assert_eq!(s["profile_source"], "local", "{s}");

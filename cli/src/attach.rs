@@ -323,8 +323,8 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         s.prefetched
     );
     println!(
-        "hits        memory {}, disk {}, joined in-flight {}",
-        s.mem_hits, s.disk_hits, s.joined
+        "hits        memory {}, disk {} (and {} small reads of part of a chunk), joined in-flight {}",
+        s.mem_hits, s.disk_hits, s.disk_slice_hits, s.joined
     );
     println!(
         "latency     fetch p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",

@@ -24,6 +24,7 @@ pub mod device_state;
 mod digest;
 pub mod frame;
 mod manifest;
+pub mod outboard;
 pub mod profile;
 mod sealed;
 pub mod wire;

@@ -4,19 +4,21 @@
 //! Layout under the cache directory (byte layouts in `docs/format.md`):
 //!
 //! ```text
-//! v2/chunks/<2 hex>/<64 hex>   chunk bytes, then a 64-byte trailer
-//! v2/manifests/<64 hex>        a manifest's encoding (named by its digest)
-//! v2/profiles/<64 hex>         what the last attach on this host read from
+//! v3/chunks/<2 hex>/<64 hex>   chunk bytes, their outboard, a 64-byte trailer
+//! v3/manifests/<64 hex>        a manifest's encoding (named by its digest)
+//! v3/profiles/<64 hex>         what the last attach on this host read from
 //!                              that manifest's image (a profile's encoding)
-//! v2/tmp/                      writes in progress
+//! v3/tmp/                      writes in progress
 //! ```
 //!
 //! Chunk entries hold the uncompressed bytes at offset 0 and their header at
 //! the end, so an entry's data is page-aligned in its file and can be mapped
 //! as it is (guest memory restored from a snapshot wants exactly that); the
 //! trailer repeats the chunk id and length, so an entry is checked against its
-//! name before its bytes are hashed. A warm read costs one read and a BLAKE3
-//! check, no decompression.
+//! name before its bytes are hashed. Between the two sits the chunk's
+//! outboard ([`thaw_format::outboard`]): a small read is answered by reading
+//! and hashing only the 16 KiB groups it covers. A warm read costs one read
+//! and a BLAKE3 check, no decompression.
 //!
 //! Writes go to a temporary file and are renamed into place, so readers (other
 //! processes included) never see a partial entry. Every read is verified; a
@@ -31,16 +33,19 @@
 
 use bytes::Bytes;
 use std::io::{Read, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use thaw_format::{Digest, MAX_CHUNK_LEN};
+use thaw_format::{outboard, Digest, MAX_CHUNK_LEN};
 
 const MAGIC: [u8; 4] = *b"THCE";
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 /// Length of a chunk entry's trailer.
 pub const TRAILER: usize = 64;
-const LAYOUT_DIR: &str = "v2";
+const LAYOUT_DIR: &str = "v3";
+/// Layouts this version cannot read, removed when a cache is opened.
+const OLD_LAYOUT_DIRS: [&str; 2] = ["v1", "v2"];
 /// Largest manifest the cache keeps.
 const MANIFEST_MAX: u64 = crate::remote::MANIFEST_MAX as u64;
 
@@ -64,6 +69,7 @@ pub struct DiskCache {
 
 /// The trailer of a chunk entry of `len` bytes named `id`.
 pub fn encode_trailer(id: &Digest, len: usize) -> [u8; TRAILER] {
+    debug_assert!(len <= MAX_CHUNK_LEN);
     let mut h = [0u8; TRAILER];
     h[0..4].copy_from_slice(&MAGIC);
     h[4] = VERSION;
@@ -86,10 +92,12 @@ impl DiskCache {
             used: AtomicU64::new(0),
             evicting: AtomicBool::new(false),
         });
-        let (c, old) = (cache.clone(), dir.join("v1"));
+        let (c, dir) = (cache.clone(), dir.to_path_buf());
         std::thread::spawn(move || {
-            if old.is_dir() {
-                let _ = std::fs::remove_dir_all(&old);
+            for old in OLD_LAYOUT_DIRS.map(|d| dir.join(d)) {
+                if old.is_dir() {
+                    let _ = std::fs::remove_dir_all(&old);
+                }
             }
             let total: u64 = c.entries().iter().map(|e| e.len).sum();
             c.used.fetch_add(total, Ordering::Relaxed);
@@ -116,31 +124,77 @@ impl DiskCache {
     /// Looks up and verifies chunk `id` of `len` bytes.
     pub fn get(&self, id: &Digest, len: u32) -> Lookup {
         let path = self.chunk_path(id);
-        let Some(bytes) = read_exact_file(&path, u64::from(len) + TRAILER as u64) else {
+        let Some(bytes) = read_exact_file(&path, entry_len(len)) else {
             return Lookup::Miss;
         };
         let good = match bytes {
             Ok(b) => {
-                let (data, trailer) = b.split_at(len as usize);
+                let trailer = &b[b.len() - TRAILER..];
+                let data = &b[..len as usize];
                 let good = trailer == encode_trailer(id, len as usize) && Digest::of(data) == *id;
                 good.then_some(b)
             }
             Err(_) => None,
         };
         let Some(bytes) = good else {
-            tracing::warn!(chunk = %id, path = %path.display(), "corrupt disk cache entry removed; fetching again");
-            self.remove(&path);
-            return Lookup::Corrupt;
+            return self.corrupt(id, &path);
         };
         touch(&path);
         Lookup::Hit(Bytes::from(bytes).slice(..len as usize))
     }
 
+    /// Looks up bytes `range` of chunk `id` of `len` bytes, reading and
+    /// verifying only the groups of the chunk that cover them (the whole
+    /// chunk if it is too small to have an outboard).
+    pub fn get_slice(&self, id: &Digest, len: u32, range: Range<usize>) -> Lookup {
+        let len_usize = len as usize;
+        if outboard::groups(len_usize) == 0 || range.end > len_usize || range.start >= range.end {
+            return match self.get(id, len) {
+                Lookup::Hit(b) if range.end <= b.len() && range.start <= range.end => {
+                    Lookup::Hit(b.slice(range))
+                }
+                Lookup::Hit(_) => Lookup::Miss,
+                other => other,
+            };
+        }
+        let path = self.chunk_path(id);
+        let Ok(f) = std::fs::File::open(&path) else {
+            return Lookup::Miss;
+        };
+        let cover = outboard::covering(len_usize, range.clone());
+        let read = || -> std::io::Result<Option<Vec<u8>>> {
+            use std::os::unix::fs::FileExt;
+            if f.metadata()?.len() != entry_len(len) {
+                return Ok(None);
+            }
+            let mut tail = vec![0u8; (entry_len(len) - u64::from(len)) as usize];
+            f.read_exact_at(&mut tail, u64::from(len))?;
+            let (ob, trailer) = tail.split_at(tail.len() - TRAILER);
+            if trailer != encode_trailer(id, len_usize) {
+                return Ok(None);
+            }
+            let mut bytes = vec![0u8; cover.len()];
+            f.read_exact_at(&mut bytes, cover.start as u64)?;
+            Ok(outboard::verify_slice(id, len_usize, ob, cover.start, &bytes).then_some(bytes))
+        };
+        let Ok(Some(bytes)) = read() else {
+            return self.corrupt(id, &path);
+        };
+        touch(&path);
+        let from = range.start - cover.start;
+        Lookup::Hit(Bytes::from(bytes).slice(from..from + range.len()))
+    }
+
+    fn corrupt(&self, id: &Digest, path: &Path) -> Lookup {
+        tracing::warn!(chunk = %id, path = %path.display(), "corrupt disk cache entry removed; fetching again");
+        self.remove(path);
+        Lookup::Corrupt
+    }
+
     /// Whether an entry of the right size for chunk `id` of `len` bytes is
     /// there (not verified: [`DiskCache::get`] does that when it is read).
     pub fn contains(&self, id: &Digest, len: u32) -> bool {
-        std::fs::metadata(self.chunk_path(id))
-            .is_ok_and(|m| m.len() == u64::from(len) + TRAILER as u64)
+        std::fs::metadata(self.chunk_path(id)).is_ok_and(|m| m.len() == entry_len(len))
     }
 
     /// Stores verified chunk bytes. Returns how many entries eviction removed.
@@ -150,7 +204,11 @@ impl DiskCache {
         }
         self.write(
             &self.chunk_path(id),
-            &[data, &encode_trailer(id, data.len())],
+            &[
+                data,
+                &outboard::outboard(data),
+                &encode_trailer(id, data.len()),
+            ],
         )
     }
 
@@ -320,6 +378,11 @@ struct Entry {
     used_at: std::time::SystemTime,
 }
 
+/// The size of the entry of a chunk of `len` bytes.
+fn entry_len(len: u32) -> u64 {
+    (len as usize + outboard::groups(len as usize) * outboard::CV_LEN + TRAILER) as u64
+}
+
 /// Reads a file that must be exactly `len` bytes: `None` if it is missing,
 /// an error if it has another size (never reading more than `len`).
 fn read_exact_file(path: &Path, len: u64) -> Option<std::io::Result<Vec<u8>>> {
@@ -398,9 +461,65 @@ mod tests {
         let t = &raw[8192..];
         assert_eq!(
             (&t[..4], t[4], &t[8..12], &t[12..44]),
-            (&b"THCE"[..], 2u8, &8192u32.to_le_bytes()[..], &id.0[..]),
+            (&b"THCE"[..], 3u8, &8192u32.to_le_bytes()[..], &id.0[..]),
             "format changed: bump the version"
         );
+    }
+
+    #[test]
+    fn a_slice_is_read_and_verified_alone_and_damage_to_it_or_the_outboard_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 30).unwrap();
+        let g = outboard::GROUP_LEN;
+        let data: Vec<u8> = (0..5 * g + 300).map(|i| (i % 251) as u8).collect();
+        let (id, len) = (Digest::of(&data), data.len() as u32);
+        assert!(matches!(c.get_slice(&id, len, 10..20), Lookup::Miss));
+        c.put(&id, &data).unwrap();
+        let p = c.chunk_path(&id);
+        let raw = std::fs::read(&p).unwrap();
+        assert_eq!(raw.len(), data.len() + 6 * outboard::CV_LEN + TRAILER);
+        assert_eq!(
+            raw[data.len()..data.len() + 6 * 32],
+            outboard::outboard(&data)[..]
+        );
+        for r in [
+            0..1,
+            g - 1..g + 1,
+            2 * g + 7..2 * g + 4103,
+            5 * g..5 * g + 300,
+            0..data.len(),
+        ] {
+            assert!(
+                matches!(c.get_slice(&id, len, r.clone()), Lookup::Hit(b) if b[..] == data[r.clone()]),
+                "{r:?}"
+            );
+        }
+        assert!(matches!(c.get(&id, len), Lookup::Hit(b) if b[..] == data[..]));
+
+        // A damaged byte outside the slice's groups does not matter to it;
+        // inside them, the entry is corrupt and goes.
+        let damage = |at: usize| {
+            let mut b = std::fs::read(&p).unwrap();
+            b[at] ^= 1;
+            std::fs::write(&p, b).unwrap();
+        };
+        damage(4 * g + 1);
+        assert!(matches!(c.get_slice(&id, len, 10..20), Lookup::Hit(b) if b[..] == data[10..20]));
+        assert!(matches!(
+            c.get_slice(&id, len, 4 * g..4 * g + 2),
+            Lookup::Corrupt
+        ));
+        assert!(!p.exists());
+        // So does one whose outboard is damaged.
+        c.put(&id, &data).unwrap();
+        damage(data.len() + 3 * outboard::CV_LEN + 5);
+        assert!(matches!(c.get_slice(&id, len, 10..20), Lookup::Corrupt));
+        assert!(!p.exists());
+        // A slice of a chunk too small for an outboard reads it whole.
+        let small = vec![7u8; 1000];
+        let sid = Digest::of(&small);
+        c.put(&sid, &small).unwrap();
+        assert!(matches!(c.get_slice(&sid, 1000, 5..9), Lookup::Hit(b) if b[..] == small[5..9]));
     }
 
     #[test]

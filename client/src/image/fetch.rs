@@ -25,7 +25,8 @@ use super::stats::Stats;
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use thaw_format::{frame, BudgetLru, ChunkRef, Digest};
@@ -502,12 +503,33 @@ impl Fetcher {
         self.disk.as_ref()
     }
 
+    /// Bytes `range` of `chunk` from the disk cache alone, verified through
+    /// the entry's outboard, without loading the whole chunk into memory;
+    /// `None` if the disk cache does not hold it intact.
+    pub async fn disk_slice(&self, chunk: u32, range: Range<usize>) -> Option<Bytes> {
+        let ChunkRef { id, len } = self.chunks[chunk as usize];
+        self.disk_ask(&self.stats.disk_slice_hits, move |d| {
+            d.get_slice(&id, len, range)
+        })
+        .await
+    }
+
     /// The chunk from the disk cache, if there and intact.
     async fn disk_lookup(&self, id: Digest, len: u32) -> Option<Bytes> {
+        self.disk_ask(&self.stats.disk_hits, move |d| d.get(&id, len))
+            .await
+    }
+
+    /// A disk cache lookup off the async threads, counted in `hits` or as
+    /// a corrupt entry.
+    async fn disk_ask<F>(&self, hits: &AtomicU64, lookup: F) -> Option<Bytes>
+    where
+        F: FnOnce(&DiskCache) -> Lookup + Send + 'static,
+    {
         let disk = self.disk.clone()?;
-        match tokio::task::spawn_blocking(move || disk.get(&id, len)).await {
+        match tokio::task::spawn_blocking(move || lookup(&disk)).await {
             Ok(Lookup::Hit(data)) => {
-                Stats::inc(&self.stats.disk_hits);
+                Stats::inc(hits);
                 Some(data)
             }
             Ok(Lookup::Corrupt) => {

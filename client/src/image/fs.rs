@@ -15,14 +15,19 @@
 use super::disk_cache::DiskCache;
 use super::fetch::{FetchError, Fetcher, Priority};
 use super::layout::Layout;
-use super::prefetch::Prefetch;
+use super::prefetch::{Prefetch, SMALL_FILE_CHUNKS};
 use super::profile::{self, Recorder, StreamPolicy};
 use super::stats::Stats;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use thaw_format::{Digest, Extent, Manifest, Node, NodeKind, Profile, ROOT};
+use thaw_format::{outboard, Digest, Extent, Manifest, Node, NodeKind, Profile, ROOT};
+
+/// A read of at most a chunk's length over this many, of a chunk only the
+/// disk cache holds, reads just the part it covers (see
+/// [`ImageFs::small_read_from_disk`]); a larger one loads the whole chunk.
+const SMALL_READ_SHARE: usize = 4;
 
 /// The image never changes, so entries, attributes and pages may be cached for long.
 pub const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -572,6 +577,10 @@ impl ImageFs {
                     .on_miss(&self.m, &self.layout, &self.fetcher, i, c);
             }
         }
+        let large = extents.len() > SMALL_FILE_CHUNKS;
+        if let Some(b) = self.small_read_from_disk(large, &pieces).await {
+            return Ok(b);
+        }
         let got = futures::future::try_join_all(
             wanted
                 .iter()
@@ -594,6 +603,31 @@ impl ImageFs {
             }
         }
         Ok(Bytes::from(out))
+    }
+
+    /// A small read of a large file (weights, a VM's memory, a big shared
+    /// library), within one chunk that is neither in memory nor on its way,
+    /// from the disk cache alone: only the 16 KiB groups it covers are read
+    /// and verified (the entry's outboard), and the chunk stays out of
+    /// memory. `None` if it is not such a read or the disk cache does not
+    /// hold the chunk. Packs of small files and small files are loaded
+    /// whole, as their next bytes are read next.
+    async fn small_read_from_disk(&self, large_file: bool, pieces: &[Piece]) -> Option<Bytes> {
+        let [p] = pieces else { return None };
+        let c = p.extent.chunk?;
+        let len = self.fetcher.chunk_len(c) as usize;
+        if !large_file
+            || self.layout.packed[c as usize]
+            || p.len as usize * SMALL_READ_SHARE > len
+            || outboard::groups(len) == 0
+            || self.fetcher.is_resident_or_pending(c)
+        {
+            return None;
+        }
+        let from = (u64::from(p.extent.offset) + p.within) as usize;
+        self.fetcher
+            .disk_slice(c, from..from + p.len as usize)
+            .await
     }
 
     /// The pieces of extents `range` (one file's) that `[offset, end)` covers.

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use thaw_format::{Manifest, NodeKind};
 
 /// A file with at most this many chunks is fetched whole on its first miss.
-const SMALL_FILE_CHUNKS: usize = 8;
+pub(crate) const SMALL_FILE_CHUNKS: usize = 8;
 
 /// Per-file sequential read detection.
 #[derive(Debug, Clone, Copy, Default)]

@@ -27,6 +27,9 @@ pub struct Stats {
     pub mem_hits: AtomicU64,
     /// Chunk lookups answered from the disk cache.
     pub disk_hits: AtomicU64,
+    /// Small reads answered from the disk cache by reading and verifying
+    /// only the part of a chunk they cover.
+    pub disk_slice_hits: AtomicU64,
     /// Lookups that joined a fetch already in flight.
     pub joined: AtomicU64,
     /// Chunks fetched over the network, and their frame bytes.
@@ -146,6 +149,7 @@ impl Stats {
             read_bytes: g(&self.read_bytes),
             mem_hits: g(&self.mem_hits),
             disk_hits: g(&self.disk_hits),
+            disk_slice_hits: g(&self.disk_slice_hits),
             joined: g(&self.joined),
             chunks_fetched: g(&self.chunks_fetched),
             bytes_fetched: g(&self.bytes_fetched),
@@ -214,6 +218,8 @@ pub struct StatsReport {
     pub pushed_bytes: u64,
     pub mem_hits: u64,
     pub disk_hits: u64,
+    #[serde(default)]
+    pub disk_slice_hits: u64,
     pub joined: u64,
     pub chunks_fetched: u64,
     pub bytes_fetched: u64,
