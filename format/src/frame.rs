@@ -414,19 +414,24 @@ pub fn verify(frame: &[u8], id: &Digest) -> Result<(), FrameError> {
 
 /// Decodes a frame and checks that its bytes hash to `id`.
 pub fn decode_verified(frame: &[u8], id: &Digest) -> Result<Vec<u8>, FrameError> {
+    decode_verified_with_outboard(frame, id).map(|(data, _)| data)
+}
+
+/// Decodes a frame and checks that its bytes hash to `id`, giving the
+/// chunk's [`outboard`](crate::outboard) too: the check computes it on the
+/// way, so a cache that keeps it pays no second pass.
+pub fn decode_verified_with_outboard(
+    frame: &[u8],
+    id: &Digest,
+) -> Result<(Vec<u8>, Vec<u8>), FrameError> {
     let data = decode(frame)?;
-    // A reader is waiting: hash a large chunk on every core.
-    let actual = match data.len() {
-        n if n > SEGMENT_LEN => Digest::from(blake3::Hasher::new().update_rayon(&data).finalize()),
-        _ => Digest::of(&data),
-    };
-    if actual != *id {
-        return Err(FrameError::DigestMismatch {
+    match crate::outboard::check(&data, id) {
+        Ok(outboard) => Ok((data, outboard)),
+        Err(actual) => Err(FrameError::DigestMismatch {
             expected: *id,
             actual,
-        });
+        }),
     }
-    Ok(data)
 }
 
 #[cfg(test)]

@@ -45,6 +45,31 @@ pub fn outboard(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Checks that `data` hashes to `id` and gives its outboard; the digest it
+/// has instead if it does not. A reader is waiting: a chunk of several
+/// groups is hashed on every core, a group per task.
+pub fn check(data: &[u8], id: &Digest) -> Result<Vec<u8>, Digest> {
+    if groups(data.len()) == 0 {
+        let actual = Digest::of(data);
+        return if actual == *id {
+            Ok(Vec::new())
+        } else {
+            Err(actual)
+        };
+    }
+    use rayon::prelude::*;
+    let cvs: Vec<ChainingValue> = data
+        .par_chunks(GROUP_LEN)
+        .enumerate()
+        .map(|(i, group)| group_cv(i, group))
+        .collect();
+    let actual = Digest(*root(&cvs).as_bytes());
+    if actual != *id {
+        return Err(actual);
+    }
+    Ok(cvs.concat())
+}
+
 /// The bytes to read to verify `range` of a `len`-byte chunk: the whole
 /// groups that cover it (the whole chunk if it has no outboard).
 pub fn covering(len: usize, range: Range<usize>) -> Range<usize> {
@@ -137,6 +162,9 @@ mod tests {
             let id = Digest::of(&d);
             let ob = outboard(&d);
             assert_eq!(ob.len(), groups(len) * CV_LEN, "len {len}");
+            assert_eq!(check(&d, &id), Ok(ob.clone()), "len {len}");
+            let other = Digest::of(b"another chunk");
+            assert_eq!(check(&d, &other), Err(id), "len {len}");
             let wanted = [
                 0..len.min(1),
                 len / 3..len / 2,

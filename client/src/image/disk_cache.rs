@@ -199,16 +199,21 @@ impl DiskCache {
 
     /// Stores verified chunk bytes. Returns how many entries eviction removed.
     pub fn put(&self, id: &Digest, data: &[u8]) -> std::io::Result<u64> {
+        self.put_verified(id, data, &outboard::outboard(data))
+    }
+
+    /// Stores verified chunk bytes with the outboard their check computed
+    /// ([`outboard::check`]).
+    pub fn put_verified(&self, id: &Digest, data: &[u8], outboard: &[u8]) -> std::io::Result<u64> {
         if data.len() > MAX_CHUNK_LEN {
             return Err(std::io::Error::other("chunk too large for the cache"));
         }
+        if outboard.len() != outboard::groups(data.len()) * outboard::CV_LEN {
+            return Err(std::io::Error::other("outboard of the wrong size"));
+        }
         self.write(
             &self.chunk_path(id),
-            &[
-                data,
-                &outboard::outboard(data),
-                &encode_trailer(id, data.len()),
-            ],
+            &[data, outboard, &encode_trailer(id, data.len())],
         )
     }
 

@@ -123,8 +123,11 @@ pub struct Fetcher {
     resident_hook: OnceLock<ResidentHook>,
     /// Disk cache writes held back while a profile's stream runs (see
     /// [`Fetcher::defer_disk_writes`]); `None` when writes go at once.
-    deferred: Mutex<Option<Vec<(Digest, Bytes)>>>,
+    deferred: Mutex<Option<Vec<HeldWrite>>>,
 }
+
+/// A disk cache write held back: the chunk, its bytes and their outboard.
+type HeldWrite = (Digest, Bytes, Vec<u8>);
 
 /// What a door wants to hear of each chunk entering memory.
 pub type ResidentHook = Box<dyn Fn(u32) + Send + Sync>;
@@ -181,8 +184,8 @@ impl Fetcher {
         let (stats, busy) = (self.stats.clone(), BusyGuard::new(&self.busy));
         tokio::task::spawn_blocking(move || {
             let _busy = busy;
-            for (id, data) in held {
-                store_on_disk(&disk, &stats, &id, &data);
+            for (id, data, outboard) in held {
+                store_on_disk(&disk, &stats, &id, &data, &outboard);
             }
         });
     }
@@ -412,20 +415,25 @@ impl Fetcher {
         self.verified(id, data)
     }
 
-    /// Counts a chunk that failed verification, or sends verified bytes to
-    /// the disk cache.
-    fn verified(&self, id: Digest, data: Result<Bytes, FetchError>) -> Result<Bytes, FetchError> {
-        match &data {
-            Ok(bytes) => {
+    /// Counts a chunk that failed verification, or sends verified bytes
+    /// (and their outboard) to the disk cache.
+    fn verified(
+        &self,
+        id: Digest,
+        checked: Result<(Bytes, Vec<u8>), FetchError>,
+    ) -> Result<Bytes, FetchError> {
+        match checked {
+            Ok((bytes, outboard)) => {
                 Stats::add_to(&self.stats.chunk_bytes_fetched, bytes.len() as u64);
-                self.disk_store(id, bytes.clone())
+                self.disk_store(id, bytes.clone(), outboard);
+                Ok(bytes)
             }
             Err(e) => {
                 Stats::inc(&self.stats.digest_mismatches);
                 tracing::error!("refusing a chunk from the server: {e}");
+                Err(e)
             }
         }
-        data
     }
 
     /// A permit from the pool `prio` draws on. A readahead fetch still waiting
@@ -542,26 +550,26 @@ impl Fetcher {
 
     /// Writes a verified chunk to the disk cache in the background. A full or
     /// failing disk degrades to serving from memory and the network.
-    fn disk_store(&self, id: Digest, data: Bytes) {
+    fn disk_store(&self, id: Digest, data: Bytes, outboard: Vec<u8>) {
         let Some(disk) = self.disk.clone() else {
             return;
         };
         if let Some(held) = self.deferred.lock().expect("deferred lock").as_mut() {
-            held.push((id, data));
+            held.push((id, data, outboard));
             return;
         }
         let (stats, busy) = (self.stats.clone(), BusyGuard::new(&self.busy));
         tokio::task::spawn_blocking(move || {
             let _busy = busy;
-            store_on_disk(&disk, &stats, &id, &data);
+            store_on_disk(&disk, &stats, &id, &data, &outboard);
         });
     }
 }
 
 /// Writes one verified chunk to the disk cache, counting what it evicted or
 /// why it failed (said once: a full disk fails every write).
-fn store_on_disk(disk: &DiskCache, stats: &Stats, id: &Digest, data: &[u8]) {
-    match disk.put(id, data) {
+fn store_on_disk(disk: &DiskCache, stats: &Stats, id: &Digest, data: &[u8], outboard: &[u8]) {
+    match disk.put_verified(id, data, outboard) {
         Ok(evicted) => Stats::add(&stats.disk_evicted, evicted),
         Err(e) => {
             if stats.disk_write_errors.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -572,10 +580,12 @@ fn store_on_disk(disk: &DiskCache, stats: &Stats, id: &Digest, data: &[u8]) {
 }
 
 /// Decodes `frame` and checks it against the chunk's id and the manifest's
-/// length: the bytes, or an error naming the chunk (blocking work).
-fn verify(chunk: ChunkRef, frame: &[u8]) -> Result<Bytes, FetchError> {
+/// length: the bytes and their outboard, or an error naming the chunk
+/// (blocking work).
+fn verify(chunk: ChunkRef, frame: &[u8]) -> Result<(Bytes, Vec<u8>), FetchError> {
     let ChunkRef { id, len } = chunk;
-    let data = frame::decode_verified(frame, &id).map_err(|_| FetchError::Corrupt(id))?;
+    let (data, outboard) =
+        frame::decode_verified_with_outboard(frame, &id).map_err(|_| FetchError::Corrupt(id))?;
     if data.len() != len as usize {
         return Err(FetchError::WrongLength {
             id,
@@ -583,7 +593,7 @@ fn verify(chunk: ChunkRef, frame: &[u8]) -> Result<Bytes, FetchError> {
             actual: data.len(),
         });
     }
-    Ok(Bytes::from(data))
+    Ok((Bytes::from(data), outboard))
 }
 
 /// Counts one unit of unfinished work until dropped, however it ends.
