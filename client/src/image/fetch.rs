@@ -182,12 +182,17 @@ impl Fetcher {
             return;
         };
         let (stats, busy) = (self.stats.clone(), BusyGuard::new(&self.busy));
-        tokio::task::spawn_blocking(move || {
+        let write = move || {
             let _busy = busy;
             for (id, data, outboard) in held {
                 store_on_disk(&disk, &stats, &id, &data, &outboard);
             }
-        });
+        };
+        // A flush at unmount runs outside the runtime, and waits anyway.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(write)),
+            Err(_) => write(),
+        }
     }
 
     /// Calls `hook` with each chunk as it enters memory, from then on (once

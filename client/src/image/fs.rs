@@ -24,6 +24,37 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thaw_format::{outboard, Digest, Extent, Manifest, Node, NodeKind, Profile, ROOT};
 
+/// How long an image must see no lookup, open or read before the disk
+/// cache writes a profile's stream held back are made, and how long they
+/// wait at most.
+const QUIET: Duration = Duration::from_millis(250);
+const QUIET_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// Waits until the image has seen no lookup, open or read for `quiet`, or
+/// `max` has passed. A stream ends while the start it fed still runs (its
+/// bytes are in memory, many already in the page cache), and writing them
+/// to disk then takes a core and the file system from that start.
+pub(crate) async fn until_quiet(stats: &Stats, quiet: Duration, max: Duration) {
+    let activity = || {
+        [&stats.lookups, &stats.opens, &stats.reads]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    let (began, tick) = (std::time::Instant::now(), quiet / 5);
+    let (mut last, mut still) = (activity(), Duration::ZERO);
+    while still < quiet && began.elapsed() < max {
+        tokio::time::sleep(tick).await;
+        let now = activity();
+        still = if now == last {
+            still + tick
+        } else {
+            Duration::ZERO
+        };
+        last = now;
+    }
+}
+
 /// A read of at most a chunk's length over this many, of a chunk only the
 /// disk cache holds, reads just the part it covers (see
 /// [`ImageFs::small_read_from_disk`]); a larger one loads the whole chunk.
@@ -369,11 +400,13 @@ impl ImageFs {
             self.stats.clone(),
         );
         // What the stream fetches is written to the disk cache once it ends
-        // (or at flush, if it is stopped), not while the start runs.
+        // and the image has gone quiet (or at flush, if it is stopped), not
+        // while the start it feeds runs.
         self.fetcher.defer_disk_writes();
-        let fetcher = self.fetcher.clone();
+        let (fetcher, stats) = (self.fetcher.clone(), self.stats.clone());
         let stream = async move {
             stream.await;
+            until_quiet(&stats, QUIET, QUIET_WAIT_MAX).await;
             fetcher.write_deferred();
         };
         *self.replay.lock().expect("replay lock") = Some(tokio::spawn(stream));

@@ -7,6 +7,7 @@ use super::disk_cache::{DiskCache, Lookup};
 use super::fetch::{FetchError, Priority};
 use super::fs::{FsError, ImageFs};
 use super::source::MemorySource;
+use super::stats::Stats;
 use super::{build_fs, ImageOptions};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -390,13 +391,49 @@ async fn writes_held_back_during_a_stream_reach_the_disk_when_it_ends_or_at_flus
     f.get(1, Priority::Demand).await.unwrap();
     t.settle().await;
     assert!(on_disk(0) && on_disk(MIB as u64));
-    // A stream stopped by an unmount: flush writes what it held.
+    // A stream stopped by an unmount: flush writes what it held, also when
+    // called outside the runtime (as at unmount).
     let t = image(&[("w.bin", noise(9, 2 * MIB))], opts()).await;
     let cache = DiskCache::open(t._cache.path(), 1 << 30).unwrap();
     t.fs.fetcher().defer_disk_writes();
     t.fs.fetcher().get(0, Priority::Demand).await.unwrap();
-    t.settle().await;
+    let fs = t.fs.clone();
+    std::thread::spawn(move || fs.flush()).join().unwrap();
     assert!(cache.contains(&t.chunk_of("w.bin", 0), MIB as u32));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_back_writes_wait_for_a_quiet_image_or_the_longest_wait() {
+    use super::fs::until_quiet;
+    let stats = Arc::new(Stats::default());
+    let busy = |for_ms: u64| {
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            for _ in 0..for_ms / 10 {
+                Stats::inc(&stats.lookups);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let quiet = Duration::from_millis(100);
+    // Busy for 300 ms: the wait ends once 100 ms have passed without a lookup.
+    let started = Instant::now();
+    let lookups = busy(300);
+    until_quiet(&stats, quiet, Duration::from_secs(10)).await;
+    let waited = started.elapsed();
+    lookups.await.unwrap();
+    assert!(waited >= Duration::from_millis(380), "{waited:?}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    // Never quiet: the wait ends at its longest.
+    let started = Instant::now();
+    let lookups = busy(2000);
+    until_quiet(&stats, quiet, Duration::from_millis(500)).await;
+    let waited = started.elapsed();
+    lookups.abort();
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_millis(1500),
+        "{waited:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
