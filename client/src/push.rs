@@ -110,14 +110,14 @@ thread_local! {
     static ENCODER: std::cell::RefCell<Option<(frame::Codec, frame::Encoder)>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Encodes with this thread's reusable compression context.
-fn encode(data: &[u8], codec: frame::Codec) -> Vec<u8> {
+/// Encodes chunk `id` with this thread's reusable compression context.
+fn encode(data: &[u8], id: &Digest, codec: frame::Codec) -> Vec<u8> {
     ENCODER.with(|e| {
         let mut e = e.borrow_mut();
         if e.as_ref().map(|(c, _)| *c) != Some(codec) {
             *e = Some((codec, frame::Encoder::with_codec(codec)));
         }
-        e.as_mut().expect("set above").1.encode(data)
+        e.as_mut().expect("set above").1.encode_for(data, id)
     })
 }
 
@@ -200,7 +200,7 @@ async fn compress_and_upload(
     let permit = cpu.clone().acquire_owned().await.expect("semaphore open");
     let frame = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        Bytes::from(encode(&h.data, codec))
+        Bytes::from(encode(&h.data, &id, codec))
     })
     .await
     .expect("compression task panicked");

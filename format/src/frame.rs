@@ -4,11 +4,21 @@
 //! 0  magic             4 bytes  "THCK"
 //! 4  version           u8       1
 //! 5  flags             u8       bit 0: payload is zstd; bit 1: payload is
-//!                               LZ4 blocks; other bits (and both) refused
+//!                               LZ4 blocks (not both); bit 2: sealed;
+//!                               other bits refused
 //! 6  reserved          u16      0
 //! 8  uncompressed len  u32 LE   1 ..= MAX_CHUNK_LEN
 //! 12 payload
+//! n-32 seal            32 bytes only if sealed: BLAKE3 keyed by the chunk
+//!                               id, of every byte before it
 //! ```
+//! A seal lets a store's copy of a frame be checked without inflating it
+//! ([`verify_stored`]): a server checks a frame's content against its id once,
+//! when it is uploaded (seal included), and afterwards that the bytes it reads
+//! back are the ones it checked. Keying by the id ties the frame to its name,
+//! so a frame stored under another chunk's name fails. Compressed frames are
+//! sealed; a raw frame is not (hashing its payload is the full check anyway).
+//! Readers of frames from a server ignore the seal: they check the content.
 //! A chunk that does not shrink is stored raw. A zstd payload is one zstd
 //! frame per [`SEGMENT_LEN`] bytes of the chunk, one after another (any zstd
 //! decoder reads such a concatenation as the whole chunk); an LZ4 payload is
@@ -35,6 +45,9 @@ pub const FRAME_HEADER_LEN: usize = 12;
 pub const MAX_CHUNK_LEN: usize = 16 << 20;
 const FLAG_ZSTD: u8 = 1;
 const FLAG_LZ4: u8 = 2;
+const FLAG_SEALED: u8 = 4;
+/// Length of a sealed frame's seal.
+pub const SEAL_LEN: usize = 32;
 /// Uncompressed bytes per zstd frame of a payload: the unit a reader
 /// inflates in parallel. (A payload of one frame, as earlier versions wrote
 /// for every chunk, is read the same way.)
@@ -61,6 +74,8 @@ pub enum FrameError {
     LengthMismatch { expected: usize },
     #[error("chunk digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
+    #[error("chunk frame seal does not match its bytes and id")]
+    SealMismatch,
 }
 
 /// How a frame's payload is compressed, and at what level.
@@ -106,12 +121,19 @@ impl Encoder {
         Encoder { codec, zstd }
     }
 
-    /// Encodes `data` as a frame, compressed when that makes it smaller.
+    /// Encodes `data` as a frame, compressed (and sealed) when that makes it
+    /// smaller.
     ///
     /// # Panics
     /// If `data` is empty or longer than [`MAX_CHUNK_LEN`]: chunkers never
     /// produce such chunks (empty files and zeros are holes, not chunks).
     pub fn encode(&mut self, data: &[u8]) -> Vec<u8> {
+        self.encode_for(data, &Digest::of(data))
+    }
+
+    /// [`Encoder::encode`] for a caller that has hashed `data` already: `id`
+    /// must be its digest (the seal is keyed by it).
+    pub fn encode_for(&mut self, data: &[u8], id: &Digest) -> Vec<u8> {
         assert!(
             !data.is_empty() && data.len() <= MAX_CHUNK_LEN,
             "chunk empty or larger than MAX_CHUNK_LEN"
@@ -160,8 +182,11 @@ impl Encoder {
                 }
             }
         }
-        if end < FRAME_HEADER_LEN + data.len() {
+        if end.saturating_add(SEAL_LEN) < FRAME_HEADER_LEN + data.len() {
             out.truncate(end);
+            out[5] |= FLAG_SEALED;
+            let seal = blake3::keyed_hash(&id.0, &out);
+            out.extend_from_slice(seal.as_bytes());
         } else {
             out[5] = 0;
             out.truncate(FRAME_HEADER_LEN);
@@ -176,15 +201,16 @@ pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
     Encoder::new(level).encode(data)
 }
 
-/// The longest frame a chunk of `len` bytes can have: the header and zstd's
-/// worst case (`ZSTD_COMPRESSBOUND`). Clients bound the answers they read by it.
+/// The longest frame a chunk of `len` bytes can have: the header, zstd's
+/// worst case (`ZSTD_COMPRESSBOUND`) and a seal. Clients bound the answers
+/// they read by it.
 pub fn max_frame_len(len: usize) -> usize {
     let small = if len < (128 << 10) {
         ((128 << 10) - len) >> 11
     } else {
         0
     };
-    FRAME_HEADER_LEN + len + (len >> 8) + small
+    FRAME_HEADER_LEN + len + (len >> 8) + small + SEAL_LEN
 }
 
 /// The uncompressed length a frame declares, after checking its header.
@@ -198,8 +224,14 @@ pub fn declared_len(frame: &[u8]) -> Result<usize, FrameError> {
     if frame[4] != FRAME_VERSION {
         return Err(FrameError::UnsupportedVersion(frame[4]));
     }
-    if frame[5] & !(FLAG_ZSTD | FLAG_LZ4) != 0 || frame[5] == FLAG_ZSTD | FLAG_LZ4 {
-        return Err(FrameError::UnknownFlags(frame[5]));
+    let flags = frame[5];
+    if flags & !(FLAG_ZSTD | FLAG_LZ4 | FLAG_SEALED) != 0
+        || flags & (FLAG_ZSTD | FLAG_LZ4) == FLAG_ZSTD | FLAG_LZ4
+    {
+        return Err(FrameError::UnknownFlags(flags));
+    }
+    if flags & FLAG_SEALED != 0 && frame.len() < FRAME_HEADER_LEN + SEAL_LEN {
+        return Err(FrameError::Truncated(frame.len()));
     }
     if frame[6..8] != [0, 0] {
         return Err(FrameError::ReservedBytes);
@@ -214,11 +246,57 @@ pub fn declared_len(frame: &[u8]) -> Result<usize, FrameError> {
     Ok(len)
 }
 
-/// Decodes a frame into the chunk's bytes. Does not check the digest.
+/// The payload of a frame whose header [`declared_len`] accepted, and its
+/// codec flags (the seal left out).
+fn payload(frame: &[u8]) -> (&[u8], u8) {
+    let end = match frame[5] & FLAG_SEALED {
+        0 => frame.len(),
+        _ => frame.len() - SEAL_LEN,
+    };
+    (
+        &frame[FRAME_HEADER_LEN..end],
+        frame[5] & (FLAG_ZSTD | FLAG_LZ4),
+    )
+}
+
+/// Checks a sealed frame's seal against its bytes and `id`; an unsealed
+/// frame passes (there is nothing to check).
+pub fn check_seal(frame: &[u8], id: &Digest) -> Result<(), FrameError> {
+    declared_len(frame)?;
+    if frame[5] & FLAG_SEALED == 0 {
+        return Ok(());
+    }
+    let (body, seal) = frame.split_at(frame.len() - SEAL_LEN);
+    match blake3::keyed_hash(&id.0, body).as_bytes() == seal {
+        true => Ok(()),
+        false => Err(FrameError::SealMismatch),
+    }
+}
+
+/// Checks a frame in full, its content against `id` and its seal if it has
+/// one: what a store checks before it accepts a frame, and `fsck` after.
+pub fn verify_all(frame: &[u8], id: &Digest) -> Result<(), FrameError> {
+    verify(frame, id)?;
+    check_seal(frame, id)
+}
+
+/// Checks a frame read back from a store that accepted it only after
+/// [`verify_all`]: a sealed frame by its seal alone (the
+/// bytes are the ones checked, under the same name), without inflating; an
+/// unsealed one in full.
+pub fn verify_stored(frame: &[u8], id: &Digest) -> Result<(), FrameError> {
+    match frame.get(5).is_some_and(|f| f & FLAG_SEALED != 0) {
+        true => check_seal(frame, id),
+        false => verify(frame, id),
+    }
+}
+
+/// Decodes a frame into the chunk's bytes. Does not check the digest (nor
+/// the seal).
 pub fn decode(frame: &[u8]) -> Result<Vec<u8>, FrameError> {
     let len = declared_len(frame)?;
-    let payload = &frame[FRAME_HEADER_LEN..];
-    match frame[5] {
+    let (payload, codec) = payload(frame);
+    match codec {
         FLAG_ZSTD => inflate(payload, len),
         FLAG_LZ4 => inflate_lz4(payload, len),
         _ if payload.len() != len => Err(FrameError::LengthMismatch { expected: len }),
@@ -367,9 +445,9 @@ fn segments(payload: &[u8], len: usize) -> Result<Option<Vec<Segment<'_>>>, Fram
 /// is hashed as it inflates, through a small buffer.
 pub fn verify(frame: &[u8], id: &Digest) -> Result<(), FrameError> {
     let len = declared_len(frame)?;
-    let payload = &frame[FRAME_HEADER_LEN..];
+    let (payload, codec) = payload(frame);
     let mut hasher = blake3::Hasher::new();
-    if frame[5] == FLAG_LZ4 {
+    if codec == FLAG_LZ4 {
         let mut buf = vec![0u8; len.min(SEGMENT_LEN)];
         for (src, size) in lz4_segments(payload, len)? {
             if !inflate_lz4_block(src, &mut buf[..size]) {
@@ -377,7 +455,7 @@ pub fn verify(frame: &[u8], id: &Digest) -> Result<(), FrameError> {
             }
             hasher.update(&buf[..size]);
         }
-    } else if frame[5] & FLAG_ZSTD == 0 {
+    } else if codec == 0 {
         if payload.len() != len {
             return Err(FrameError::LengthMismatch { expected: len });
         }
@@ -458,9 +536,9 @@ mod tests {
             .collect();
         let id = Digest::of(&data);
         let f = Encoder::with_codec(Codec::DEFAULT).encode(&data);
-        assert_eq!(f[5], FLAG_LZ4, "compressible data is LZ4");
+        assert_eq!(f[5], FLAG_LZ4 | FLAG_SEALED, "compressible data is LZ4");
         assert!(f.len() < data.len() / 2);
-        let blocks = lz4_segments(&f[FRAME_HEADER_LEN..], data.len()).unwrap();
+        let blocks = lz4_segments(payload(&f).0, data.len()).unwrap();
         assert_eq!(blocks.len(), 5);
         assert_eq!(blocks[4].1, 1000);
         // Each block inflates alone to its segment.
@@ -499,7 +577,7 @@ mod tests {
         both[5] = FLAG_ZSTD | FLAG_LZ4;
         assert!(matches!(decode(&both), Err(FrameError::UnknownFlags(3))));
         // Damage inside a block never passes as the chunk.
-        for at in [FRAME_HEADER_LEN + 40, f.len() / 2, f.len() - 3] {
+        for at in [FRAME_HEADER_LEN + 40, f.len() / 2, f.len() - SEAL_LEN - 3] {
             let mut bad = f.clone();
             bad[at] ^= 0x5a;
             assert!(decode_verified(&bad, &id).is_err(), "damage at {at}");
@@ -519,12 +597,16 @@ mod tests {
             [b'T', b'H', b'C', b'K', 1, 0, 0, 0, 3, 0, 0, 0, b'a', b'b', b'c']
         );
         let z = encode(&[7u8; 4096], 3);
-        assert_eq!(&z[..12], &[b'T', b'H', b'C', b'K', 1, 1, 0, 0, 0, 16, 0, 0]);
+        assert_eq!(&z[..12], &[b'T', b'H', b'C', b'K', 1, 5, 0, 0, 0, 16, 0, 0]);
         assert!(z.len() < 100);
         let l = Encoder::with_codec(Codec::Lz4(4)).encode(&[7u8; 4096]);
-        assert_eq!(&l[..12], &[b'T', b'H', b'C', b'K', 1, 2, 0, 0, 0, 16, 0, 0]);
+        assert_eq!(&l[..12], &[b'T', b'H', b'C', b'K', 1, 6, 0, 0, 0, 16, 0, 0]);
         let block = u32::from_le_bytes(l[12..16].try_into().unwrap()) as usize;
-        assert_eq!(l.len(), 16 + block);
+        assert_eq!(l.len(), 16 + block + SEAL_LEN);
+        // The seal: BLAKE3 keyed by the chunk id, of every byte before it.
+        let id = Digest::of(&[7u8; 4096]);
+        let (body, seal) = l.split_at(l.len() - SEAL_LEN);
+        assert_eq!(seal, blake3::keyed_hash(&id.0, body).as_bytes());
     }
 
     #[test]
@@ -566,7 +648,7 @@ mod tests {
             .collect();
         let id = Digest::of(&data);
         let f = encode(&data, 3);
-        let payload = &f[FRAME_HEADER_LEN..];
+        let payload = payload(&f).0;
         let found = segments(payload, data.len())
             .unwrap()
             .expect("several frames");
@@ -579,6 +661,7 @@ mod tests {
         // before segments wrote) still decodes.
         assert_eq!(zstd::bulk::decompress(payload, data.len()).unwrap(), data);
         let mut old = f[..FRAME_HEADER_LEN].to_vec();
+        old[5] = FLAG_ZSTD;
         old.extend(zstd::bulk::compress(&data, 3).unwrap());
         assert!(segments(&old[FRAME_HEADER_LEN..], data.len())
             .unwrap()
@@ -627,7 +710,7 @@ mod tests {
             let good = encode(&data, level);
             verify(&good, &id).unwrap();
             let mut flipped = good.clone();
-            let last = flipped.len() - 1;
+            let last = flipped.len() - SEAL_LEN - 1;
             flipped[last] ^= 1;
             assert!(verify(&flipped, &id).is_err());
             assert!(matches!(
@@ -646,6 +729,49 @@ mod tests {
         assert!(verify(&raw[..14], &Digest::of(b"abc")).is_err());
     }
 
+    #[test]
+    fn a_stored_frame_is_checked_by_its_seal_alone_and_an_unsealed_one_in_full() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let id = Digest::of(&data);
+        for codec in [Codec::Zstd(3), Codec::Lz4(4)] {
+            let good = Encoder::with_codec(codec).encode_for(&data, &id);
+            assert_eq!(good, Encoder::with_codec(codec).encode(&data));
+            verify_stored(&good, &id).unwrap();
+            verify_all(&good, &id).unwrap();
+            // Any byte changed, the header's included, breaks the seal.
+            for at in [5, 9, FRAME_HEADER_LEN + 7, good.len() / 2, good.len() - 1] {
+                let mut bad = good.clone();
+                bad[at] ^= 0x10;
+                assert!(
+                    verify_stored(&bad, &id).is_err(),
+                    "{codec:?} damage at {at}"
+                );
+                assert!(verify_all(&bad, &id).is_err(), "{codec:?} damage at {at}");
+            }
+            // The right frame under another chunk's name fails too.
+            let other = Digest::of(b"another chunk");
+            assert!(matches!(
+                verify_stored(&good, &other),
+                Err(FrameError::SealMismatch)
+            ));
+            // A seal cut off: too short, or the payload no longer parses.
+            assert!(verify_stored(&good[..FRAME_HEADER_LEN + 10], &id).is_err());
+        }
+        // Unsealed frames (raw ones; compressed ones from before seals) are
+        // checked in full.
+        let raw = encode(b"abc", 3);
+        verify_stored(&raw, &Digest::of(b"abc")).unwrap();
+        assert!(verify_stored(&raw, &Digest::of(b"abd")).is_err());
+        let mut old = encode(&data, 3);
+        old.truncate(old.len() - SEAL_LEN);
+        old[5] &= !FLAG_SEALED;
+        assert_eq!(decode_verified(&old, &id).unwrap(), data);
+        verify_stored(&old, &id).unwrap();
+        let mut old_bad = old.clone();
+        old_bad[FRAME_HEADER_LEN + 100] ^= 1;
+        assert!(verify_stored(&old_bad, &id).is_err());
+    }
+
     proptest! {
         #[test]
         fn verify_accepts_exactly_what_decoding_accepts(data in proptest::collection::vec(any::<u8>(), 1..5000), zeros in 0usize..5000, flip in any::<prop::sample::Index>()) {
@@ -655,9 +781,14 @@ mod tests {
             let id = Digest::of(&data);
             let mut f = encode(&data, 3);
             prop_assert!(verify(&f, &id).is_ok());
+            prop_assert!(verify_stored(&f, &id).is_ok());
             let at = flip.index(f.len());
             f[at] ^= 0x5a;
             prop_assert_eq!(verify(&f, &id).is_ok(), decode_verified(&f, &id).is_ok());
+            // Any damage fails a stored frame's check (seal or content),
+            // and the full check of an upload.
+            prop_assert!(verify_stored(&f, &id).is_err());
+            prop_assert!(verify_all(&f, &id).is_err());
         }
 
         #[test]
@@ -678,9 +809,14 @@ mod tests {
             let id = Digest::of(&data);
             let mut f = Encoder::with_codec(Codec::DEFAULT).encode(&data);
             prop_assert!(verify(&f, &id).is_ok());
+            prop_assert!(verify_stored(&f, &id).is_ok());
             let at = flip.index(f.len());
             f[at] ^= 0x5a;
             prop_assert_eq!(verify(&f, &id).is_ok(), decode_verified(&f, &id).is_ok());
+            // Any damage fails a stored frame's check (seal or content),
+            // and the full check of an upload.
+            prop_assert!(verify_stored(&f, &id).is_err());
+            prop_assert!(verify_all(&f, &id).is_err());
         }
     }
 }

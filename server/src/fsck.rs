@@ -207,7 +207,7 @@ async fn check(
     };
     let good_chunks = good_chunks.clone();
     let verdict = tokio::task::spawn_blocking(move || match kind {
-        Kind::Chunk => match frame::verify(&bytes, &digest) {
+        Kind::Chunk => match frame::verify_all(&bytes, &digest) {
             Ok(_) => Verdict::GoodChunk(digest),
             Err(e) => Verdict::Bad(e.to_string()),
         },

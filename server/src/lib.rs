@@ -5,9 +5,8 @@
 //! (`memory://`, for tests). It accepts chunk frames and manifests only after
 //! checking them against the digests that name them, accepts a manifest only
 //! once every chunk it needs is stored with the length it gives, checks again
-//! the frames it reads back from the store (quarantining what the store
-//! damaged),
-//! and serves everything as immutable objects. All state lives in the store
+//! the frames it reads back from the store, by their seal when they have one
+//! (quarantining what the store damaged), and serves everything as immutable objects. All state lives in the store
 //! (layout in `layout.rs`), so any number of servers can front one bucket;
 //! each keeps only a byte-bounded in-memory hot cache of chunk frames
 //! (`cache.rs`) and its own counters (`metrics.rs`). The HTTP API is

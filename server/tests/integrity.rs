@@ -139,6 +139,64 @@ async fn a_corrupt_chunk_is_quarantined_and_a_reupload_repairs_it() {
     server.stop().await;
 }
 
+/// Compressed frames are sealed: read back from the store, they are checked
+/// by their seal, which is keyed by the chunk id, so a damaged frame and a
+/// good frame under another chunk's name are both caught.
+#[tokio::test]
+async fn a_sealed_frame_read_back_is_checked_by_its_seal() {
+    let (server, dir) = directory_server().await;
+    let text = |seed: u8| -> Vec<u8> {
+        (0..200_000u32)
+            .map(|i| b"the quick brown fox "[(i as usize + seed as usize) % 20] ^ (i / 4000) as u8)
+            .collect()
+    };
+    let (a, b, c) = (text(1), text(2), text(3));
+    let mut ids = Vec::new();
+    for data in [&a, &b, &c] {
+        let (id, status) = server.put_chunk(data).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let stored = std::fs::read(chunk_file(dir.path(), &id)).unwrap();
+        assert_eq!(stored[5] & 4, 4, "a compressed frame is sealed");
+        assert!(stored.len() < data.len() / 4);
+        ids.push(id);
+    }
+    let (id_a, id_b, id_c) = (ids[0], ids[1], ids[2]);
+    // Damage in the payload; c's good frame stored under b's name.
+    let file_a = chunk_file(dir.path(), &id_a);
+    let len_a = std::fs::metadata(&file_a).unwrap().len() as usize;
+    flip_byte(&file_a, len_a / 2);
+    std::fs::copy(chunk_file(dir.path(), &id_c), chunk_file(dir.path(), &id_b)).unwrap();
+    for id in [id_a, id_b] {
+        assert_error(
+            server.get(&format!("/v1/chunks/{id}")).await,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        )
+        .await;
+        assert!(quarantined_chunk_file(dir.path(), &id).is_file());
+    }
+    assert_eq!(server.metric("thaw_quarantined_total").await, 2);
+    // c itself is untouched and served; re-uploads repair a and b.
+    let got = server
+        .get(&format!("/v1/chunks/{id_c}"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(frame::decode_verified(&got, &id_c).unwrap(), c);
+    for (id, data) in [(id_a, &a), (id_b, &b)] {
+        assert_eq!(server.put_chunk(data).await.1, StatusCode::CREATED);
+        let got = server
+            .get(&format!("/v1/chunks/{id}"))
+            .await
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(&frame::decode_verified(&got, &id).unwrap(), data);
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn an_upload_rewrites_a_stored_chunk_that_fails_verification() {
     let (server, dir) = directory_server().await;

@@ -77,7 +77,7 @@ impl AppState {
 
     /// The frame of an opened chunk, read once there is room for it in the
     /// response memory, which it holds for as long as any copy of it lives.
-    /// A frame from the store is verified, then cached; one that fails is
+    /// A frame from the store is verified (by its seal, if sealed), then cached; one that fails is
     /// quarantined and reads as `None`.
     pub(crate) async fn read_opened(
         &self,
@@ -104,7 +104,7 @@ impl AppState {
         let path = layout::chunk_path(id);
         let (frame, room) = self.read_into_room(object).await?;
         let (checked, id) = (frame.clone(), *id);
-        if let Err(why) = blocking(move || frame::verify(&checked, &id)).await? {
+        if let Err(why) = blocking(move || frame::verify_stored(&checked, &id)).await? {
             self.quarantine(&path, why).await?;
             return Ok(None);
         }
@@ -201,7 +201,7 @@ pub(super) async fn put(
 ) -> Result<StatusCode, ApiError> {
     let id = parse_digest(&raw)?;
     let body = frame.clone();
-    blocking(move || frame::verify(&body, &id))
+    blocking(move || frame::verify_all(&body, &id))
         .await?
         .map_err(|e| match e {
             FrameError::DigestMismatch { .. } => ApiError::digest_mismatch(e),
@@ -223,7 +223,7 @@ pub(super) async fn put(
         }
         // Another encoding of the same chunk is as good, if it verifies.
         let checked = stored.clone();
-        match blocking(move || frame::verify(&checked, &id)).await? {
+        match blocking(move || frame::verify_all(&checked, &id)).await? {
             Ok(_) => return Ok(StatusCode::OK),
             Err(why) => state.quarantine(&path, why).await?,
         }
