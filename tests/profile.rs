@@ -189,6 +189,66 @@ fn streamed_bytes_reach_the_page_cache_before_the_start_reads_them() {
     }
 }
 
+/// `thaw mount --timeline` writes, when unmounted, what the mount did: the
+/// stream's batches, the reads that reached it and the pushes, agreeing with
+/// its counters; and a mount without a profile shows its demand fetches.
+#[test]
+fn a_mount_writes_its_timeline_when_unmounted() {
+    let w = World::new();
+    let src = w.tree();
+    let (r, _) = w.push(&src, "app:v1");
+    thaw_json(&["profile", "record", &r, "--run", START, "--runs", "1"]);
+    let events = |path: &Path, kind: &str| -> Vec<Value> {
+        let t: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        assert_eq!(t["dropped"], 0, "{t}");
+        let all = t["events"].as_array().unwrap().clone();
+        assert!(all
+            .iter()
+            .all(|e| e["at_us"].is_u64() && e["dur_us"].is_u64()));
+        all.into_iter().filter(|e| e["kind"] == kind).collect()
+    };
+    let sum =
+        |es: &[Value], key: &str| es.iter().map(|e| e[key].as_u64().unwrap_or(0)).sum::<u64>();
+
+    let path = w.path("profiled.json");
+    let m = w.cold_mount(&r, "mnt", &["--timeline", path.to_str().unwrap()]);
+    streamed(&m);
+    run_start(&m.dir, &src);
+    let s = m.stats();
+    drop(m);
+    let batches = events(&path, "batch");
+    assert_eq!(batches.len() as u64, num(&s, "profile_batches"), "{s}");
+    assert_eq!(
+        sum(&batches, "chunks"),
+        num(&s, "profile_chunks_streamed"),
+        "{s}"
+    );
+    assert_eq!(
+        sum(&batches, "bytes"),
+        num(&s, "profile_bytes_streamed"),
+        "{s}"
+    );
+    assert_eq!(events(&path, "read").len() as u64, num(&s, "reads"), "{s}");
+    let pushes = events(&path, "push");
+    assert_eq!(pushes.len() as u64, num(&s, "pushes"), "{s}");
+    assert_eq!(sum(&pushes, "bytes"), num(&s, "pushed_bytes"), "{s}");
+
+    let path = w.path("cold.json");
+    let m = w.cold_mount(
+        &r,
+        "plain",
+        &["--no-profile", "--timeline", path.to_str().unwrap()],
+    );
+    run_start(&m.dir, &src);
+    let s = m.stats();
+    drop(m);
+    let fetched = [events(&path, "fetch"), events(&path, "prefetch")].concat();
+    assert_eq!(fetched.len() as u64, num(&s, "chunks_fetched"), "{s}");
+    assert_eq!(sum(&fetched, "bytes"), num(&s, "bytes_fetched"), "{s}");
+    assert!(events(&path, "batch").is_empty());
+    assert!(!events(&path, "read").is_empty());
+}
+
 #[test]
 fn mount_record_saves_at_unmount_and_recordings_merge() {
     let w = World::new();

@@ -8,11 +8,14 @@
 //! seconds. Drawn with plotters' SVG backend: text stays `<text>`, so no font
 //! files are needed.
 
+mod timeline;
+
 use crate::startup::StartupReport;
 use anyhow::{anyhow, Result};
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
+pub use timeline::draw_all as draw_timelines;
 
 /// Each mode's color, the same in every group and in the legend.
 const PALETTE: [(&str, RGBColor); 7] = [

@@ -213,7 +213,7 @@ fn sequential_reads(
         kernel_readahead: Some(cfg.kernel_readahead),
         ..Default::default()
     };
-    images.mount(&images.files_ref, &cache, flags)?;
+    images.mount(&images.files_ref, &cache, flags.clone())?;
     sys::drop_caches();
     let cold = read_seq(&images.mp.join(file))?;
     let stats = thaw::mount_stats(&images.mp)?;

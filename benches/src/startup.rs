@@ -50,6 +50,9 @@ pub struct StartupConfig {
     /// push's start is recorded, and the second push packs the files it
     /// read together, in read order (`--dir`, `--pip`).
     pub packed: bool,
+    /// Where each lazy mode's last mount writes its timeline, drawn as
+    /// `timeline-<mode>.svg` beside it (the last workload's).
+    pub timelines: Option<PathBuf>,
 }
 
 /// Which peers the startup suite measures beside thaw.
@@ -138,6 +141,8 @@ pub struct Target {
     pub local: PathBuf,
     pub startup: Startup,
     pub link: Option<Link>,
+    /// See [`StartupConfig::timelines`].
+    pub timelines: Option<PathBuf>,
 }
 
 /// Runs the suite; progress goes to stderr.
@@ -155,6 +160,11 @@ pub fn run(cfg: &StartupConfig) -> Result<StartupReport> {
             sample = ceilings::sample_bytes(&target.local, 64 << 20);
         }
         workloads.push(measure(cfg, &rt, &target, result)?);
+    }
+    if let Some(dir) = &cfg.timelines {
+        for svg in crate::chart::draw_timelines(dir)? {
+            eprintln!("thaw bench: drew {}", svg.display());
+        }
     }
     eprintln!("thaw bench: measuring ceilings");
     let ceilings = rt.block_on(ceilings::measure(&sample, cfg.link))?;
@@ -240,6 +250,7 @@ fn prepare(
         local,
         startup: image.startup,
         link: cfg.link,
+        timelines: cfg.timelines.clone(),
     };
     if let (true, Some(dir)) = (cfg.packed, &image.dir) {
         // As a build pipeline's next push would: the version measured has

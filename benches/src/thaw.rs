@@ -175,7 +175,7 @@ pub fn unmount(mp: &Path) -> Result<()> {
 }
 
 /// Flags of a `thaw mount` beyond its cache directory; `None` keeps the default.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct MountFlags {
     pub readahead: Option<u64>,
     pub kernel_readahead: Option<u64>,
@@ -184,6 +184,8 @@ pub struct MountFlags {
     pub profile: Option<&'static str>,
     /// `--record`: record what is read and save it as the image's profile at unmount.
     pub record: bool,
+    /// `--timeline`: where the mount writes its timeline when unmounted.
+    pub timeline: Option<PathBuf>,
 }
 
 /// The `thaw` binary, for what the suites measure as a user would run it.
@@ -211,6 +213,9 @@ impl ThawBin {
         }
         if flags.record {
             cmd.arg("--record");
+        }
+        if let Some(t) = &flags.timeline {
+            cmd.arg("--timeline").arg(t);
         }
         let out = cmd
             .output()

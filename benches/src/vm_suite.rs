@@ -236,18 +236,18 @@ pub fn run(cfg: &VmSuiteConfig) -> Result<VmReport> {
         // streamed. The others: cold, without a profile.
         let off = MountFlags {
             profile: Some("off"),
-            ..flags
+            ..flags.clone()
         };
         let passes = if i == 0 {
             let record = MountFlags {
                 record: true,
-                ..flags
+                ..flags.clone()
             };
             let profiled = work.join(format!("cache{kib}-profiled"));
             vec![
                 ("cold", cache.clone(), record),
                 ("warm", cache, off),
-                ("cold with a profile", profiled, flags),
+                ("cold with a profile", profiled, flags.clone()),
             ]
         } else {
             vec![("cold", cache, off)]

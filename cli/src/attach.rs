@@ -4,7 +4,9 @@
 //! serve in a forked child unless `--foreground`, the command returning once
 //! the child answers.
 
-use crate::cmd::{human, parse_bytes, print_json, shutdown_signal, Access, AccessArgs};
+use crate::cmd::{
+    absolute_path, human, parse_bytes, print_json, shutdown_signal, Access, AccessArgs,
+};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -46,6 +48,10 @@ pub struct ImageArgs {
     /// profile on the server (needs the push token if the server has one).
     #[arg(long)]
     record: bool,
+    /// Keep a timeline of reads, chunk fetches and loads, stream batches and
+    /// page cache pushes, and write it to this file (JSON) when detached.
+    #[arg(long, value_parser = absolute_path)]
+    timeline: Option<PathBuf>,
     /// Stay attached to the terminal instead of serving in the background.
     #[arg(long)]
     foreground: bool,
@@ -92,6 +98,7 @@ impl ImageArgs {
             fetch_timeout: self.fetch_timeout(),
             replay: self.replay(),
             record: self.record,
+            timeline: self.timeline.is_some(),
             ..Default::default()
         }
     }
@@ -183,6 +190,12 @@ fn attach(
         match image.keep_local_profile() {
             Ok(kept) => tracing::debug!(kept, "local profile"),
             Err(e) => tracing::warn!("cannot keep the local profile: {e}"),
+        }
+        if let (Some(path), Some(t)) = (&a.timeline, image.timeline()) {
+            let written = serde_json::to_vec(&t.to_json()).map_err(anyhow::Error::from);
+            if let Err(e) = written.and_then(|j| Ok(std::fs::write(path, j)?)) {
+                tracing::warn!("cannot write the timeline to {}: {e}", path.display());
+            }
         }
         if a.record {
             save_recording(&rt, &image)?;

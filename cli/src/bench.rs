@@ -95,6 +95,11 @@ pub struct BenchArgs {
     /// Measure no peers.
     #[arg(long, conflicts_with = "peers")]
     no_peers: bool,
+    /// Startup suite: each lazy mode's last mount keeps a timeline of its
+    /// reads, fetches, loads, stream batches and pushes, written to --out as
+    /// timeline-<mode>.json and drawn as timeline-<mode>.svg.
+    #[arg(long)]
+    timeline: bool,
     /// Load suite: seconds of load.
     #[arg(long, default_value_t = 20.0)]
     seconds: f64,
@@ -186,6 +191,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     let peers = peers(&a);
+    if a.timeline {
+        std::fs::create_dir_all(&a.out)?;
+    }
     let config = startup::StartupConfig {
         thaw_bin,
         images: images(&a)?,
@@ -194,6 +202,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         work_dir: a.work_dir,
         peers,
         packed: a.packed,
+        timelines: a.timeline.then(|| a.out.clone()),
     };
     let report = startup::run(&config)?;
     let [json, svg] = report.write_files(&a.out)?;

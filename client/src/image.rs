@@ -31,6 +31,7 @@ pub mod source;
 pub mod stats;
 #[cfg(test)]
 mod tests;
+pub mod timeline;
 
 use crate::error::{ClientError, Result};
 use crate::reference::ImageRef;
@@ -70,6 +71,9 @@ pub struct ImageOptions {
     /// ([`Image::save_recording`]). (With a disk cache, what is read is
     /// always recorded for the local profile.)
     pub record: bool,
+    /// Keep a [`timeline::Timeline`] of reads, fetches, loads, stream
+    /// batches and pushes ([`Image::timeline`]).
+    pub timeline: bool,
 }
 
 /// Which recorded profile opening an image streams.
@@ -109,6 +113,7 @@ impl Default for ImageOptions {
             replay: Replay::Auto,
             stream: StreamPolicy::default(),
             record: false,
+            timeline: false,
         }
     }
 }
@@ -182,6 +187,12 @@ impl Image {
             failovers: self.remote.failovers(),
             ..self.fs.stats.report()
         }
+    }
+
+    /// The timeline kept since the image was opened, if asked
+    /// ([`ImageOptions::timeline`]).
+    pub fn timeline(&self) -> Option<&Arc<timeline::Timeline>> {
+        self.fs.timeline()
     }
 
     /// Whether what is read is to be merged into the image's profile on the
@@ -274,6 +285,9 @@ pub async fn open(r: &ImageRef, mut remote: Remote, opts: &ImageOptions) -> Resu
     let budget = opts.stream_budget(disk.is_some());
     let source = Arc::new(HttpSource::new(remote.clone()));
     let fs = build_fs(m, source, disk.clone(), opts);
+    if opts.timeline {
+        fs.keep_timeline();
+    }
     let local = disk.as_deref().filter(|_| opts.replay.local());
     match opts.replay {
         Replay::Off => fs.stats.set_profile("off"),

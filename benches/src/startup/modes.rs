@@ -86,12 +86,22 @@ fn lazy(t: &Target, work: &Path, how: Lazy) -> Result<Sample> {
     if how != Lazy::Warm {
         let _ = std::fs::remove_dir_all(&cache);
     }
+    let mode = match how {
+        Lazy::Cold => Mode::LazyCold,
+        Lazy::Profiled => Mode::LazyProfiled,
+        Lazy::Warm => Mode::LazyWarm,
+    };
     let flags = MountFlags {
         profile: Some(match how {
             Lazy::Cold => "off",
             Lazy::Profiled => "server",
             Lazy::Warm => "local",
         }),
+        // Each run writes over the last: the last run's timeline stays.
+        timeline: t
+            .timelines
+            .as_ref()
+            .map(|dir| dir.join(format!("timeline-{}.json", mode.name().replace(' ', "-")))),
         ..MountFlags::default()
     };
     sys::drop_caches();

@@ -22,6 +22,7 @@ mod batch;
 use super::disk_cache::{DiskCache, Lookup};
 use super::source::{ChunkSource, SourceError};
 use super::stats::Stats;
+use super::timeline::{Kind, Timeline, What};
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
@@ -124,6 +125,8 @@ pub struct Fetcher {
     /// Disk cache writes held back while a profile's stream runs (see
     /// [`Fetcher::defer_disk_writes`]); `None` when writes go at once.
     deferred: Mutex<Option<Vec<HeldWrite>>>,
+    /// Where fetches and loads are noted, when asked (see [`Timeline`]).
+    timeline: OnceLock<Arc<Timeline>>,
 }
 
 /// A disk cache write held back: the chunk, its bytes and their outboard.
@@ -158,7 +161,25 @@ impl Fetcher {
             busy: Arc::new(AtomicUsize::new(0)),
             resident_hook: OnceLock::new(),
             deferred: Mutex::new(None),
+            timeline: OnceLock::new(),
         })
+    }
+
+    /// Notes fetches and loads on `timeline` from then on (once per fetcher).
+    pub fn set_timeline(&self, timeline: Arc<Timeline>) {
+        let _ = self.timeline.set(timeline);
+    }
+
+    /// The timeline fetches are noted on, if one is kept.
+    pub fn timeline(&self) -> Option<&Arc<Timeline>> {
+        self.timeline.get()
+    }
+
+    /// Notes an event begun at `began`, if a timeline is kept.
+    pub(crate) fn note(&self, kind: Kind, began: Instant, what: impl FnOnce() -> What) {
+        if let Some(t) = self.timeline.get() {
+            t.note(kind, began, what());
+        }
     }
 
     /// Holds disk cache writes back until [`Fetcher::write_deferred`]: a
@@ -392,6 +413,11 @@ impl Fetcher {
         let asked = Instant::now();
         let ChunkRef { id, len } = self.chunks[chunk as usize];
         if let Some(data) = self.disk_lookup(id, len).await {
+            self.note(Kind::DiskLoad, asked, || What {
+                chunk: Some(chunk),
+                bytes: u64::from(len),
+                ..What::default()
+            });
             return Ok(data);
         }
         let deadline = asked + self.policy.deadline;
@@ -411,12 +437,22 @@ impl Fetcher {
             frame.len() as u64,
             prio == Priority::Background,
         );
+        let frame_len = frame.len() as u64;
         let data = tokio::task::spawn_blocking(move || verify(ChunkRef { id, len }, &frame))
             .await
             .map_err(|e| FetchError::Unavailable {
                 id,
                 message: format!("verification task failed: {e}"),
             })?;
+        let kind = match prio {
+            Priority::Background => Kind::Prefetch,
+            Priority::Demand => Kind::Fetch,
+        };
+        self.note(kind, asked, || What {
+            chunk: Some(chunk),
+            bytes: frame_len,
+            ..What::default()
+        });
         self.verified(id, data)
     }
 

@@ -18,10 +18,11 @@ use super::layout::Layout;
 use super::prefetch::{Prefetch, SMALL_FILE_CHUNKS};
 use super::profile::{self, Recorder, StreamPolicy};
 use super::stats::Stats;
+use super::timeline::{Kind, Timeline, What};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use thaw_format::{outboard, Digest, Extent, Manifest, Node, NodeKind, Profile, ROOT};
 
 /// How long an image must see no lookup, open or read before the disk
@@ -258,6 +259,19 @@ impl ImageFs {
         }
     }
 
+    /// Keeps a [`Timeline`] of this image's reads, fetches, loads, stream
+    /// batches and pushes from now on, and returns it.
+    pub fn keep_timeline(&self) -> Arc<Timeline> {
+        let t = Arc::new(Timeline::new());
+        self.fetcher.set_timeline(t.clone());
+        self.fetcher.timeline().cloned().unwrap_or(t)
+    }
+
+    /// The timeline kept, if one is.
+    pub fn timeline(&self) -> Option<&Arc<Timeline>> {
+        self.fetcher.timeline()
+    }
+
     /// Calls `hook` with each chunk as it enters memory (a fetch, a load
     /// from disk, a profile's stream), so a door can hand the bytes on ahead
     /// of reads ([`ImageFs::resident_runs`]). One hook per image.
@@ -340,6 +354,11 @@ impl ImageFs {
     pub fn pushed(&self, ino: u64, offset: u64, len: u64) {
         Stats::inc(&self.stats.pushes);
         Stats::add_to(&self.stats.pushed_bytes, len);
+        self.fetcher.note(Kind::Push, Instant::now(), || What {
+            node: Some(ino),
+            bytes: len,
+            ..What::default()
+        });
         let (Some(_), Ok((i, node))) = (&self.recorder, self.node(ino)) else {
             return;
         };
@@ -586,6 +605,17 @@ impl ImageFs {
     /// Reads up to `size` bytes at `offset` of file `ino`.
     /// A read inside one chunk returns a slice of the cached chunk, without a copy.
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let began = Instant::now();
+        let got = self.read_now(ino, offset, size).await;
+        self.fetcher.note(Kind::Read, began, || What {
+            node: Some(ino),
+            bytes: u64::from(size),
+            ..What::default()
+        });
+        got
+    }
+
+    async fn read_now(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let (i, node) = self.node(ino)?;
         let NodeKind::File { extents } = &node.kind else {
             return Ok(Bytes::new());

@@ -11,6 +11,7 @@
 
 use super::{verify, FetchError, Fetcher, Priority};
 use crate::image::stats::Stats;
+use crate::image::timeline::{Kind, What};
 use bytes::Bytes;
 use futures::FutureExt;
 use std::sync::Arc;
@@ -65,6 +66,12 @@ impl Fetcher {
         let found = frames.iter().flatten().count() as u64;
         let frame_bytes = frames.iter().flatten().map(|f| f.len() as u64).sum();
         self.stats.record_batch(found, frame_bytes);
+        self.note(Kind::Batch, asked, || What {
+            chunk: Some(first),
+            chunks: Some(refs.len() as u32),
+            bytes: frame_bytes,
+            ..What::default()
+        });
         // Each chunk goes to its readers as soon as it is verified (a large
         // one's segments inflated on every core), one batch per core at a
         // time: a start's reads wait on the next chunk, not on the whole batch,
