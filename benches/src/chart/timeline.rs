@@ -129,11 +129,15 @@ fn paint(w: &Written, title: &str, svg: &mut String) -> Result<(), Box<dyn std::
         let events: Vec<&Event> = w.events.iter().filter(|e| e.kind == *kind).collect();
         let top = lane_top(lane);
         let bytes: u64 = events.iter().map(|e| e.bytes).sum();
-        let label = format!(
+        let mut label = format!(
             "{name}: {}, {:.1} MiB",
             events.len(),
             bytes as f64 / 1048576.0
         );
+        if *kind == "read" {
+            let waited: u64 = events.iter().map(|e| e.dur_us).sum();
+            label += &format!(", {:.0} ms in all", waited as f64 / 1000.0);
+        }
         let (x, y) = chart.backend_coord(&(0.0, top - (ROWS as f64) / 2.0));
         root.draw(&Text::new(
             label,
@@ -194,6 +198,7 @@ mod tests {
             assert!(svg.contains(name), "{name}");
         }
         assert!(svg.contains("stream batches: 1, 1.0 MiB"));
+        assert!(svg.contains("reads (wait): 1, 1.0 MiB, 1 ms in all"));
         assert!(svg.contains("<rect"));
     }
 }
