@@ -7,7 +7,7 @@
 use std::path::Path;
 use thaw_testkit::garage::Garage;
 use thaw_testkit::tree::write;
-use thaw_testkit::{assert_same_tree, noise, thaw, thaw_ok, Mount, Server};
+use thaw_testkit::{assert_same_tree, noise, s, thaw, thaw_ok, Mount, Server};
 
 /// Where a backend's store is, and how a server reaches it.
 struct Backend {
@@ -57,10 +57,6 @@ impl Backend {
     fn path(&self, name: &str) -> std::path::PathBuf {
         self.tmp.path().join(name)
     }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// A small tree: a file of its own data, a shared one, a small one.

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use thaw_format::Manifest;
 use thaw_testkit::tree::write;
 use thaw_testkit::{
-    assert_same_tree, finish_within, noise, spawn_thaw, thaw, thaw_json, PythonEnv, Rng, Server,
+    assert_same_tree, finish_within, noise, s, spawn_thaw, thaw, thaw_json, PythonEnv, Rng, Server,
 };
 
 const MIB: usize = 1 << 20;
@@ -409,10 +409,6 @@ fn progress(store: &Path, images: &Images) -> (Phase, usize) {
         _ => Phase::BeforeUploads,
     };
     (phase, new_stored)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
 }
 
 fn text(v: &Value, key: &str) -> String {

@@ -9,7 +9,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 use thaw_testkit::tree::write;
 use thaw_testkit::{
-    assert_eio_within, assert_same_tree, finish_within, noise, spawn_thaw, thaw, thaw_ok,
+    assert_eio_within, assert_same_tree, finish_within, noise, s, spawn_thaw, thaw, thaw_ok,
     thaw_within, wait_for_chunks, Mount, Server,
 };
 
@@ -61,10 +61,6 @@ impl World {
         args.extend(more.iter().map(String::as_str));
         Mount::new(r, &self.path(name), &args)
     }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn stderr(out: &Output) -> String {

@@ -7,11 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thaw_testkit::tree::write;
-use thaw_testkit::{assert_same_tree, noise, thaw_json, thaw_ok, Server};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use thaw_testkit::{assert_same_tree, noise, s, thaw_json, thaw_ok, Server};
 
 /// A small tree: a file of its own, a larger one that comes back every
 /// fifth version (so a push reuses chunks that an earlier version had and

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use thaw_testkit::tree::{chmod, is_root, mknod, set_mtime_ns, set_xattr, write};
 use thaw_testkit::{
-    assert_same_tree, finish_within, noise, spawn_thaw, thaw, thaw_bin, thaw_json, thaw_within,
+    assert_same_tree, finish_within, noise, s, spawn_thaw, thaw, thaw_bin, thaw_json, thaw_within,
     wait_for_chunks, Server,
 };
 
@@ -216,10 +216,6 @@ fn build_edge_tree(root: &Path) {
 
 // ---------------------------------------------------------------------------
 // Running thaw and talking to the server
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
 
 /// A fresh directory with a server over `<dir>/store`.
 fn setup() -> (TempDir, Server) {

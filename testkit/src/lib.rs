@@ -25,3 +25,8 @@ pub use process::{
     assert_eio_within, finish_within, spawn_thaw, thaw, thaw_bin, thaw_json, thaw_ok, thaw_within,
     wait_for_chunks, Mount, Server,
 };
+
+/// A path as the `&str` a command line takes (test paths are UTF-8).
+pub fn s(p: &std::path::Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
