@@ -437,7 +437,7 @@ async fn gc(a: GcArgs) -> Result<()> {
     let store = thaw_server::open_store(&url)?;
     let options = thaw_server::GcOptions {
         grace: Duration::from_secs(a.grace),
-        keep: a.keep.max(1),
+        keep: a.keep,
         dry_run: a.dry_run,
         ..Default::default()
     };

@@ -24,11 +24,7 @@ pub struct ImageRef {
 impl ImageRef {
     pub fn parse(s: &str) -> Result<ImageRef> {
         let bad = || ClientError::BadRef(s.to_owned());
-        let (scheme, rest) = match s.split_once("://") {
-            Some((scheme @ ("http" | "https"), rest)) => (scheme, rest),
-            Some(_) => return Err(bad()),
-            None => ("http", s),
-        };
+        let (scheme, rest) = split_scheme(s, "http").ok_or_else(bad)?;
         let (host, repo) = rest.split_once('/').ok_or_else(bad)?;
         if host.is_empty() || host.contains(|c: char| c.is_whitespace()) {
             return Err(bad());
@@ -58,6 +54,16 @@ impl ImageRef {
             Selector::Tag(t) => Some(t),
             Selector::Digest(_) => None,
         }
+    }
+}
+
+/// `s`'s scheme (`http` or `https`; `default` when it names none) and the
+/// rest; `None` for another scheme.
+pub(crate) fn split_scheme<'a>(s: &'a str, default: &'a str) -> Option<(&'a str, &'a str)> {
+    match s.split_once("://") {
+        Some((scheme @ ("http" | "https"), rest)) => Some((scheme, rest)),
+        Some(_) => None,
+        None => Some((default, s)),
     }
 }
 

@@ -46,7 +46,7 @@ pub struct GcOptions {
     /// Objects younger than this are never removed, and trash is kept this
     /// long. Longer than any push takes.
     pub grace: Duration,
-    /// Versions of each tag kept (the current one and the `keep - 1` before it).
+    /// Versions of each tag kept (the current one and the `keep - 1` before it; 0 counts as 1).
     pub keep: usize,
     /// Report what would go, remove nothing.
     pub dry_run: bool,
@@ -227,13 +227,14 @@ impl Run<'_> {
             .filter_map(|m| layout::named_digest(&m.location))
             .collect();
         since.extend(roots_now.difference(&live));
+        let mut named_since = HashSet::new();
         for digest in &since {
             let back = bring_back(&**self.store, digest)
                 .await
                 .map_err(ServerError::store_read(&layout::manifest_path(digest)))?;
             report.restored += back.restored;
+            named_since.extend(back.chunks);
         }
-        let named_since = self.chunks_of(since.iter().copied()).await?;
 
         // Earlier runs' trash: gone for good once old enough, unless live.
         live.extend(since);
@@ -379,11 +380,31 @@ fn trash_path(run: &str, path: &Path) -> Path {
     )
 }
 
+/// The runs that have trash, listed once, when first needed.
+#[derive(Default)]
+struct TrashRuns(Option<Vec<String>>);
+
+impl TrashRuns {
+    async fn get(&mut self, store: &dyn ObjectStore) -> object_store::Result<&[String]> {
+        if self.0.is_none() {
+            let listed = store.list_with_delimiter(Some(&Path::from(TRASH))).await?;
+            let ids = listed.common_prefixes.iter();
+            self.0 = Some(
+                ids.filter_map(|r| r.filename().map(str::to_owned))
+                    .collect(),
+            );
+        }
+        Ok(self.0.as_deref().unwrap_or_default())
+    }
+}
+
 /// Brings back `path` from any run's trash; whether it was there.
-async fn restore(store: &dyn ObjectStore, path: &Path) -> object_store::Result<bool> {
-    let runs = store.list_with_delimiter(Some(&Path::from(TRASH))).await?;
-    for run in runs.common_prefixes {
-        let Some(id) = run.filename() else { continue };
+async fn restore(
+    store: &dyn ObjectStore,
+    runs: &mut TrashRuns,
+    path: &Path,
+) -> object_store::Result<bool> {
+    for id in runs.get(store).await? {
         match store.rename(&trash_path(id, path), path).await {
             Ok(()) => return Ok(true),
             Err(object_store::Error::NotFound { .. }) => {}
@@ -402,6 +423,8 @@ pub(crate) struct BroughtBack {
     pub(crate) manifest: bool,
     /// Chunks it names that are neither stored nor in any trash.
     pub(crate) missing: Vec<Digest>,
+    /// Every chunk it names, once each.
+    pub(crate) chunks: HashSet<Digest>,
 }
 
 /// Makes the image of manifest `digest` whole again if a collection moved
@@ -414,9 +437,10 @@ pub(crate) async fn bring_back(
     digest: &Digest,
 ) -> object_store::Result<BroughtBack> {
     let mut done = BroughtBack::default();
+    let mut runs = TrashRuns::default();
     let path = layout::manifest_path(digest);
     if layout::size(store, &path).await?.is_none() {
-        if !restore(store, &path).await? {
+        if !restore(store, &mut runs, &path).await? {
             return Ok(done);
         }
         done.restored += 1;
@@ -429,13 +453,15 @@ pub(crate) async fn bring_back(
     let Ok(manifest) = Manifest::decode_verified(&bytes, digest) else {
         return Ok(done);
     };
-    let mut seen = HashSet::new();
-    for chunk in manifest.chunks.iter().filter(|c| seen.insert(c.id)) {
+    for chunk in manifest.chunks.iter() {
+        if !done.chunks.insert(chunk.id) {
+            continue;
+        }
         let path = layout::chunk_path(&chunk.id);
         if layout::size(store, &path).await?.is_some() {
             continue;
         }
-        if restore(store, &path).await? {
+        if restore(store, &mut runs, &path).await? {
             done.restored += 1;
         } else {
             done.missing.push(chunk.id);

@@ -56,10 +56,15 @@ impl AsRef<[u8]> for Held {
     }
 }
 
+/// A byte budget as KiB permits: at least one, at most `u32::MAX` (what a
+/// semaphore hands out at a time). Response and body memory count room so.
+pub(crate) fn kib_permits(bytes: u64) -> usize {
+    (bytes >> 10).clamp(1, u32::MAX.into()) as usize
+}
+
 impl ResponseMemory {
     pub(crate) fn new(bytes: u64, connections: Arc<Registry>) -> ResponseMemory {
-        // Room is counted in KiB permits, at most u32::MAX at a time.
-        let kib = (bytes >> 10).clamp(1, u32::MAX.into()) as usize;
+        let kib = kib_permits(bytes);
         ResponseMemory {
             room: Arc::new(Semaphore::new(kib)),
             kib,

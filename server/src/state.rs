@@ -59,8 +59,8 @@ pub(crate) struct BodyBound {
 
 impl AppState {
     pub(crate) fn new(store: Arc<dyn ObjectStore>, config: &ServerConfig) -> Shared {
-        // Bodies take room in KiB permits, at most u32::MAX at a time.
-        let body_memory_kib = (config.body_memory >> 10).clamp(1, u32::MAX.into()) as usize;
+        // Bodies take room in KiB permits, as responses do.
+        let body_memory_kib = crate::responses::kib_permits(config.body_memory);
         let connections = Registry::new();
         Arc::new(AppState {
             store,

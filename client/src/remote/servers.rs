@@ -117,11 +117,7 @@ impl Servers {
 /// reference's; `http://HOST:PORT` and `https://HOST:PORT` are kept.
 pub(crate) fn server_url(s: &str, scheme: &str) -> Result<String> {
     let bad = || ClientError::BadServer(s.to_owned());
-    let (scheme, host) = match s.split_once("://") {
-        Some((scheme @ ("http" | "https"), host)) => (scheme, host),
-        Some(_) => return Err(bad()),
-        None => (scheme, s),
-    };
+    let (scheme, host) = crate::reference::split_scheme(s, scheme).ok_or_else(bad)?;
     let host = host.strip_suffix('/').unwrap_or(host);
     if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
         return Err(bad());
