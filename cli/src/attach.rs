@@ -192,8 +192,14 @@ fn attach(
             Err(e) => tracing::warn!("cannot keep the local profile: {e}"),
         }
         if let (Some(path), Some(t)) = (&a.timeline, image.timeline()) {
-            let written = serde_json::to_vec(&t.to_json()).map_err(anyhow::Error::from);
-            if let Err(e) = written.and_then(|j| Ok(std::fs::write(path, j)?)) {
+            let written = std::fs::File::create(path)
+                .map_err(anyhow::Error::from)
+                .and_then(|f| {
+                    let mut out = std::io::BufWriter::new(f);
+                    t.write_json(&mut out)?;
+                    Ok(std::io::Write::flush(&mut out)?)
+                });
+            if let Err(e) = written {
                 tracing::warn!("cannot write the timeline to {}: {e}", path.display());
             }
         }

@@ -122,13 +122,13 @@ impl Access {
     }
 }
 
-/// Parses `1234`, `64K`, `512M`, `10G`, `1T` (powers of 1024).
 /// A path made absolute against the current directory, for a file a
 /// background process writes later.
 pub(crate) fn absolute_path(s: &str) -> Result<std::path::PathBuf, String> {
     std::path::absolute(s).map_err(|e| format!("{s}: {e}"))
 }
 
+/// Parses `1234`, `64K`, `512M`, `10G`, `1T` (powers of 1024).
 pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {

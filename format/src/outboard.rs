@@ -35,14 +35,19 @@ pub fn groups(len: usize) -> usize {
 
 /// The outboard of `data`: its groups' chaining values, in order.
 pub fn outboard(data: &[u8]) -> Vec<u8> {
-    if groups(data.len()) == 0 {
-        return Vec::new();
+    match groups(data.len()) {
+        0 => Vec::new(),
+        _ => group_cvs(data).concat(),
     }
-    let mut out = Vec::with_capacity(groups(data.len()) * CV_LEN);
-    for (i, group) in data.chunks(GROUP_LEN).enumerate() {
-        out.extend_from_slice(&group_cv(i, group));
-    }
-    out
+}
+
+/// The chaining value of each group of `data`, hashed on every core.
+fn group_cvs(data: &[u8]) -> Vec<ChainingValue> {
+    use rayon::prelude::*;
+    data.par_chunks(GROUP_LEN)
+        .enumerate()
+        .map(|(i, group)| group_cv(i, group))
+        .collect()
 }
 
 /// Checks that `data` hashes to `id` and gives its outboard; the digest it
@@ -57,12 +62,7 @@ pub fn check(data: &[u8], id: &Digest) -> Result<Vec<u8>, Digest> {
             Err(actual)
         };
     }
-    use rayon::prelude::*;
-    let cvs: Vec<ChainingValue> = data
-        .par_chunks(GROUP_LEN)
-        .enumerate()
-        .map(|(i, group)| group_cv(i, group))
-        .collect();
+    let cvs = group_cvs(data);
     let actual = Digest(*root(&cvs).as_bytes());
     if actual != *id {
         return Err(actual);

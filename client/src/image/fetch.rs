@@ -124,13 +124,20 @@ pub struct Fetcher {
     resident_hook: OnceLock<ResidentHook>,
     /// Disk cache writes held back while a profile's stream runs (see
     /// [`Fetcher::defer_disk_writes`]); `None` when writes go at once.
-    deferred: Mutex<Option<Vec<HeldWrite>>>,
+    deferred: Mutex<Deferred>,
     /// Where fetches and loads are noted, when asked (see [`Timeline`]).
     timeline: OnceLock<Arc<Timeline>>,
 }
 
 /// A disk cache write held back: the chunk, its bytes and their outboard.
 type HeldWrite = (Digest, Bytes, Vec<u8>);
+
+/// Disk cache writes held back, and whether new ones are.
+#[derive(Default)]
+struct Deferred {
+    holding: bool,
+    held: Vec<HeldWrite>,
+}
 
 /// What a door wants to hear of each chunk entering memory.
 pub type ResidentHook = Box<dyn Fn(u32) + Send + Sync>;
@@ -160,7 +167,7 @@ impl Fetcher {
             policy,
             busy: Arc::new(AtomicUsize::new(0)),
             resident_hook: OnceLock::new(),
-            deferred: Mutex::new(None),
+            deferred: Mutex::new(Deferred::default()),
             timeline: OnceLock::new(),
         })
     }
@@ -187,29 +194,44 @@ impl Fetcher {
     /// and on a small machine the writes (10-15% of the stream's CPU) would
     /// take a core from the start for bytes it already has in memory.
     pub fn defer_disk_writes(&self) {
-        let mut d = self.deferred.lock().expect("deferred lock");
-        if d.is_none() && self.disk.is_some() {
-            *d = Some(Vec::new());
-        }
+        self.deferred.lock().expect("deferred lock").holding = self.disk.is_some();
+    }
+
+    /// Writes from now on go at once; those held so far stay held until
+    /// [`Fetcher::write_deferred`]. (What is held is then bounded by what the
+    /// stream brought and what readers fetched while it ran.)
+    pub fn stop_deferring(&self) {
+        self.deferred.lock().expect("deferred lock").holding = false;
     }
 
     /// Writes what was held back, in the background, one after another;
     /// writes go at once from then on.
     pub fn write_deferred(&self) {
-        let Some(held) = self.deferred.lock().expect("deferred lock").take() else {
-            return;
+        let held = {
+            let mut d = self.deferred.lock().expect("deferred lock");
+            d.holding = false;
+            std::mem::take(&mut d.held)
         };
+        if !held.is_empty() {
+            self.write(held);
+        }
+    }
+
+    /// Writes verified chunks to the disk cache in the background, one
+    /// after another. A full or failing disk degrades to serving from memory
+    /// and the network. Outside the runtime (a flush at unmount, which waits
+    /// for them anyway) they are written at once.
+    fn write(&self, chunks: Vec<HeldWrite>) {
         let Some(disk) = self.disk.clone() else {
             return;
         };
         let (stats, busy) = (self.stats.clone(), BusyGuard::new(&self.busy));
         let write = move || {
             let _busy = busy;
-            for (id, data, outboard) in held {
+            for (id, data, outboard) in chunks {
                 store_on_disk(&disk, &stats, &id, &data, &outboard);
             }
         };
-        // A flush at unmount runs outside the runtime, and waits anyway.
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => drop(rt.spawn_blocking(write)),
             Err(_) => write(),
@@ -589,21 +611,20 @@ impl Fetcher {
         }
     }
 
-    /// Writes a verified chunk to the disk cache in the background. A full or
-    /// failing disk degrades to serving from memory and the network.
+    /// Writes a verified chunk to the disk cache in the background, or holds
+    /// it back while writes are deferred.
     fn disk_store(&self, id: Digest, data: Bytes, outboard: Vec<u8>) {
-        let Some(disk) = self.disk.clone() else {
-            return;
-        };
-        if let Some(held) = self.deferred.lock().expect("deferred lock").as_mut() {
-            held.push((id, data, outboard));
+        if self.disk.is_none() {
             return;
         }
-        let (stats, busy) = (self.stats.clone(), BusyGuard::new(&self.busy));
-        tokio::task::spawn_blocking(move || {
-            let _busy = busy;
-            store_on_disk(&disk, &stats, &id, &data, &outboard);
-        });
+        {
+            let mut d = self.deferred.lock().expect("deferred lock");
+            if d.holding {
+                d.held.push((id, data, outboard));
+                return;
+            }
+        }
+        self.write(vec![(id, data, outboard)]);
     }
 }
 

@@ -425,6 +425,7 @@ impl ImageFs {
         let (fetcher, stats) = (self.fetcher.clone(), self.stats.clone());
         let stream = async move {
             stream.await;
+            fetcher.stop_deferring();
             until_quiet(&stats, QUIET, QUIET_WAIT_MAX).await;
             fetcher.write_deferred();
         };

@@ -386,9 +386,20 @@ async fn writes_held_back_during_a_stream_reach_the_disk_when_it_ends_or_at_flus
     f.get(0, Priority::Demand).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!on_disk(0), "written while held back");
-    // The stream's end writes them; writes go at once after it.
-    f.write_deferred();
+    // The stream's end: new writes go at once, what was held stays held
+    // (until the image is quiet), so it is bounded by what came meanwhile.
+    f.stop_deferring();
     f.get(1, Priority::Demand).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !on_disk(MIB as u64) {
+        assert!(
+            Instant::now() < deadline,
+            "a write after the stream was held"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!on_disk(0), "held writes went before the image was quiet");
+    f.write_deferred();
     t.settle().await;
     assert!(on_disk(0) && on_disk(MIB as u64));
     // A stream stopped by an unmount: flush writes what it held, also when

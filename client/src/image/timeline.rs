@@ -89,14 +89,17 @@ impl Timeline {
         }
     }
 
-    /// The events so far, in the order they ended, as JSON.
-    pub fn to_json(&self) -> serde_json::Value {
-        let e = self.events.lock().expect("timeline lock");
-        serde_json::to_value(Written {
-            events: &e.0,
-            dropped: e.1,
-        })
-        .expect("events serialize")
+    /// Writes the events so far, in the order they ended, as JSON to `out`.
+    /// (Taken out first, so reads noting events do not wait on the writing.)
+    pub fn write_json(&self, out: impl std::io::Write) -> serde_json::Result<()> {
+        let (events, dropped) = std::mem::take(&mut *self.events.lock().expect("timeline lock"));
+        serde_json::to_writer(
+            out,
+            &Written {
+                events: &events,
+                dropped,
+            },
+        )
     }
 }
 
