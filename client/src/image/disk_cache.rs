@@ -46,6 +46,8 @@ pub const TRAILER: usize = 64;
 const LAYOUT_DIR: &str = "v3";
 /// Layouts this version cannot read, removed when a cache is opened.
 const OLD_LAYOUT_DIRS: [&str; 2] = ["v1", "v2"];
+/// Eviction passes at most per call (see [`DiskCache::evict`]).
+const EVICT_PASSES: usize = 4;
 /// Largest manifest the cache keeps.
 const MANIFEST_MAX: u64 = crate::remote::MANIFEST_MAX as u64;
 
@@ -344,21 +346,31 @@ impl DiskCache {
         if self.evicting.swap(true, Ordering::AcqRel) {
             return 0;
         }
-        let mut entries = self.entries();
-        entries.sort_by_key(|e| e.used_at);
-        let mut total: u64 = entries.iter().map(|e| e.len).sum();
         let target = self.budget / 10 * 9;
         let mut removed = 0;
-        for e in entries {
-            if total <= target {
+        // Writes that land while a pass runs skip evicting (this one is);
+        // what they add is kept in the count, and another pass runs if they
+        // took it over the budget again.
+        for _ in 0..EVICT_PASSES {
+            let before = self.used.load(Ordering::Relaxed);
+            let mut entries = self.entries();
+            entries.sort_by_key(|e| e.used_at);
+            let mut total: u64 = entries.iter().map(|e| e.len).sum();
+            for e in entries {
+                if total <= target {
+                    break;
+                }
+                if std::fs::remove_file(&e.path).is_ok() {
+                    total -= e.len;
+                    removed += 1;
+                }
+            }
+            let added = self.used.load(Ordering::Relaxed).saturating_sub(before);
+            self.used.store(total + added, Ordering::Relaxed);
+            if total + added <= self.budget {
                 break;
             }
-            if std::fs::remove_file(&e.path).is_ok() {
-                total -= e.len;
-                removed += 1;
-            }
         }
-        self.used.store(total, Ordering::Relaxed);
         self.evicting.store(false, Ordering::Release);
         removed
     }
