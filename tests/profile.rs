@@ -42,6 +42,16 @@ impl World {
         src
     }
 
+    /// The [`World::tree`] pushed as `app:v1` and its start recorded `runs`
+    /// times: the tree, the reference and what `thaw profile record` said.
+    fn recorded(&self, runs: usize) -> (PathBuf, String, Value) {
+        let src = self.tree();
+        let (r, _) = self.push(&src, "app:v1");
+        let runs = runs.to_string();
+        let said = thaw_json(&["profile", "record", &r, "--run", START, "--runs", &runs]);
+        (src, r, said)
+    }
+
     fn push(&self, src: &Path, name_tag: &str) -> (String, Value) {
         let r = self.server.reference(name_tag);
         let report = thaw_json(&["push", src.to_str().unwrap(), &r]);
@@ -88,9 +98,7 @@ fn num(v: &Value, key: &str) -> u64 {
 #[test]
 fn a_recorded_profile_is_fetched_before_the_reads_ask_and_no_profile_turns_it_off() {
     let w = World::new();
-    let src = w.tree();
-    let (r, _) = w.push(&src, "app:v1");
-    let recorded = thaw_json(&["profile", "record", &r, "--run", START, "--runs", "2"]);
+    let (src, r, recorded) = w.recorded(2);
     let p = &recorded["profile"];
     assert_eq!(num(p, "runs"), 2);
     assert_eq!(num(p, "files"), 101, "{p}");
@@ -153,9 +161,7 @@ fn start_files() -> Vec<String> {
 #[test]
 fn streamed_bytes_reach_the_page_cache_before_the_start_reads_them() {
     let w = World::new();
-    let src = w.tree();
-    let (r, _) = w.push(&src, "app:v1");
-    thaw_json(&["profile", "record", &r, "--run", START, "--runs", "2"]);
+    let (src, r, _) = w.recorded(2);
     let wanted: u64 = start_files()
         .iter()
         .map(|n| std::fs::metadata(src.join(n)).unwrap().len())
@@ -195,9 +201,7 @@ fn streamed_bytes_reach_the_page_cache_before_the_start_reads_them() {
 #[test]
 fn a_mount_writes_its_timeline_when_unmounted() {
     let w = World::new();
-    let src = w.tree();
-    let (r, _) = w.push(&src, "app:v1");
-    thaw_json(&["profile", "record", &r, "--run", START, "--runs", "1"]);
+    let (src, r, _) = w.recorded(1);
     let events = |path: &Path, kind: &str| -> Vec<Value> {
         let t: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
         assert_eq!(t["dropped"], 0, "{t}");
@@ -285,9 +289,7 @@ fn mount_record_saves_at_unmount_and_recordings_merge() {
 #[test]
 fn the_next_version_inherits_the_profile_and_a_corrupt_one_is_refused() {
     let w = World::new();
-    let src = w.tree();
-    let (r, _) = w.push(&src, "app:v1");
-    let recorded = thaw_json(&["profile", "record", &r, "--run", START]);
+    let (src, _, recorded) = w.recorded(1);
     let working_set = num(&recorded["profile"], "working_set_chunks");
     // The next version changes the library's last chunk and one module of
     // the second pack.

@@ -177,22 +177,17 @@ async fn a_sealed_frame_read_back_is_checked_by_its_seal() {
     }
     assert_eq!(server.metric("thaw_quarantined_total").await, 2);
     // c itself is untouched and served; re-uploads repair a and b.
-    let got = server
-        .get(&format!("/v1/chunks/{id_c}"))
-        .await
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(frame::decode_verified(&got, &id_c).unwrap(), c);
+    let served = |id: Digest| {
+        let server = &server;
+        async move {
+            let got = server.get(&format!("/v1/chunks/{id}")).await;
+            frame::decode_verified(&got.bytes().await.unwrap(), &id).unwrap()
+        }
+    };
+    assert_eq!(served(id_c).await, c);
     for (id, data) in [(id_a, &a), (id_b, &b)] {
         assert_eq!(server.put_chunk(data).await.1, StatusCode::CREATED);
-        let got = server
-            .get(&format!("/v1/chunks/{id}"))
-            .await
-            .bytes()
-            .await
-            .unwrap();
-        assert_eq!(&frame::decode_verified(&got, &id).unwrap(), data);
+        assert_eq!(&served(id).await, data);
     }
     server.stop().await;
 }

@@ -150,12 +150,12 @@ impl DiskCache {
     /// chunk if it is too small to have an outboard).
     pub fn get_slice(&self, id: &Digest, len: u32, range: Range<usize>) -> Lookup {
         let len_usize = len as usize;
-        if outboard::groups(len_usize) == 0 || range.end > len_usize || range.start >= range.end {
+        if range.start > range.end || range.end > len_usize {
+            return Lookup::Miss;
+        }
+        if outboard::groups(len_usize) == 0 || range.is_empty() {
             return match self.get(id, len) {
-                Lookup::Hit(b) if range.end <= b.len() && range.start <= range.end => {
-                    Lookup::Hit(b.slice(range))
-                }
-                Lookup::Hit(_) => Lookup::Miss,
+                Lookup::Hit(b) => Lookup::Hit(b.slice(range)),
                 other => other,
             };
         }

@@ -123,7 +123,7 @@ pub struct Fetcher {
     /// Told of each chunk as it enters memory (see [`Fetcher::on_resident`]).
     resident_hook: OnceLock<ResidentHook>,
     /// Disk cache writes held back while a profile's stream runs (see
-    /// [`Fetcher::defer_disk_writes`]); `None` when writes go at once.
+    /// [`Fetcher::defer_disk_writes`]).
     deferred: Mutex<Deferred>,
     /// Where fetches and loads are noted, when asked (see [`Timeline`]).
     timeline: OnceLock<Arc<Timeline>>,

@@ -42,7 +42,7 @@ pub(crate) async fn until_quiet(stats: &Stats, quiet: Duration, max: Duration) {
             .map(|c| c.load(Ordering::Relaxed))
             .sum::<u64>()
     };
-    let (began, tick) = (std::time::Instant::now(), quiet / 5);
+    let (began, tick) = (Instant::now(), quiet / 5);
     let (mut last, mut still) = (activity(), Duration::ZERO);
     while still < quiet && began.elapsed() < max {
         tokio::time::sleep(tick).await;
@@ -158,6 +158,14 @@ struct Piece {
     len: u64,
 }
 
+impl Piece {
+    /// Where the piece's bytes are in its chunk.
+    fn in_chunk(&self) -> std::ops::Range<usize> {
+        let from = (u64::from(self.extent.offset) + self.within) as usize;
+        from..from + self.len as usize
+    }
+}
+
 /// An image's filesystem.
 pub struct ImageFs {
     m: Arc<Manifest>,
@@ -260,11 +268,9 @@ impl ImageFs {
     }
 
     /// Keeps a [`Timeline`] of this image's reads, fetches, loads, stream
-    /// batches and pushes from now on, and returns it.
-    pub fn keep_timeline(&self) -> Arc<Timeline> {
-        let t = Arc::new(Timeline::new());
-        self.fetcher.set_timeline(t.clone());
-        self.fetcher.timeline().cloned().unwrap_or(t)
+    /// batches and pushes from now on.
+    pub fn keep_timeline(&self) {
+        self.fetcher.set_timeline(Arc::new(Timeline::new()));
     }
 
     /// The timeline kept, if one is.
@@ -390,8 +396,7 @@ impl ImageFs {
             .iter()
             .map(|p| {
                 let data = self.fetcher.resident(p.extent.chunk?)?;
-                let at = (u64::from(p.extent.offset) + p.within) as usize;
-                Some(data.slice(at..at + p.len as usize))
+                Some(data.slice(p.in_chunk()))
             })
             .collect()
     }
@@ -635,15 +640,19 @@ impl ImageFs {
             .on_read(&self.m, &self.layout, &self.fetcher, i, offset, end);
         let mut wanted: Vec<u32> = pieces.iter().filter_map(|p| p.extent.chunk).collect();
         wanted.dedup();
+        let mut missed = false;
         for &c in &wanted {
             if !self.fetcher.is_resident_or_pending(c) {
+                missed = true;
                 self.prefetch
                     .on_miss(&self.m, &self.layout, &self.fetcher, i, c);
             }
         }
         let large = extents.len() > SMALL_FILE_CHUNKS;
-        if let Some(b) = self.small_read_from_disk(large, &pieces).await {
-            return Ok(b);
+        if missed && large {
+            if let Some(b) = self.small_read_from_disk(&pieces).await {
+                return Ok(b);
+            }
         }
         let got = futures::future::try_join_all(
             wanted
@@ -653,45 +662,37 @@ impl ImageFs {
         .await?;
         if let [p] = pieces[..] {
             if p.extent.chunk.is_some() {
-                let from = (u64::from(p.extent.offset) + p.within) as usize;
-                return Ok(got[0].slice(from..from + p.len as usize));
+                return Ok(got[0].slice(p.in_chunk()));
             }
         }
         let mut out = vec![0u8; (end - offset) as usize];
         for p in pieces {
             if let Some(c) = p.extent.chunk {
                 let data = &got[wanted.iter().position(|&w| w == c).expect("fetched")];
-                let from = (u64::from(p.extent.offset) + p.within) as usize;
-                out[p.at..p.at + p.len as usize]
-                    .copy_from_slice(&data[from..from + p.len as usize]);
+                out[p.at..p.at + p.len as usize].copy_from_slice(&data[p.in_chunk()]);
             }
         }
         Ok(Bytes::from(out))
     }
 
     /// A small read of a large file (weights, a VM's memory, a big shared
-    /// library), within one chunk that is neither in memory nor on its way,
-    /// from the disk cache alone: only the 16 KiB groups it covers are read
-    /// and verified (the entry's outboard), and the chunk stays out of
-    /// memory. `None` if it is not such a read or the disk cache does not
-    /// hold the chunk. Packs of small files and small files are loaded
-    /// whole, as their next bytes are read next.
-    async fn small_read_from_disk(&self, large_file: bool, pieces: &[Piece]) -> Option<Bytes> {
+    /// library), within one chunk that is neither in memory nor on its way
+    /// (the caller knows), from the disk cache alone: only the 16 KiB groups
+    /// it covers are read and verified (the entry's outboard), and the chunk
+    /// stays out of memory. `None` if it is not such a read or the disk
+    /// cache does not hold the chunk. Packs of small files and small files
+    /// are loaded whole, as their next bytes are read next.
+    async fn small_read_from_disk(&self, pieces: &[Piece]) -> Option<Bytes> {
         let [p] = pieces else { return None };
         let c = p.extent.chunk?;
         let len = self.fetcher.chunk_len(c) as usize;
-        if !large_file
-            || self.layout.packed[c as usize]
+        if self.layout.packed[c as usize]
             || p.len as usize * SMALL_READ_SHARE > len
             || outboard::groups(len) == 0
-            || self.fetcher.is_resident_or_pending(c)
         {
             return None;
         }
-        let from = (u64::from(p.extent.offset) + p.within) as usize;
-        self.fetcher
-            .disk_slice(c, from..from + p.len as usize)
-            .await
+        self.fetcher.disk_slice(c, p.in_chunk()).await
     }
 
     /// The pieces of extents `range` (one file's) that `[offset, end)` covers.

@@ -36,13 +36,8 @@ pub struct Event {
     pub kind: Kind,
     pub at_us: u64,
     pub dur_us: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub chunk: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub node: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub chunks: Option<u32>,
-    pub bytes: u64,
+    #[serde(flatten)]
+    pub what: What,
 }
 
 /// What a timeline holds when it is written.
@@ -76,10 +71,7 @@ impl Timeline {
             kind,
             at_us,
             dur_us,
-            chunk: what.chunk,
-            node: what.node,
-            chunks: what.chunks,
-            bytes: what.bytes,
+            what,
         };
         let mut e = self.events.lock().expect("timeline lock");
         if e.0.len() < MAX_EVENTS {
@@ -110,10 +102,13 @@ impl Default for Timeline {
 }
 
 /// What an event concerns.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct What {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub chunk: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub chunks: Option<u32>,
     pub bytes: u64,
 }
